@@ -1,0 +1,170 @@
+"""Read HW7 JSON and DRCD/SQuAD JSON into one in-memory form, and validate it.
+
+HW7 files look like ``{"questions": [...], "paragraphs": [str, ...]}``, each question
+``{id, paragraph_id, question_text, answer_text, answer_start, answer_end}`` with ``answer_end``
+*inclusive* (``paragraph[answer_start:answer_end + 1] == answer_text``) and the three answer
+fields null in the test file. DRCD/SQuAD files (``{"data": [{"paragraphs": [{"context", "qas"}]}]}``)
+become the same form: paragraphs numbered in file order, the first answer of each question kept.
+
+Every problem found in a file is reported at once, naming the file, the question id and what is
+wrong; a file with any problem raises ``DataError`` and nothing of it is returned.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class Question:
+    id: int | str
+    question_text: str
+    paragraph_id: int
+    answer_text: str | None = None
+    answer_start: int | None = None   # character index in the paragraph
+    answer_end: int | None = None     # character index, inclusive (HW7's convention)
+
+
+@dataclass(frozen=True)
+class QAData:
+    path: str
+    questions: list[Question]
+    paragraphs: list[str]
+
+    @property
+    def has_answers(self) -> bool:
+        return all(q.answer_text is not None for q in self.questions)
+
+    def paragraph(self, question: Question) -> str:
+        return self.paragraphs[question.paragraph_id]
+
+
+def load_qa_file(path: str | Path, need_answers: bool = False) -> QAData:
+    """Load an HW7 or DRCD/SQuAD JSON file (format detected from its keys) and validate it."""
+    path = str(path)
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid UTF-8 JSON ({e})") from None
+    if isinstance(raw, dict) and "questions" in raw and "paragraphs" in raw:
+        data = _from_hw7(path, raw)
+    elif isinstance(raw, dict) and isinstance(raw.get("data"), list):
+        data = _from_squad(path, raw)
+    else:
+        raise DataError(f"{path}: neither HW7 JSON (keys 'questions' and 'paragraphs') "
+                        f"nor DRCD/SQuAD JSON (key 'data')")
+    validate(data, need_answers)
+    return data
+
+
+def _from_hw7(path: str, raw: dict) -> QAData:
+    errors = []
+    if not isinstance(raw["questions"], list) or not isinstance(raw["paragraphs"], list):
+        raise DataError(f"{path}: 'questions' and 'paragraphs' must be lists")
+    fields = {"id": (int, str), "paragraph_id": (int,), "question_text": (str,),
+              "answer_text": (str, type(None)), "answer_start": (int, type(None)),
+              "answer_end": (int, type(None))}
+    questions = []
+    for i, q in enumerate(raw["questions"]):
+        where = f"question #{i} (id {q.get('id', '?')!r})" if isinstance(q, dict) else f"question #{i}"
+        if not isinstance(q, dict):
+            errors.append(f"{where}: not an object")
+            continue
+        bad = [f"missing key '{k}'" if k not in q else
+               f"'{k}' is {type(q[k]).__name__}, expected {' or '.join(t.__name__ for t in types)}"
+               for k, types in fields.items()
+               if k not in q or not isinstance(q[k], types) or isinstance(q[k], bool)]
+        if bad:
+            errors.append(f"{where}: {'; '.join(bad)}")
+            continue
+        questions.append(Question(q["id"], q["question_text"], q["paragraph_id"],
+                                  q["answer_text"], q["answer_start"], q["answer_end"]))
+    bad_paragraphs = [i for i, p in enumerate(raw["paragraphs"]) if not isinstance(p, str)]
+    if bad_paragraphs:
+        errors.append(f"paragraphs {bad_paragraphs[:10]} are not strings")
+    _raise_if(path, errors)
+    return QAData(path, questions, raw["paragraphs"])
+
+
+def _from_squad(path: str, raw: dict) -> QAData:
+    errors, questions, paragraphs = [], [], []
+    for article in raw["data"]:
+        for para in article.get("paragraphs", []) if isinstance(article, dict) else []:
+            if not isinstance(para, dict) or not isinstance(para.get("context"), str):
+                errors.append(f"paragraph #{len(paragraphs)}: missing or mistyped 'context'")
+                continue
+            paragraphs.append(para["context"])
+            for qa in para.get("qas", []):
+                if not isinstance(qa, dict) or not isinstance(qa.get("question"), str) or "id" not in qa:
+                    errors.append(f"paragraph #{len(paragraphs) - 1}: a question without 'id' or 'question'")
+                    continue
+                answers = qa.get("answers") or []
+                first = answers[0] if answers and isinstance(answers[0], dict) else {}
+                text, start = first.get("text"), first.get("answer_start")
+                if answers and (not isinstance(text, str) or not isinstance(start, int)):
+                    errors.append(f"question id {qa['id']!r}: first answer lacks 'text' or 'answer_start'")
+                    continue
+                end = start + len(text) - 1 if answers else None
+                questions.append(Question(qa["id"], qa["question"], len(paragraphs) - 1, text, start, end))
+    _raise_if(path, errors)
+    return QAData(path, questions, paragraphs)
+
+
+def validate(data: QAData, need_answers: bool = False) -> None:
+    """Check ids, paragraph ids, empty texts and that every answer is where it says it is."""
+    errors, seen = [], set()
+    for p_id, paragraph in enumerate(data.paragraphs):
+        if not paragraph.strip():
+            errors.append(f"paragraph {p_id} is empty")
+    for q in data.questions:
+        where = f"question id {q.id!r}"
+        if q.id in seen:
+            errors.append(f"{where}: duplicate id")
+        seen.add(q.id)
+        if not q.question_text.strip():
+            errors.append(f"{where}: empty question_text")
+        if not 0 <= q.paragraph_id < len(data.paragraphs):
+            errors.append(f"{where}: paragraph_id {q.paragraph_id} out of range "
+                          f"(the file has {len(data.paragraphs)} paragraphs)")
+            continue
+        answer = (q.answer_text, q.answer_start, q.answer_end)
+        if all(a is None for a in answer):
+            if need_answers:
+                errors.append(f"{where}: no answer, but this file is used for training or evaluation")
+            continue
+        if any(a is None for a in answer):
+            errors.append(f"{where}: answer_text, answer_start and answer_end must be all set or all null")
+            continue
+        if not q.answer_text:
+            errors.append(f"{where}: empty answer_text")
+            continue
+        found = data.paragraphs[q.paragraph_id][q.answer_start:q.answer_end + 1]
+        if q.answer_start < 0 or found != q.answer_text:
+            errors.append(f"{where}: paragraph[{q.answer_start}:{q.answer_end}+1] is {found!r}, "
+                          f"not answer_text {q.answer_text!r}")
+    if not data.questions:
+        errors.append("no questions")
+    _raise_if(data.path, errors)
+
+
+def _raise_if(path: str, errors: list[str], shown: int = 20) -> None:
+    if errors:
+        more = f"\n  ... and {len(errors) - shown} more" if len(errors) > shown else ""
+        raise DataError(f"{path}: {len(errors)} problem(s):\n  " + "\n  ".join(errors[:shown]) + more)
+
+
+def save_hw7(data: QAData, path: str | Path) -> None:
+    """Write ``data`` as HW7 JSON (e.g. to convert DRCD for a notebook that expects HW7 files)."""
+    questions = [{"id": q.id, "paragraph_id": q.paragraph_id, "question_text": q.question_text,
+                  "answer_text": q.answer_text, "answer_start": q.answer_start, "answer_end": q.answer_end}
+                 for q in data.questions]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"questions": questions, "paragraphs": data.paragraphs}, f, ensure_ascii=False)

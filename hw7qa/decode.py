@@ -1,0 +1,176 @@
+"""Batched inference over windows, and span decoding into answer strings.
+
+Inference batches windows of many questions together (``batch_size`` counts windows), sorted by
+length so that dynamic padding pads little. Decoding follows Hugging Face's ``utils_qa.py``: per
+window the top ``n_best`` starts × top ``n_best`` ends *inside the paragraph part*, kept when
+``start <= end`` and the span has at most ``max_answer_length`` tokens, scored
+``start_logit + end_logit``; the best span over all windows of a question wins. The answer is the
+original paragraph sliced by the tokens' character offsets, never ``tokenizer.decode``, so rare
+characters ([UNK]), upper case and spaces come back exactly as written.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import DataCollatorWithPadding
+
+from .windows import Encoded, Window, encode, eval_windows, features
+
+QUOTE_PAIRS = ("「」", "『』", "《》", "“”", "()", "（）")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    answer: str
+    score: float            # start logit + end logit of the chosen span
+    window: int             # index of the window it came from (-1: no window had a valid span)
+    char_start: int         # [char_start, char_end) in the paragraph
+    char_end: int
+
+
+def window_logits(model, tokenizer, windows: list[Window], batch_size: int,
+                  desc: str = "inference", accelerator=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Start and end logits (float32, one array per window, unpadded) in the order of ``windows``.
+
+    Windows are sorted by length so batches are padded as little as possible; no gradients; on a
+    GPU the forward pass runs in half precision (bf16 where supported, else fp16) unless the
+    ``accelerator`` already sets a precision.
+    """
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+    order = sorted(range(len(windows)), key=lambda i: len(windows[i].input_ids), reverse=True)
+    feats = features(windows)
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    if accelerator is not None:
+        autocast = accelerator.autocast()
+    elif device.type == "cuda":
+        half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        autocast = torch.autocast("cuda", dtype=half)
+    else:
+        autocast = contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    out: list = [None] * len(windows)
+    with torch.inference_mode(), autocast:
+        for b in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+            idx = order[b:b + batch_size]
+            batch = {k: v.to(device) for k, v in collate([feats[i] for i in idx]).items()}
+            result = model(**batch)
+            starts = result.start_logits.float().cpu().numpy()
+            ends = result.end_logits.float().cpu().numpy()
+            for row, i in enumerate(idx):
+                n = len(windows[i].input_ids)
+                out[i] = (starts[row, :n], ends[row, :n])
+    model.train(was_training)
+    return out
+
+
+def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, context_start: int, n_context: int,
+               n_best: int, max_answer_length: int) -> list[tuple[float, int, int]]:
+    """Valid spans of one window, best first, as ``(score, start, end)`` window positions (inclusive).
+
+    Only positions ``context_start .. context_start + n_context - 1`` (the paragraph) are considered;
+    of those the ``n_best`` highest starts and ends are paired, keeping ``start <= end`` and
+    ``end - start + 1 <= max_answer_length``. Returns [] if no pair is valid.
+    """
+    lo, hi = context_start, context_start + n_context
+    k = min(n_best, n_context)
+    starts = lo + np.argpartition(-start_logits[lo:hi], k - 1)[:k]
+    ends = lo + np.argpartition(-end_logits[lo:hi], k - 1)[:k]
+    scores = start_logits[starts][:, None] + end_logits[ends][None, :]
+    length = ends[None, :] - starts[:, None] + 1
+    valid = (length >= 1) & (length <= max_answer_length)
+    rows, cols = np.nonzero(valid)
+    spans = [(float(scores[r, c]), int(starts[r]), int(ends[c])) for r, c in zip(rows, cols)]
+    return sorted(spans, reverse=True)
+
+
+def exhaustive_best_span(start_logits: np.ndarray, end_logits: np.ndarray, context_start: int,
+                         n_context: int, max_answer_length: int) -> tuple[float, int, int]:
+    """The best valid span over *all* starts and ends of the paragraph part (the top-k fallback)."""
+    s = start_logits[context_start:context_start + n_context].astype(np.float64)
+    e = end_logits[context_start:context_start + n_context].astype(np.float64)
+    scores = s[:, None] + e[None, :]
+    length = np.arange(n_context)[None, :] - np.arange(n_context)[:, None] + 1
+    scores[(length < 1) | (length > max_answer_length)] = -np.inf
+    r, c = np.unravel_index(np.argmax(scores), scores.shape)
+    return float(scores[r, c]), context_start + int(r), context_start + int(c)
+
+
+def balance_quotes(paragraph: str, start: int, end: int) -> tuple[int, int]:
+    """Repair an unpaired quote or bracket at the edges of ``paragraph[start:end]``.
+
+    For each pair in ``QUOTE_PAIRS``: an opening mark without its closing one extends the span by
+    one character if the paragraph continues with the closing mark, otherwise a leading opening
+    mark is dropped; a closing mark without its opening one works the same way to the left.
+    The span never becomes empty.
+    """
+    for opening, closing in QUOTE_PAIRS:
+        text = paragraph[start:end]
+        surplus = text.count(opening) - text.count(closing)
+        if surplus > 0:
+            if paragraph[end:end + 1] == closing:
+                end += 1
+            elif text.startswith(opening) and end - start > 1:
+                start += 1
+        elif surplus < 0:
+            if start > 0 and paragraph[start - 1] == opening:
+                start -= 1
+            elif text.endswith(closing) and end - start > 1:
+                end -= 1
+    return start, end
+
+
+def decode_predictions(enc: Encoded, windows: list[Window], logits: list[tuple[np.ndarray, np.ndarray]],
+                       n_best: int = 20, max_answer_length: int = 30,
+                       quotes: bool = True) -> list[Prediction]:
+    """One ``Prediction`` per question of ``enc.data``: the best span over all its windows.
+
+    A span whose text is only whitespace is skipped. If no window of a question has a valid
+    top-k pair, every start/end of every window is searched, so the answer is empty only if the
+    question's paragraph has no tokens at all.
+    """
+    by_question: list[list[int]] = [[] for _ in enc.data.questions]
+    for wi, w in enumerate(windows):
+        by_question[w.question_index].append(wi)
+    predictions = []
+    for qi, window_ids in enumerate(by_question):
+        paragraph = enc.data.paragraph(enc.data.questions[qi])
+        best = None  # (score, window, char_start, char_end)
+        for search in ("top-k", "exhaustive"):
+            for wi in window_ids:
+                w, (s_logits, e_logits) = windows[wi], logits[wi]
+                n_context = w.token_end - w.token_start
+                if n_context == 0:
+                    continue
+                spans = (best_spans(s_logits, e_logits, w.context_start, n_context, n_best, max_answer_length)
+                         if search == "top-k" else
+                         [exhaustive_best_span(s_logits, e_logits, w.context_start, n_context, max_answer_length)])
+                for score, s, e in spans:
+                    if best is not None and score <= best[0]:
+                        break
+                    char_start, char_end = w.char_span(enc, s, e)
+                    if paragraph[char_start:char_end].strip():
+                        best = (score, wi, char_start, char_end)
+                        break
+            if best is not None:
+                break
+        if best is None:
+            predictions.append(Prediction("", float("-inf"), -1, 0, 0))
+            continue
+        score, wi, char_start, char_end = best
+        if quotes:
+            char_start, char_end = balance_quotes(paragraph, char_start, char_end)
+        predictions.append(Prediction(paragraph[char_start:char_end], score, wi, char_start, char_end))
+    return predictions
+
+
+def predict(model, tokenizer, data, cfg, accelerator=None, desc: str = "inference") -> list[Prediction]:
+    """Answers for every question of ``data`` (a ``QAData``), with the windows and decoding of ``cfg``."""
+    enc = encode(data, tokenizer, cfg.max_length, cfg.max_question_tokens)
+    windows = eval_windows(enc, cfg.doc_stride)
+    logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, desc, accelerator)
+    return decode_predictions(enc, windows, logits, cfg.n_best, cfg.max_answer_length, cfg.balance_quotes)

@@ -1,0 +1,68 @@
+"""Write the Kaggle ``result.csv`` and check one against a test file."""
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+
+from .data import QAData
+
+HEADER = ["ID", "Answer"]
+
+
+def write_result_csv(data: QAData, answers: list[str], path: str | Path) -> Path:
+    """Write ``ID,Answer`` rows in the test file's order, commas removed, UTF-8, atomically.
+
+    The file is written to a temporary name in the same folder and renamed, so an interrupted run
+    never leaves a half-written ``result.csv``.
+    """
+    if len(answers) != len(data.questions):
+        raise ValueError(f"{len(answers)} answers for {len(data.questions)} questions of {data.path}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(HEADER)
+            for q, answer in zip(data.questions, answers):
+                writer.writerow([q.id, answer.replace(",", "").replace("\n", " ")])
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def check_result_csv(path: str | Path, data: QAData) -> list[str]:
+    """Everything wrong with ``path`` as a submission for ``data`` (an empty list means valid)."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError) as e:
+        return [f"{path}: cannot be read as UTF-8 text ({e})"]
+    if not rows:
+        return [f"{path}: empty file"]
+    problems = []
+    if rows[0] != HEADER:
+        problems.append(f"line 1: header is {','.join(rows[0])!r}, expected 'ID,Answer'")
+    expected = [str(q.id) for q in data.questions]
+    wanted, seen = set(expected), {}
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != 2:
+            problems.append(f"line {line}: {len(row)} fields, expected 2 (ID,Answer)")
+            continue
+        qid, answer = row
+        if qid not in wanted:
+            problems.append(f"line {line}: ID {qid!r} is not a question of {data.path}")
+        elif qid in seen:
+            problems.append(f"line {line}: ID {qid!r} again (first on line {seen[qid]})")
+        else:
+            seen[qid] = line
+        if not answer.strip():
+            problems.append(f"line {line}: ID {qid!r} has an empty answer")
+    missing = [qid for qid in expected if qid not in seen]
+    if missing:
+        problems.append(f"{len(missing)} question(s) of {data.path} have no row, e.g. ID(s) {', '.join(missing[:5])}")
+    return problems

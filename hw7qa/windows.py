@@ -1,0 +1,218 @@
+"""Question + paragraph → overlapping token windows with character offsets, and training labels.
+
+Each paragraph is tokenized once (no special tokens, with character offsets) and each question
+once (cut to ``max_question_tokens``). A window is then
+
+    <specials> question <specials> paragraph[token_start:token_end] <specials>
+
+where the special tokens and token types are learned from the tokenizer itself (``sequence_ids()``
+of one encoded pair, see ``PairTemplate``), never hard-coded, so BERT vocabularies
+(``[CLS] q [SEP] p [SEP]``) and sentencepiece ones (XLM-R: ``<s> q </s></s> p </s>``) both work.
+
+Windows of one question hold at most ``budget = max_length - len(question) - specials``
+paragraph tokens and start every ``doc_stride`` tokens (``doc_stride`` is capped at ``budget``,
+so consecutive windows always touch or overlap and every token of the paragraph is in some window).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from .data import QAData
+
+
+@dataclass(frozen=True)
+class PairTemplate:
+    """Special tokens and token types around a (question, paragraph) pair, as the tokenizer builds it."""
+    prefix: list[int]
+    middle: list[int]
+    suffix: list[int]
+    type_ids: tuple[list[int], int, list[int], int, list[int]] | None  # prefix, q, middle, p, suffix
+    cls_index: int                                                       # "no answer" label position
+
+    @property
+    def n_special(self) -> int:
+        return len(self.prefix) + len(self.middle) + len(self.suffix)
+
+
+def learn_template(tokenizer) -> PairTemplate:
+    """Encode one pair and read where the special tokens are from its ``sequence_ids()``."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("hw7qa needs a fast tokenizer (offsets); load it with AutoTokenizer(use_fast=True)")
+    enc = tokenizer("問", "段", return_token_type_ids=True)
+    seq, ids = enc.sequence_ids(), enc["input_ids"]
+    q_pos = [i for i, s in enumerate(seq) if s == 0]
+    p_pos = [i for i, s in enumerate(seq) if s == 1]
+    prefix, middle, suffix = ids[:q_pos[0]], ids[q_pos[-1] + 1:p_pos[0]], ids[p_pos[-1] + 1:]
+    types = enc.get("token_type_ids")
+    type_ids = None
+    if types is not None and "token_type_ids" in tokenizer.model_input_names:
+        type_ids = (types[:q_pos[0]], types[q_pos[0]], types[q_pos[-1] + 1:p_pos[0]],
+                    types[p_pos[0]], types[p_pos[-1] + 1:])
+    cls_id = tokenizer.cls_token_id
+    cls_index = ids.index(cls_id) if cls_id in ids else 0
+    return PairTemplate(prefix, middle, suffix, type_ids, cls_index)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A data file tokenized once: ids of every question and paragraph, paragraph offsets, answers."""
+    data: QAData
+    question_ids: list[list[int]]
+    paragraph_ids: list[list[int]]
+    paragraph_offsets: list[list[tuple[int, int]]]      # (start, end) characters, end exclusive
+    answer_tokens: list[tuple[int, int] | None]         # paragraph token span, inclusive; None if unknown
+    template: PairTemplate
+    max_length: int
+
+
+def encode(data: QAData, tokenizer, max_length: int, max_question_tokens: int) -> Encoded:
+    """Tokenize every paragraph and question of ``data`` once, and map answers to tokens."""
+    template = learn_template(tokenizer)
+    if max_length - max_question_tokens - template.n_special < 8:
+        raise ValueError(f"max_length {max_length} leaves fewer than 8 paragraph tokens")
+    para = tokenizer(data.paragraphs, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    quest = tokenizer([q.question_text.strip() for q in data.questions], add_special_tokens=False, verbose=False)
+    question_ids = [ids[:max_question_tokens] for ids in quest["input_ids"]]
+    offsets = [[tuple(o) for o in offs] for offs in para["offset_mapping"]]
+    answer_tokens = [None if q.answer_start is None else
+                     char_span_to_tokens(offsets[q.paragraph_id], q.answer_start, q.answer_end)
+                     for q in data.questions]
+    return Encoded(data, question_ids, para["input_ids"], offsets, answer_tokens, template, max_length)
+
+
+def char_span_to_tokens(offsets: list[tuple[int, int]], start_char: int, end_char: int) -> tuple[int, int] | None:
+    """Token span ``(first, last)`` (inclusive) covering characters ``start_char..end_char`` (inclusive).
+
+    ``first`` is the last token that starts at or before ``start_char`` and ends after it (so when
+    two tokens share a character, as sentencepiece's lone "▁" does with the next one, the later,
+    real token is chosen); ``last`` is the first token from the left that ends after ``end_char``
+    and starts at or before it. Characters that no token covers (spaces, zero-width characters)
+    are skipped inwards. Returns None if no token lies inside the span.
+    """
+    overlap = [i for i, (s, e) in enumerate(offsets) if s < e and s <= end_char and e > start_char]
+    if not overlap:
+        return None
+    holding_start = [i for i in overlap if offsets[i][0] <= start_char]
+    first = holding_start[-1] if holding_start else overlap[0]
+    holding_end = [i for i in overlap if i >= first and offsets[i][1] > end_char]
+    last = holding_end[0] if holding_end else overlap[-1]
+    return (first, last) if last >= first else None
+
+
+def question_budget(enc: Encoded, qi: int) -> int:
+    """How many paragraph tokens fit in a window of question ``qi``."""
+    return enc.max_length - len(enc.question_ids[qi]) - enc.template.n_special
+
+
+def window_starts(n_tokens: int, budget: int, doc_stride: int) -> list[int]:
+    """First paragraph token of every window: 0, stride, 2*stride, ... until the end is reached.
+
+    ``doc_stride`` is capped at ``budget`` so that no token falls between two windows.
+    """
+    stride = min(doc_stride, budget)
+    starts = [0]
+    while starts[-1] + budget < n_tokens:
+        starts.append(starts[-1] + stride)
+    return starts
+
+
+def train_window_start(policy: str, n_tokens: int, budget: int, answer: tuple[int, int],
+                       rng: random.Random) -> int | None:
+    """Where the one training window of a question starts, for ``policy`` random or center.
+
+    Windows containing the whole answer ``(a, b)`` start in ``[max(0, b - budget + 1), min(a, n - budget)]``;
+    ``random`` draws uniformly from that range, ``center`` puts the answer's middle in the window's
+    middle as the course sample code does. None if the answer is longer than a window.
+    """
+    a, b = answer
+    lo, hi = max(0, b - budget + 1), min(a, max(0, n_tokens - budget))
+    if lo > hi:
+        return None
+    if policy == "random":
+        return rng.randint(lo, hi)
+    middle = (a + b) // 2
+    return min(max(middle - budget // 2, lo), hi)
+
+
+@dataclass(frozen=True)
+class Window:
+    question_index: int         # index into enc.data.questions
+    token_start: int            # first paragraph token in the window
+    token_end: int              # one past the last paragraph token
+    context_start: int          # position of paragraph token ``token_start`` in input_ids
+    input_ids: list[int]
+    token_type_ids: list[int] | None
+    start_position: int | None = None   # training label (position in input_ids)
+    end_position: int | None = None
+
+    def char_span(self, enc: Encoded, position_start: int, position_end: int) -> tuple[int, int]:
+        """Characters ``[start, end)`` of the paragraph covered by window positions start..end (inclusive)."""
+        offsets = enc.paragraph_offsets[enc.data.questions[self.question_index].paragraph_id]
+        return (offsets[self.token_start + position_start - self.context_start][0],
+                offsets[self.token_start + position_end - self.context_start][1])
+
+
+def build_window(enc: Encoded, qi: int, token_start: int, with_label: bool = False) -> Window:
+    """The window of question ``qi`` whose paragraph part starts at token ``token_start``."""
+    t = enc.template
+    q_ids = enc.question_ids[qi]
+    p_all = enc.paragraph_ids[enc.data.questions[qi].paragraph_id]
+    token_end = min(token_start + question_budget(enc, qi), len(p_all))
+    p_ids = p_all[token_start:token_end]
+    input_ids = t.prefix + q_ids + t.middle + p_ids + t.suffix
+    context_start = len(t.prefix) + len(q_ids) + len(t.middle)
+    types = None
+    if t.type_ids is not None:
+        pre, q_type, mid, p_type, suf = t.type_ids
+        types = pre + [q_type] * len(q_ids) + mid + [p_type] * len(p_ids) + suf
+    start = end = None
+    if with_label:
+        start = end = t.cls_index
+        answer = enc.answer_tokens[qi]
+        if answer is not None and token_start <= answer[0] and answer[1] < token_end:
+            start = context_start + answer[0] - token_start
+            end = context_start + answer[1] - token_start
+    return Window(qi, token_start, token_end, context_start, input_ids, types, start, end)
+
+
+def eval_windows(enc: Encoded, doc_stride: int) -> list[Window]:
+    """Every window of every question, in question order (for inference, or policy ``all``)."""
+    return [build_window(enc, qi, s)
+            for qi, q in enumerate(enc.data.questions)
+            for s in window_starts(len(enc.paragraph_ids[q.paragraph_id]), question_budget(enc, qi), doc_stride)]
+
+
+def train_windows(enc: Encoded, policy: str, doc_stride: int, rng: random.Random) -> list[Window]:
+    """Labelled training windows; call once per epoch (``random`` draws new positions each time).
+
+    ``random``/``center``: one window per question that contains its whole answer (questions whose
+    answer is unknown in tokens or longer than a window are left out). ``all``: every window of the
+    ``eval_windows`` grid; those without the whole answer point at the "no answer" position.
+    """
+    windows = []
+    for qi, q in enumerate(enc.data.questions):
+        n_tokens = len(enc.paragraph_ids[q.paragraph_id])
+        budget = question_budget(enc, qi)
+        if policy == "all":
+            windows += [build_window(enc, qi, s, with_label=True) for s in window_starts(n_tokens, budget, doc_stride)]
+            continue
+        if enc.answer_tokens[qi] is None:
+            continue
+        start = train_window_start(policy, n_tokens, budget, enc.answer_tokens[qi], rng)
+        if start is not None:
+            windows.append(build_window(enc, qi, start, with_label=True))
+    return windows
+
+
+def features(windows: list[Window], with_labels: bool = False) -> list[dict]:
+    """Model inputs of each window as dicts for ``DataCollatorWithPadding`` (unpadded)."""
+    out = []
+    for w in windows:
+        f = {"input_ids": w.input_ids, "attention_mask": [1] * len(w.input_ids)}
+        if w.token_type_ids is not None:
+            f["token_type_ids"] = w.token_type_ids
+        if with_labels:
+            f["start_positions"], f["end_positions"] = w.start_position, w.end_position
+        out.append(f)
+    return out

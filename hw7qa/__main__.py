@@ -20,18 +20,19 @@ from .data import DataError, load_qa_file
 from .decode import predict
 from .metrics import score
 from .submission import check_result_csv, write_result_csv
+from .windows import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_run(run_dir: str | Path, overrides: list[str] | None = None):
     """The config, model and tokenizer saved in a run folder (model on GPU if there is one)."""
-    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+    from transformers import AutoModelForQuestionAnswering
     run_dir = Path(run_dir)
     if not (run_dir / "model").is_dir():
         raise FileNotFoundError(f"{run_dir}: no model/ folder; is this a run folder made by 'train'?")
     cfg = load_config(run_dir / "config.json", overrides)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model", use_fast=True)
+    tokenizer = load_tokenizer(run_dir / "model", cfg.isolate_digits)
     model = AutoModelForQuestionAnswering.from_pretrained(run_dir / "model")
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     return cfg, model, tokenizer
@@ -70,7 +71,7 @@ def train_and_predict(cfg) -> Path:
 def demo_config(output_dir: str = "", overrides: list[str] | None = None):
     """configs/demo.json with its data paths made absolute, so the demo runs from any folder."""
     cfg = load_config(ROOT / "configs" / "demo.json", overrides)
-    paths = {k: str(ROOT / getattr(cfg, k)) for k in ("train_file", "dev_file", "test_file")}
+    paths = {k: str(ROOT / getattr(cfg, k)) for k in ("train_file", "dev_file", "test_file") if getattr(cfg, k)}
     return dataclasses.replace(cfg, **paths, output_dir=output_dir or cfg.output_dir)
 
 

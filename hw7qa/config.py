@@ -28,6 +28,7 @@ class Config:
     max_question_tokens: int = 64    # longer questions are cut (the sample code used 40)
     doc_stride: int = 128            # tokens a window advances; smaller = more overlap
     train_windows: str = "random"    # random | center (the sample code) | all
+    isolate_digits: bool = False     # split numbers into digits, so an answer may end inside "1900"
     # --- training ---
     epochs: int = 2
     lr: float = 3e-5

@@ -11,12 +11,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
+from transformers import BertConfig, BertForQuestionAnswering
+
+from .windows import load_tokenizer
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def build_tiny_tokenizer(texts: list[str], directory: str | Path | None = None):
+def build_tiny_tokenizer(texts: list[str], directory: str | Path | None = None, isolate_digits: bool = False):
     """A fast BERT (WordPiece) tokenizer whose vocabulary is every character of ``texts``.
 
     ASCII letters and digits are added with and without ``##`` so that English words and numbers
@@ -33,7 +35,7 @@ def build_tiny_tokenizer(texts: list[str], directory: str | Path | None = None):
         "tokenizer_class": "BertTokenizer", "do_lower_case": True, "tokenize_chinese_chars": True,
         "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
         "mask_token": "[MASK]", "model_max_length": 512}), encoding="utf-8")
-    return AutoTokenizer.from_pretrained(str(directory), use_fast=True)
+    return load_tokenizer(directory, isolate_digits)
 
 
 def build_tiny_model(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2):

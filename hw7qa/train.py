@@ -3,7 +3,7 @@
 Follows accelerate's ``nlp_example.py``: ``Accelerator(mixed_precision=..., gradient_accumulation_steps=...)``,
 ``accelerator.accumulate``, ``accelerator.backward``; ``torch.optim.AdamW`` without weight decay on
 biases and LayerNorm weights; ``get_linear_schedule_with_warmup``; gradient clipping; dynamic
-padding to a multiple of 8. Dev EM/F1 every ``eval_every`` optimizer steps and at every epoch end;
+padding to a multiple of 8. Dev EM/F1 at every epoch end, or every ``eval_every`` optimizer steps and at the end;
 the best model (safetensors) and its tokenizer go to ``<run>/model``; loss, lr and dev scores are
 appended to ``<run>/metrics.jsonl``.
 """
@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import (AutoModelForQuestionAnswering, AutoTokenizer, DataCollatorWithPadding,
+from transformers import (AutoModelForQuestionAnswering, DataCollatorWithPadding,
                           get_constant_schedule_with_warmup, get_linear_schedule_with_warmup)
 
 from . import tiny
@@ -29,7 +29,7 @@ from .config import TINY_MODEL, Config, save_config
 from .data import QAData, load_qa_file
 from .decode import predict
 from .metrics import score
-from .windows import encode, features, train_windows
+from .windows import encode, features, load_tokenizer, train_windows
 
 
 def resolve_precision(requested: str) -> str:
@@ -49,9 +49,9 @@ def load_model_and_tokenizer(cfg: Config, train_data: QAData | None = None):
     """
     if cfg.model_name == TINY_MODEL:
         texts = train_data.paragraphs + [q.question_text for q in train_data.questions]
-        tokenizer = tiny.build_tiny_tokenizer(texts)
+        tokenizer = tiny.build_tiny_tokenizer(texts, isolate_digits=cfg.isolate_digits)
         return tiny.build_tiny_model(len(tokenizer), seed=cfg.seed), tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name, use_fast=True)
+    tokenizer = load_tokenizer(cfg.model_name, cfg.isolate_digits)
     model = AutoModelForQuestionAnswering.from_pretrained(cfg.model_name)
     return model, tokenizer
 
@@ -171,7 +171,8 @@ def train(cfg: Config) -> Path:
                 running_loss, running_n = 0.0, 0
             if cfg.eval_every and step % cfg.eval_every == 0:
                 evaluate_and_keep_best(epoch + (batch_index + 1) / len(loader))
-        if not cfg.eval_every or step % cfg.eval_every:
+        last_epoch = epoch == cfg.epochs - 1
+        if (not cfg.eval_every or last_epoch) and not (cfg.eval_every and step % cfg.eval_every == 0):
             evaluate_and_keep_best(epoch + 1.0)
         if dev_data is None and accelerator.is_main_process:
             save_model(accelerator.unwrap_model(model), tokenizer, run_dir / "model")

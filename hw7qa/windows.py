@@ -21,6 +21,25 @@ from dataclasses import dataclass
 from .data import QAData
 
 
+def load_tokenizer(name_or_dir, isolate_digits: bool = False):
+    """A fast ``AutoTokenizer``; with ``isolate_digits`` every digit becomes its own pre-token.
+
+    BERT's WordPiece keeps "1900" or "81" as one token, so an answer that ends inside a number
+    (DRCD has "8" marked inside "81") cannot be pointed at; isolating digits makes every
+    character boundary of a number a token boundary. The change is not saved with the tokenizer:
+    the run's config carries it and every load applies it.
+    """
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_dir), use_fast=True)
+    if isolate_digits:
+        backend = tokenizer.backend_tokenizer
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        backend.pre_tokenizer = (pre_tokenizers.Sequence([digits, backend.pre_tokenizer])
+                                 if backend.pre_tokenizer is not None else digits)
+    return tokenizer
+
+
 @dataclass(frozen=True)
 class PairTemplate:
     """Special tokens and token types around a (question, paragraph) pair, as the tokenizer builds it."""

@@ -1,0 +1,73 @@
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, SAMPLE
+from hw7qa.__main__ import main
+from hw7qa.config import load_config
+from hw7qa.data import QAData, save_hw7
+from hw7qa.train import train
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_model_overfits_a_handful_of_examples(tmp_path, sample_train):
+    # paragraphs that fit one window, so training and evaluation see the same window
+    short = [q for q in sample_train.questions if len(sample_train.paragraph(q)) < 230][:6]
+    save_hw7(QAData("handful", short, sample_train.paragraphs), tmp_path / "handful.json")
+    cfg = load_config(None, {
+        "train_file": str(tmp_path / "handful.json"), "dev_file": str(tmp_path / "handful.json"), "test_file": "",
+        "model_name": "tiny-random-bert", "max_length": 320, "max_question_tokens": 40, "doc_stride": 64,
+        "epochs": 80, "lr": 3e-3, "warmup_ratio": 0.05, "batch_size": 6, "log_every": 1, "eval_every": 2,
+        "output_dir": str(tmp_path / "run")})
+    run_dir = train(cfg)
+    metrics = read_metrics(run_dir)
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    dev = [m for m in metrics if "dev_em" in m]
+    assert len(short) == 6 and losses[-1] < losses[0] / 10
+    assert [m["step"] for m in dev] == list(range(2, 81, 2))
+    assert dev[0]["dev_em"] < 1.0 and dev[-1]["dev_em"] == 1.0
+    assert (run_dir / "model" / "model.safetensors").exists() and (run_dir / "config.json").exists()
+    lrs = [m["lr"] for m in metrics if "lr" in m]
+    assert max(lrs) <= 3e-3 and lrs[-1] == 0.0             # warmup, then linear decay to zero
+
+
+def test_gradient_accumulation_takes_fewer_optimizer_steps(tmp_path):
+    cfg = {"output_dir": str(tmp_path / "acc"), "epochs": 1, "grad_accum": 2, "batch_size": 4, "dev_file": "",
+           "test_file": "", "log_every": 1}
+    assert main(["demo", "--set"] + [f"{k}={v}" for k, v in cfg.items()]) == 0
+    steps = [m["step"] for m in read_metrics(tmp_path / "acc") if "loss" in m]
+    n_train = len(json.loads((SAMPLE / "hw7_train.json").read_text(encoding="utf-8"))["questions"])
+    assert steps[-1] == -(-(-(-n_train // 4)) // 2)       # ceil(ceil(windows / batch) / accumulation)
+
+
+def test_cli_train_predict_evaluate_check(tmp_path, capsys, sample_test):
+    run_dir = tmp_path / "run"
+    overrides = [f"train_file={SAMPLE / 'hw7_train.json'}", f"dev_file={SAMPLE / 'hw7_dev.json'}",
+                 f"test_file={SAMPLE / 'hw7_test.json'}", f"output_dir={run_dir}", "epochs=2"]
+    assert main(["train", "--config", str(ROOT / "configs" / "demo.json"), "--set", *overrides]) == 0
+    assert (run_dir / "result.csv").exists()
+    assert main(["predict", str(run_dir), "--out", str(tmp_path / "again.csv"), "--set", "doc_stride=16"]) == 0
+    assert main(["evaluate", str(run_dir)]) == 0
+    assert "EM" in capsys.readouterr().out
+    check = subprocess.run([sys.executable, "-m", "hw7qa", "check", str(tmp_path / "again.csv"),
+                            str(SAMPLE / "hw7_test.json")], cwd=ROOT, capture_output=True, text=True)
+    assert check.returncode == 0 and "valid" in check.stdout
+    rows = (tmp_path / "again.csv").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == len(sample_test.questions) + 1 and all(r.split(",")[1] for r in rows[1:])
+    # a broken submission: exit code 1 and the problem named
+    (tmp_path / "bad.csv").write_text("ID,Answer\n0,甲\n", encoding="utf-8")
+    bad = subprocess.run([sys.executable, "-m", "hw7qa", "check", str(tmp_path / "bad.csv"),
+                          str(SAMPLE / "hw7_test.json")], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 1 and "have no row" in bad.stdout
+
+
+def test_cli_reports_bad_input_clearly(tmp_path, capsys):
+    assert main(["train", "--config", str(ROOT / "configs" / "demo.json"), "--set", "lr_schedule=cosine"]) == 2
+    assert "lr_schedule='cosine'" in capsys.readouterr().err
+    assert main(["train", "--config", str(ROOT / "configs" / "demo.json"), "--set", "learning_rate=1"]) == 2
+    assert "unknown config key 'learning_rate'" in capsys.readouterr().err
+    assert main(["train", "--set", f"train_file={tmp_path / 'nope.json'}"]) == 2
+    assert "no such file" in capsys.readouterr().err

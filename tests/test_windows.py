@@ -1,0 +1,145 @@
+import random
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from hw7qa.data import QAData, Question
+from hw7qa.windows import (char_span_to_tokens, encode, eval_windows, learn_template, train_window_start,
+                           train_windows, window_starts)
+
+
+def covered_characters(enc, windows, qi):
+    offsets = enc.paragraph_offsets[enc.data.questions[qi].paragraph_id]
+    chars = set()
+    for w in windows:
+        if w.question_index == qi:
+            for s, e in offsets[w.token_start:w.token_end]:
+                chars.update(range(s, e))
+    return chars
+
+
+def test_template_read_from_the_tokenizer(bert_tokenizer, sentencepiece_tokenizer):
+    bert = learn_template(bert_tokenizer)
+    assert bert.prefix == [bert_tokenizer.cls_token_id] and bert.middle == bert.suffix == [bert_tokenizer.sep_token_id]
+    assert bert.type_ids is not None and bert.type_ids[1] == 0 and bert.type_ids[3] == 1
+    sp = learn_template(sentencepiece_tokenizer)
+    eos = sentencepiece_tokenizer.eos_token_id
+    assert sp.middle == [eos, eos] and sp.suffix == [eos] and sp.type_ids is None
+
+
+@pytest.mark.parametrize("doc_stride", [1, 7, 32, 1000])
+def test_every_paragraph_character_is_in_a_window(any_tokenizer, sample_dev, doc_stride):
+    enc = encode(sample_dev, any_tokenizer, max_length=64, max_question_tokens=16)
+    windows = eval_windows(enc, doc_stride)
+    for qi, q in enumerate(sample_dev.questions):
+        paragraph = sample_dev.paragraph(q)
+        tokens_cover = {c for s, e in enc.paragraph_offsets[q.paragraph_id] for c in range(s, e)}
+        assert covered_characters(enc, windows, qi) == tokens_cover
+        assert {c for c, ch in enumerate(paragraph) if not ch.isspace()} <= tokens_cover
+        mine = [w for w in windows if w.question_index == qi]
+        assert all(len(w.input_ids) <= 64 for w in mine)
+        if len(paragraph) > 300:
+            assert len(mine) > 1
+
+
+def test_window_input_is_question_then_paragraph_slice(bert_tokenizer, sample_dev):
+    enc = encode(sample_dev, bert_tokenizer, max_length=64, max_question_tokens=8)
+    for w in eval_windows(enc, 20):
+        q = sample_dev.questions[w.question_index]
+        assert w.input_ids[1:1 + len(enc.question_ids[w.question_index])] == enc.question_ids[w.question_index]
+        assert len(enc.question_ids[w.question_index]) <= 8
+        p_ids = enc.paragraph_ids[q.paragraph_id][w.token_start:w.token_end]
+        assert w.input_ids[w.context_start:w.context_start + len(p_ids)] == p_ids
+        assert w.token_type_ids[w.context_start] == 1 and w.token_type_ids[1] == 0
+
+
+def test_window_starts_advance_by_doc_stride_and_reach_the_end():
+    assert window_starts(10, 4, 3) == [0, 3, 6]
+    assert window_starts(10, 4, 9) == [0, 4, 8]          # stride capped at the window size
+    assert window_starts(3, 4, 2) == [0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 400), budget=st.integers(1, 120), stride=st.integers(1, 200))
+def test_window_grid_covers_every_token(n, budget, stride):
+    starts = window_starts(n, budget, stride)
+    covered = set()
+    for s in starts:
+        covered.update(range(s, min(s + budget, n)))
+    assert covered == set(range(n))
+    assert starts == sorted(set(starts))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_training_window_contains_whole_answer(data):
+    n = data.draw(st.integers(1, 300))
+    budget = data.draw(st.integers(1, 100))
+    a = data.draw(st.integers(0, n - 1))
+    b = data.draw(st.integers(a, min(n - 1, a + 40)))
+    policy = data.draw(st.sampled_from(["random", "center"]))
+    start = train_window_start(policy, n, budget, (a, b), random.Random(data.draw(st.integers(0, 9))))
+    if b - a + 1 > budget:
+        assert start is None
+    else:
+        assert 0 <= start <= a and b < start + budget and (start + budget <= n or start == max(0, n - budget) or start == 0)
+
+
+def test_random_policy_draws_all_positions_uniformly():
+    counts = {}
+    rng = random.Random(0)
+    for _ in range(6000):
+        s = train_window_start("random", 100, 20, (50, 52), rng)
+        counts[s] = counts.get(s, 0) + 1
+    assert sorted(counts) == list(range(33, 51))          # every start whose window holds tokens 50..52
+    assert min(counts.values()) > 6000 / 18 * 0.7
+
+
+def test_center_policy_centres_the_answer():
+    assert train_window_start("center", 300, 100, (150, 152), random.Random(0)) == 101
+    assert train_window_start("center", 300, 100, (2, 3), random.Random(0)) == 0
+
+
+@pytest.mark.parametrize("policy", ["random", "center", "all"])
+def test_labels_point_at_the_answer(any_tokenizer, sample_train, policy):
+    enc = encode(sample_train, any_tokenizer, max_length=64, max_question_tokens=16)
+    windows = train_windows(enc, policy, 24, random.Random(0))
+    with_answer = 0
+    for w in windows:
+        q = sample_train.questions[w.question_index]
+        if w.start_position == enc.template.cls_index == w.end_position:
+            assert policy == "all"
+            continue
+        with_answer += 1
+        s, e = w.char_span(enc, w.start_position, w.end_position)
+        assert s <= q.answer_start < w.char_span(enc, w.start_position, w.start_position)[1]
+        assert w.char_span(enc, w.end_position, w.end_position)[0] <= q.answer_end < e
+    assert with_answer >= len(sample_train.questions) - 2
+    if policy != "all":
+        assert len(windows) == with_answer
+
+
+def test_random_policy_draws_new_windows_each_epoch(bert_tokenizer, sample_train):
+    enc = encode(sample_train, bert_tokenizer, max_length=48, max_question_tokens=16)
+    rng = random.Random(0)
+    first = [w.token_start for w in train_windows(enc, "random", 16, rng)]
+    second = [w.token_start for w in train_windows(enc, "random", 16, rng)]
+    assert first != second
+
+
+def test_char_span_to_tokens_shared_offsets_and_uncovered_spaces():
+    # sentencepiece's lone "▁" shares its offsets with the next token; a space has no token
+    offsets = [(0, 1), (0, 1), (1, 3), (4, 6), (6, 7)]
+    assert char_span_to_tokens(offsets, 0, 2) == (1, 2)
+    assert char_span_to_tokens(offsets, 3, 5) == (3, 3)       # answer starting on a space
+    assert char_span_to_tokens(offsets, 4, 6) == (3, 4)
+    assert char_span_to_tokens(offsets, 3, 3) is None
+
+
+def test_answers_map_to_tokens_on_the_real_tokenizer(real_bert_tokenizer):
+    paragraph = "蔡鍔 NASA 於1,000年「台灣」New York成立。"
+    data = QAData("mem", [Question(0, "誰?", 0, "NASA", 3, 6), Question(1, "何?", 0, "New York", 19, 26)], [paragraph])
+    enc = encode(data, real_bert_tokenizer, 64, 16)
+    for q, (s, e) in zip(data.questions, enc.answer_tokens):
+        offsets = enc.paragraph_offsets[0]
+        assert paragraph[offsets[s][0]:offsets[e][1]] == q.answer_text

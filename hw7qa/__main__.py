@@ -32,7 +32,7 @@ def load_run(run_dir: str | Path, overrides: list[str] | None = None):
     if not (run_dir / "model").is_dir():
         raise FileNotFoundError(f"{run_dir}: no model/ folder; is this a run folder made by 'train'?")
     cfg = load_config(run_dir / "config.json", overrides)
-    tokenizer = load_tokenizer(run_dir / "model", cfg.isolate_digits)
+    tokenizer = load_tokenizer(run_dir / "model", cfg.isolate_digits, cfg.isolate_cjk)
     model = AutoModelForQuestionAnswering.from_pretrained(run_dir / "model")
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     return cfg, model, tokenizer

@@ -27,8 +27,10 @@ class Config:
     max_length: int = 384            # tokens per window, special tokens included
     max_question_tokens: int = 64    # longer questions are cut (the sample code used 40)
     doc_stride: int = 128            # tokens a window advances; smaller = more overlap
+    max_paragraph_tokens: int = 0    # cap on paragraph tokens per window (0: fill max_length; sample code: 150)
     train_windows: str = "random"    # random | center (the sample code) | all
     isolate_digits: bool = False     # split numbers into digits, so an answer may end inside "1900"
+    isolate_cjk: bool = False        # one token per CJK character (sentencepiece models; BERT does it already)
     # --- training ---
     epochs: int = 2
     lr: float = 3e-5

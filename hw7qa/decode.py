@@ -168,9 +168,23 @@ def decode_predictions(enc: Encoded, windows: list[Window], logits: list[tuple[n
     return predictions
 
 
+def oracle_logits(enc: Encoded, windows: list[Window]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Logits of a perfect model: 10 on the gold start and end token of every window holding the
+    whole answer, 0 elsewhere. Decoding these measures what the windows and decoding alone lose."""
+    logits = []
+    for w in windows:
+        start, end = np.zeros(len(w.input_ids), np.float32), np.zeros(len(w.input_ids), np.float32)
+        answer = enc.answer_tokens[w.question_index]
+        if answer and w.token_start <= answer[0] and answer[1] < w.token_end:
+            start[w.context_start + answer[0] - w.token_start] = 10
+            end[w.context_start + answer[1] - w.token_start] = 10
+        logits.append((start, end))
+    return logits
+
+
 def predict(model, tokenizer, data, cfg, accelerator=None, desc: str = "inference") -> list[Prediction]:
     """Answers for every question of ``data`` (a ``QAData``), with the windows and decoding of ``cfg``."""
-    enc = encode(data, tokenizer, cfg.max_length, cfg.max_question_tokens)
+    enc = encode(data, tokenizer, cfg.max_length, cfg.max_question_tokens, cfg.max_paragraph_tokens)
     windows = eval_windows(enc, cfg.doc_stride)
     logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, desc, accelerator)
     return decode_predictions(enc, windows, logits, cfg.n_best, cfg.max_answer_length, cfg.balance_quotes)

@@ -51,7 +51,7 @@ def load_model_and_tokenizer(cfg: Config, train_data: QAData | None = None):
         texts = train_data.paragraphs + [q.question_text for q in train_data.questions]
         tokenizer = tiny.build_tiny_tokenizer(texts, isolate_digits=cfg.isolate_digits)
         return tiny.build_tiny_model(len(tokenizer), seed=cfg.seed), tokenizer
-    tokenizer = load_tokenizer(cfg.model_name, cfg.isolate_digits)
+    tokenizer = load_tokenizer(cfg.model_name, cfg.isolate_digits, cfg.isolate_cjk)
     model = AutoModelForQuestionAnswering.from_pretrained(cfg.model_name)
     return model, tokenizer
 
@@ -100,7 +100,7 @@ def train(cfg: Config) -> Path:
     train_data = load_qa_file(cfg.train_file, need_answers=True)
     dev_data = load_qa_file(cfg.dev_file, need_answers=True) if cfg.dev_file else None
     model, tokenizer = load_model_and_tokenizer(cfg, train_data)
-    train_enc = encode(train_data, tokenizer, cfg.max_length, cfg.max_question_tokens)
+    train_enc = encode(train_data, tokenizer, cfg.max_length, cfg.max_question_tokens, cfg.max_paragraph_tokens)
     rng = random.Random(cfg.seed)
     n_windows = len(train_windows(train_enc, cfg.train_windows, cfg.doc_stride, random.Random(cfg.seed)))
     skipped = len(train_data.questions) - n_windows if cfg.train_windows != "all" else 0
@@ -108,7 +108,10 @@ def train(cfg: Config) -> Path:
                       f"(policy {cfg.train_windows}" + (f", {skipped} questions whose answer does not fit "
                                                          f"a window left out)" if skipped else ")"))
 
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
+    model.to(accelerator.device)
+    # the fused kernel updates all parameters at once: much faster for large embedding tables
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  fused=accelerator.device.type in ("cpu", "cuda"))
     batches_per_epoch = math.ceil(n_windows / (cfg.batch_size * accelerator.num_processes))
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs

@@ -21,22 +21,38 @@ from dataclasses import dataclass
 from .data import QAData
 
 
-def load_tokenizer(name_or_dir, isolate_digits: bool = False):
-    """A fast ``AutoTokenizer``; with ``isolate_digits`` every digit becomes its own pre-token.
+# CJK ideographs (with extensions and compatibility forms), CJK punctuation and full-width forms
+CJK_CHARACTERS = r"[\u2e80-\u2fff\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]"
 
-    BERT's WordPiece keeps "1900" or "81" as one token, so an answer that ends inside a number
-    (DRCD has "8" marked inside "81") cannot be pointed at; isolating digits makes every
-    character boundary of a number a token boundary. The change is not saved with the tokenizer:
-    the run's config carries it and every load applies it.
+
+def load_tokenizer(name_or_dir, isolate_digits: bool = False, isolate_cjk: bool = False):
+    """A fast ``AutoTokenizer``, optionally splitting digits and CJK characters before subwords.
+
+    A token is the smallest thing an answer can start or end on. BERT's WordPiece keeps "1900"
+    and "81" whole (DRCD marks "8" inside "81"); sentencepiece vocabularies (XLM-R) also join
+    Chinese characters ("人的", "1990年"). ``isolate_digits`` / ``isolate_cjk`` make each digit /
+    CJK character its own pre-token (as BERT already does for CJK), so every such character
+    boundary is a token boundary. Sentencepiece's "▁" is then kept only where the text had it.
+    The change is not saved with the tokenizer: the run's config carries it and every load applies it.
     """
-    from tokenizers import pre_tokenizers
+    import json
+    from tokenizers import Tokenizer
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_dir), use_fast=True)
-    if isolate_digits:
+    isolate = [{"type": "Digits", "individual_digits": True}] if isolate_digits else []
+    if isolate_cjk:
+        isolate.append({"type": "Split", "pattern": {"Regex": CJK_CHARACTERS}, "behavior": "Isolated", "invert": False})
+    if isolate:
         backend = tokenizer.backend_tokenizer
-        digits = pre_tokenizers.Digits(individual_digits=True)
-        backend.pre_tokenizer = (pre_tokenizers.Sequence([digits, backend.pre_tokenizer])
-                                 if backend.pre_tokenizer is not None else digits)
+        spec = json.loads(backend.to_str())
+        original = spec["pre_tokenizer"]
+        steps = [] if original is None else original["pretokenizers"] if original["type"] == "Sequence" else [original]
+        metaspace = [step for step in steps if step["type"] == "Metaspace"]
+        if metaspace:  # "▁" only where a space was: not before every isolated character
+            metaspace[0]["prepend_scheme"] = "first"
+            steps = [step for step in steps if step["type"] != "WhitespaceSplit"]
+        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": isolate + steps}
+        backend.pre_tokenizer = Tokenizer.from_str(json.dumps(spec)).pre_tokenizer
     return tokenizer
 
 
@@ -83,9 +99,11 @@ class Encoded:
     answer_tokens: list[tuple[int, int] | None]         # paragraph token span, inclusive; None if unknown
     template: PairTemplate
     max_length: int
+    max_paragraph_tokens: int = 0                        # 0: as many as max_length allows
 
 
-def encode(data: QAData, tokenizer, max_length: int, max_question_tokens: int) -> Encoded:
+def encode(data: QAData, tokenizer, max_length: int, max_question_tokens: int,
+           max_paragraph_tokens: int = 0) -> Encoded:
     """Tokenize every paragraph and question of ``data`` once, and map answers to tokens."""
     template = learn_template(tokenizer)
     if max_length - max_question_tokens - template.n_special < 8:
@@ -97,7 +115,8 @@ def encode(data: QAData, tokenizer, max_length: int, max_question_tokens: int) -
     answer_tokens = [None if q.answer_start is None else
                      char_span_to_tokens(offsets[q.paragraph_id], q.answer_start, q.answer_end)
                      for q in data.questions]
-    return Encoded(data, question_ids, para["input_ids"], offsets, answer_tokens, template, max_length)
+    return Encoded(data, question_ids, para["input_ids"], offsets, answer_tokens, template, max_length,
+                   max_paragraph_tokens)
 
 
 def char_span_to_tokens(offsets: list[tuple[int, int]], start_char: int, end_char: int) -> tuple[int, int] | None:
@@ -120,8 +139,9 @@ def char_span_to_tokens(offsets: list[tuple[int, int]], start_char: int, end_cha
 
 
 def question_budget(enc: Encoded, qi: int) -> int:
-    """How many paragraph tokens fit in a window of question ``qi``."""
-    return enc.max_length - len(enc.question_ids[qi]) - enc.template.n_special
+    """How many paragraph tokens fit in a window of question ``qi`` (at most ``max_paragraph_tokens`` if set)."""
+    room = enc.max_length - len(enc.question_ids[qi]) - enc.template.n_special
+    return min(room, enc.max_paragraph_tokens) if enc.max_paragraph_tokens else room
 
 
 def window_starts(n_tokens: int, budget: int, doc_stride: int) -> list[int]:

@@ -3,22 +3,9 @@ import pytest
 
 from conftest import shared_path
 from hw7qa.data import QAData, Question, load_qa_file
-from hw7qa.decode import balance_quotes, best_spans, decode_predictions
+from hw7qa.decode import balance_quotes, best_spans, decode_predictions, oracle_logits
 from hw7qa.metrics import score
 from hw7qa.windows import encode, eval_windows, load_tokenizer
-
-
-def oracle_logits(enc, windows):
-    """Logits whose maximum sits on the gold start and end tokens of every window holding the answer."""
-    logits = []
-    for w in windows:
-        start, end = np.zeros(len(w.input_ids), np.float32), np.zeros(len(w.input_ids), np.float32)
-        answer = enc.answer_tokens[w.question_index]
-        if answer and w.token_start <= answer[0] and answer[1] < w.token_end:
-            start[w.context_start + answer[0] - w.token_start] = 10
-            end[w.context_start + answer[1] - w.token_start] = 10
-        logits.append((start, end))
-    return logits
 
 
 def oracle_em(data, tokenizer, max_length=384, doc_stride=128, max_answer_length=30):

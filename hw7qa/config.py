@@ -104,8 +104,9 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the JSON file at ``path`` (keys starting with '_' are comments), then overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults, then the JSON file at ``path`` (keys starting with '_' are comments), then overrides
+    (``["key=value", ...]`` or a dict)."""
     values = {}
     if path:
         with open(path, encoding="utf-8") as f:

@@ -41,19 +41,25 @@ def resolve_precision(requested: str) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def load_tokenizer_for(cfg: Config, train_data: QAData | None = None):
+    """The run's tokenizer: ``cfg.model_name``'s, or for ``tiny-random-bert`` one built from the
+    characters of the training file (``train_data``)."""
+    if cfg.model_name == TINY_MODEL:
+        texts = train_data.paragraphs + [q.question_text for q in train_data.questions]
+        return tiny.build_tiny_tokenizer(texts, isolate_digits=cfg.isolate_digits)
+    return load_tokenizer(cfg.model_name, cfg.isolate_digits, cfg.isolate_cjk)
+
+
 def load_model_and_tokenizer(cfg: Config, train_data: QAData | None = None):
-    """``AutoModelForQuestionAnswering`` + fast ``AutoTokenizer`` from a hub name or a local folder.
+    """``AutoModelForQuestionAnswering`` + fast tokenizer from a hub name or a local folder.
 
     ``model_name="tiny-random-bert"`` builds a tiny random BERT whose vocabulary is the characters
     of the training file (demo and tests; nothing is downloaded).
     """
+    tokenizer = load_tokenizer_for(cfg, train_data)
     if cfg.model_name == TINY_MODEL:
-        texts = train_data.paragraphs + [q.question_text for q in train_data.questions]
-        tokenizer = tiny.build_tiny_tokenizer(texts, isolate_digits=cfg.isolate_digits)
         return tiny.build_tiny_model(len(tokenizer), seed=cfg.seed), tokenizer
-    tokenizer = load_tokenizer(cfg.model_name, cfg.isolate_digits, cfg.isolate_cjk)
-    model = AutoModelForQuestionAnswering.from_pretrained(cfg.model_name)
-    return model, tokenizer
+    return AutoModelForQuestionAnswering.from_pretrained(cfg.model_name), tokenizer
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -111,12 +111,26 @@ def encode(data: QAData, tokenizer, max_length: int, max_question_tokens: int,
     para = tokenizer(data.paragraphs, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     quest = tokenizer([q.question_text.strip() for q in data.questions], add_special_tokens=False, verbose=False)
     question_ids = [ids[:max_question_tokens] for ids in quest["input_ids"]]
-    offsets = [[tuple(o) for o in offs] for offs in para["offset_mapping"]]
+    offsets = [[trim_offsets(text, s, e) for s, e in offs]
+               for text, offs in zip(data.paragraphs, para["offset_mapping"])]
     answer_tokens = [None if q.answer_start is None else
                      char_span_to_tokens(offsets[q.paragraph_id], q.answer_start, q.answer_end)
                      for q in data.questions]
     return Encoded(data, question_ids, para["input_ids"], offsets, answer_tokens, template, max_length,
                    max_paragraph_tokens)
+
+
+def trim_offsets(text: str, start: int, end: int) -> tuple[int, int]:
+    """``(start, end)`` without whitespace at its edges (a whitespace-only token becomes empty).
+
+    Sentencepiece tokens such as "▁Jobs" cover the space before the word in some tokenizers
+    versions (transformers 4.x), which would put a space at the start of an answer.
+    """
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
 
 
 def char_span_to_tokens(offsets: list[tuple[int, int]], start_char: int, end_char: int) -> tuple[int, int] | None:
@@ -255,3 +269,18 @@ def features(windows: list[Window], with_labels: bool = False) -> list[dict]:
             f["start_positions"], f["end_positions"] = w.start_position, w.end_position
         out.append(f)
     return out
+
+
+def describe_windows(enc: Encoded, qi: int, doc_stride: int) -> list[dict]:
+    """The inference windows of question ``qi`` as rows: where each starts and ends, in tokens and
+    characters, and whether it holds the whole answer (to see what ``doc_stride`` does)."""
+    q = enc.data.questions[qi]
+    offsets = enc.paragraph_offsets[q.paragraph_id]
+    answer = enc.answer_tokens[qi]
+    rows = []
+    for k, start in enumerate(window_starts(len(offsets), question_budget(enc, qi), doc_stride)):
+        w = build_window(enc, qi, start)
+        rows.append({"window": k, "tokens": f"{w.token_start}-{w.token_end - 1}",
+                     "characters": f"{offsets[w.token_start][0]}-{offsets[w.token_end - 1][1] - 1}",
+                     "holds_answer": bool(answer and w.token_start <= answer[0] and answer[1] < w.token_end)})
+    return rows

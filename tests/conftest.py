@@ -8,6 +8,7 @@ import pytest
 
 from hw7qa.data import load_qa_file
 from hw7qa.tiny import build_tiny_tokenizer
+from hw7qa.windows import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample"
@@ -73,14 +74,15 @@ def real_bert_tokenizer():
     return AutoTokenizer.from_pretrained(str(shared_path("models/bert-base-chinese-tokenizer")))
 
 
-@pytest.fixture(scope="session", params=["wordpiece", "sentencepiece", "stand-in"])
+@pytest.fixture(scope="session", params=["wordpiece", "sentencepiece", "stand-in", "stand-in-isolated"])
 def any_tokenizer(request, bert_tokenizer, sentencepiece_tokenizer):
-    """Each kind of fast tokenizer: BERT WordPiece, sentencepiece, and the real stand-in's if built."""
+    """Each kind of fast tokenizer: BERT WordPiece, sentencepiece, and the real stand-in's if built
+    (also with digits and CJK characters isolated)."""
     if request.param == "wordpiece":
         return bert_tokenizer
     if request.param == "sentencepiece":
         return sentencepiece_tokenizer
     if not (STAND_IN / "tokenizer.json").exists():
         pytest.skip(f"no stand-in model at {STAND_IN} (build it with ../shared/tools/stand-in-model/build)")
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(STAND_IN))
+    isolated = request.param == "stand-in-isolated"
+    return load_tokenizer(STAND_IN, isolate_digits=isolated, isolate_cjk=isolated)

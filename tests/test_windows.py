@@ -143,3 +143,15 @@ def test_answers_map_to_tokens_on_the_real_tokenizer(real_bert_tokenizer):
     for q, (s, e) in zip(data.questions, enc.answer_tokens):
         offsets = enc.paragraph_offsets[0]
         assert paragraph[offsets[s][0]:offsets[e][1]] == q.answer_text
+
+
+def test_offsets_never_put_spaces_at_the_edges_of_an_answer(any_tokenizer):
+    paragraph = "蘋果公司的創辦人是 Steve Jobs ，他在 1976 年創立了 Apple Computer 公司。"
+    answers = ["Steve Jobs", "1976", "Apple Computer", "Jobs"]
+    data = QAData("mem", [Question(i, "誰?", 0, a, paragraph.index(a), paragraph.index(a) + len(a) - 1)
+                          for i, a in enumerate(answers)], [paragraph])
+    enc = encode(data, any_tokenizer, 64, 16)
+    assert all(span is not None for span in enc.answer_tokens)
+    for q, (s, e) in zip(data.questions, enc.answer_tokens):
+        text = paragraph[enc.paragraph_offsets[0][s][0]:enc.paragraph_offsets[0][e][1]]
+        assert text == text.strip() and q.answer_text in text, (q.answer_text, text)

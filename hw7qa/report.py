@@ -1,0 +1,60 @@
+"""Small views for people: an example with its answer marked, training curves, wrong answers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .data import QAData, Question
+from .decode import Prediction
+from .metrics import char_f1, exact_match
+
+
+def format_example(data: QAData, question: Question, width: int = 60) -> str:
+    """The question and the part of its paragraph around the answer, the answer marked 【like this】."""
+    paragraph = data.paragraph(question)
+    if question.answer_start is None:
+        return f"Q{question.id}: {question.question_text}\n{paragraph[:2 * width]}…"
+    s, e = question.answer_start, question.answer_end + 1
+    before = paragraph[max(0, s - width):s]
+    after = paragraph[e:e + width]
+    return (f"Q{question.id}: {question.question_text}\nanswer: {question.answer_text} (characters {s}-{e - 1})\n"
+            f"…{before}【{paragraph[s:e]}】{after}…")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of ``<run>/metrics.jsonl``: training ({step, loss, lr}) and dev ({step, dev_em, dev_f1})."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_metrics(run_dir: str | Path):
+    """Loss, learning rate and dev EM against optimizer steps; None if matplotlib is not installed."""
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    records = read_metrics(run_dir)
+    train = [r for r in records if "loss" in r]
+    dev = [r for r in records if "dev_em" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
+    axes[0].set_title("training loss")
+    axes[1].plot([r["step"] for r in train], [r["lr"] for r in train])
+    axes[1].set_title("learning rate")
+    axes[2].plot([r["step"] for r in dev], [r["dev_em"] for r in dev], marker="o")
+    axes[2].set_title("dev exact match")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+    fig.tight_layout()
+    return fig
+
+
+def wrong_answers(data: QAData, predictions: list[Prediction], limit: int = 10) -> list[dict]:
+    """Up to ``limit`` questions answered wrongly: question, gold, predicted, character F1."""
+    rows = []
+    for q, p in zip(data.questions, predictions):
+        if not exact_match(p.answer, q.answer_text):
+            rows.append({"id": q.id, "question": q.question_text, "gold": q.answer_text,
+                         "predicted": p.answer, "f1": round(char_f1(p.answer, q.answer_text), 3)})
+    return rows[:limit]

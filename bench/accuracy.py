@@ -3,6 +3,7 @@
     python bench/accuracy.py                          # stand-in model, DRCD test → 2021 HW7 dev
     python bench/accuracy.py --dev-limit 1000 --recipes sample,project
     python bench/accuracy.py --model DIR_OR_HUB_NAME --train T.json --dev D.json --recipes project,bert-base
+    python bench/accuracy.py --reuse                  # evaluate the models of an earlier run again
 
 Each recipe is trained once (``hw7qa.train.train``, no dev evaluation during training) and then
 decoded on the dev questions. Recipes:
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--runs", default=str(ROOT / "outputs" / "bench-accuracy"), help="run folders")
     parser.add_argument("--out", default=str(ROOT / "bench" / "accuracy.json"))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every recipe")
+    parser.add_argument("--reuse", action="store_true", help="evaluate models already trained in --runs")
     args = parser.parse_args()
 
     if not Path(args.model).exists() and args.model == str(STAND_IN):
@@ -115,9 +117,16 @@ def main() -> None:
         if recipe == "sample":
             common["batch_size"] = args.batch_size
         cfg = load_config(ROOT / "configs" / f"{preset}.json", [f"{k}={v}" for k, v in common.items()] + args.set)
-        started = time.time()
-        run_dir = train(cfg)
-        minutes = (time.time() - started) / 60
+        run_dir = Path(cfg.output_dir)
+        timing = run_dir / "bench_train_minutes.json"
+        if args.reuse and (run_dir / "model").is_dir():
+            minutes = json.loads(timing.read_text())["minutes"] if timing.exists() else float("nan")
+            print(f"{recipe}: reusing the model trained in {run_dir}", flush=True)
+        else:
+            started = time.time()
+            run_dir = train(cfg)
+            minutes = (time.time() - started) / 60
+            timing.write_text(json.dumps({"minutes": minutes}))
         n_windows = len(train_windows(encode(load_qa_file(args.train), load_tokenizer(run_dir / "model", cfg.isolate_digits, cfg.isolate_cjk),
                                              cfg.max_length, cfg.max_question_tokens, cfg.max_paragraph_tokens),
                                       cfg.train_windows, cfg.doc_stride, __import__("random").Random(0)))

@@ -39,6 +39,7 @@ class Config:
     lr_schedule: str = "linear"      # linear (warmup then linear decay to 0) | constant (the sample)
     batch_size: int = 16             # windows per forward pass
     grad_accum: int = 1              # forward passes per optimizer step
+    group_by_length: bool = False    # batches of windows of similar length: less padding, faster
     max_grad_norm: float = 1.0       # 0 turns clipping off
     mixed_precision: str = "auto"    # auto (bf16 if supported, else fp16 on GPU, no on CPU) | fp16 | bf16 | no
     eval_every: int = 0              # evaluate on dev every N optimizer steps (0: at epoch ends only)

@@ -58,3 +58,44 @@ def wrong_answers(data: QAData, predictions: list[Prediction], limit: int = 10) 
             rows.append({"id": q.id, "question": q.question_text, "gold": q.answer_text,
                          "predicted": p.answer, "f1": round(char_f1(p.answer, q.answer_text), 3)})
     return rows[:limit]
+
+
+def error_kind(predicted: str, gold: str, unknown_chars: set[str] = frozenset()) -> str:
+    """Why a prediction is wrong: ``correct``, ``empty``, ``boundary`` (off by one or two characters:
+    a prefix or suffix of the gold answer, or the gold answer a prefix or suffix of it),
+    ``rare-character`` (the gold answer holds a character the tokenizer maps to [UNK]) or ``wrong-span``."""
+    if exact_match(predicted, gold):
+        return "correct"
+    if not predicted:
+        return "empty"
+    short, long_ = sorted((predicted, gold), key=len)
+    if len(long_) - len(short) <= 2 and (long_.startswith(short) or long_.endswith(short)):
+        return "boundary"
+    if any(c in unknown_chars for c in gold):
+        return "rare-character"
+    return "wrong-span"
+
+
+def unknown_characters(tokenizer, texts: list[str]) -> set[str]:
+    """The characters of ``texts`` that ``tokenizer`` turns into its unknown token."""
+    chars = sorted({c for text in texts for c in text if not c.isspace()})
+    if tokenizer.unk_token_id is None or not chars:
+        return set()
+    ids = tokenizer(chars, add_special_tokens=False)["input_ids"]
+    return {c for c, i in zip(chars, ids) if tokenizer.unk_token_id in i}
+
+
+def write_dev_predictions(path: str | Path, data: QAData, predictions: list[Prediction],
+                          unknown_chars: set[str] = frozenset()) -> dict[str, int]:
+    """One JSON line per question (id, question, gold, predicted, score, window, em, f1, kind);
+    returns how many questions fall in each ``error_kind``."""
+    counts: dict[str, int] = {}
+    with open(path, "w", encoding="utf-8") as f:
+        for q, p in zip(data.questions, predictions):
+            kind = error_kind(p.answer, q.answer_text, unknown_chars)
+            counts[kind] = counts.get(kind, 0) + 1
+            f.write(json.dumps({"id": q.id, "question": q.question_text, "gold": q.answer_text,
+                                "predicted": p.answer, "score": p.score, "window": p.window,
+                                "em": exact_match(p.answer, q.answer_text), "f1": char_f1(p.answer, q.answer_text),
+                                "kind": kind}, ensure_ascii=False) + "\n")
+    return counts

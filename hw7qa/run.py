@@ -13,6 +13,7 @@ from .config import load_config
 from .data import load_qa_file
 from .decode import Prediction, predict
 from .metrics import score
+from .report import unknown_characters, write_dev_predictions
 from .submission import check_result_csv, write_result_csv
 from .windows import load_tokenizer
 
@@ -45,12 +46,19 @@ def predict_test(run_dir: str | Path, test_file: str = "", out: str = "", overri
 
 def evaluate_run(run_dir: str | Path, dev_file: str = "", overrides: list[str] | None = None
                  ) -> tuple[dict, list[Prediction]]:
-    """Dev EM and F1 of the run's model on ``dev_file`` (default: the run's), and its predictions."""
+    """Dev EM and F1 of the run's model on ``dev_file`` (default: the run's), and its predictions.
+
+    Also writes ``<run>/dev_predictions.jsonl`` and prints how the wrong answers are wrong.
+    """
     cfg, model, tokenizer = load_run(run_dir, overrides)
     data = load_qa_file(dev_file or cfg.dev_file, need_answers=True)
     predictions = predict(model, tokenizer, data, cfg, desc="dev")
     scores = score([p.answer for p in predictions], [q.answer_text for q in data.questions])
+    unknown = unknown_characters(tokenizer, [q.answer_text for q in data.questions])
+    kinds = write_dev_predictions(Path(run_dir) / "dev_predictions.jsonl", data, predictions, unknown)
     print(f"{data.path}: {len(data.questions)} questions, EM {scores['em']:.4f}, F1 {scores['f1']:.4f}")
+    print("answers: " + ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+          + f"  (details: {Path(run_dir) / 'dev_predictions.jsonl'})")
     return scores, predictions
 
 

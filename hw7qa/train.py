@@ -69,6 +69,21 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random, chunk_batches: int = 50
+                           ) -> list[list[int]]:
+    """Batches of window indices of similar length, in random order (less padding, same randomness
+    in which windows meet): shuffle, sort each chunk of ``chunk_batches`` batches by length, cut
+    into batches, shuffle the batches."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk, batches = batch_size * chunk_batches, []
+    for c in range(0, len(order), chunk):
+        part = sorted(order[c:c + chunk], key=lambda i: lengths[i], reverse=True)
+        batches += [part[b:b + batch_size] for b in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 def new_run_dir(cfg: Config) -> Path:
     if cfg.output_dir:
         return Path(cfg.output_dir)
@@ -153,8 +168,13 @@ def train(cfg: Config) -> Path:
     model.train()
     for epoch in range(cfg.epochs):
         windows = train_windows(train_enc, cfg.train_windows, cfg.doc_stride, rng)
-        loader = DataLoader(features(windows, with_labels=True), batch_size=cfg.batch_size, shuffle=True,
-                            collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        if cfg.group_by_length:
+            batches = length_grouped_batches([len(w.input_ids) for w in windows], cfg.batch_size,
+                                             random.Random(cfg.seed + epoch))
+            loader = DataLoader(features(windows, with_labels=True), batch_sampler=batches, collate_fn=collate)
+        else:
+            loader = DataLoader(features(windows, with_labels=True), batch_size=cfg.batch_size, shuffle=True,
+                                collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed + epoch))
         loader = accelerator.prepare(loader)
         for batch_index, batch in enumerate(loader):
             with accelerator.accumulate(model):

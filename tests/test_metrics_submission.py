@@ -54,3 +54,19 @@ def test_check_names_every_problem(tmp_path, sample_test):
     assert "empty answer" in problems
     assert "3 fields" in problems
     assert f"{len(ids) - 2} question(s)" in problems
+
+
+def test_error_kinds():
+    from hw7qa.report import error_kind
+    assert error_kind("1,000", "1000") == "correct"
+    assert error_kind("", "甲") == "empty"
+    assert error_kind("台北市", "台北") == "boundary" and error_kind("北", "台北") == "boundary"
+    assert error_kind("蔡", "蔡鍔", {"鍔"}) == "boundary"
+    assert error_kind("李", "徐世勣", {"勣"}) == "rare-character"
+    assert error_kind("高雄", "台北") == "wrong-span"
+    assert error_kind("台北市政府", "台北") == "wrong-span"          # off by more than two characters
+
+
+def test_unknown_characters(bert_tokenizer):
+    from hw7qa.report import unknown_characters
+    assert unknown_characters(bert_tokenizer, ["火星𠀋"]) >= {"𠀋"}

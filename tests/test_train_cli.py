@@ -6,7 +6,9 @@ from conftest import ROOT, SAMPLE
 from hw7qa.__main__ import main
 from hw7qa.config import load_config
 from hw7qa.data import QAData, save_hw7
-from hw7qa.train import train
+import random
+
+from hw7qa.train import length_grouped_batches, train
 
 
 def read_metrics(run_dir):
@@ -51,7 +53,10 @@ def test_cli_train_predict_evaluate_check(tmp_path, capsys, sample_test):
     assert (run_dir / "result.csv").exists()
     assert main(["predict", str(run_dir), "--out", str(tmp_path / "again.csv"), "--set", "doc_stride=16"]) == 0
     assert main(["evaluate", str(run_dir)]) == 0
-    assert "EM" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "EM" in printed and "answers: " in printed
+    lines = (run_dir / "dev_predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 13 and {"gold", "predicted", "em", "f1", "kind", "window"} <= set(json.loads(lines[0]))
     check = subprocess.run([sys.executable, "-m", "hw7qa", "check", str(tmp_path / "again.csv"),
                             str(SAMPLE / "hw7_test.json")], cwd=ROOT, capture_output=True, text=True)
     assert check.returncode == 0 and "valid" in check.stdout
@@ -71,3 +76,20 @@ def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     assert "unknown config key 'learning_rate'" in capsys.readouterr().err
     assert main(["train", "--set", f"train_file={tmp_path / 'nope.json'}"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_length_grouped_batches_cover_every_window_once_with_similar_lengths():
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 384) for _ in range(1000)]
+    batches = length_grouped_batches(lengths, 16, random.Random(1), chunk_batches=10)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    assert sum(len(b) != 16 for b in batches) <= 7       # at most the last batch of each chunk of 160
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 40                  # random batches of 16 would spread over ~300 tokens
+    assert batches != length_grouped_batches(lengths, 16, random.Random(2), chunk_batches=10)
+
+
+def test_training_with_length_grouped_batches_runs(tmp_path):
+    assert main(["demo", "--set", f"output_dir={tmp_path / 'g'}", "epochs=2", "group_by_length=true",
+                 "test_file="]) == 0
+    assert (tmp_path / "g" / "model" / "model.safetensors").exists()

@@ -1,0 +1,203 @@
+"""Speed, side by side: the course sample's inference loop against the project's, and padding in training.
+
+    python bench/speed.py                                   # random bert-base-chinese shape, 2021 HW7 dev
+    python bench/speed.py --shape large --dev-limit 2000    # 24 layers, hidden 1024
+    python bench/speed.py --model DIR_OR_HUB_NAME           # a real checkpoint instead
+
+Speed needs no trained weights: ``--shape`` builds a randomly initialised BertForQuestionAnswering
+of a real shape (bert-base-chinese: 12 layers, hidden 768, vocabulary 21,128; large: 24 / 1024),
+tokenised with the bert-base-chinese vocabulary from ../shared (or ``--tokenizer``). On a GPU the
+model runs in half precision (bf16 where supported, else fp16). Rows:
+
+(a) dev-set inference at doc_stride 32 and 150 with the sample's windows (40-token questions,
+    150-token paragraph windows): the sample's loop (one question per batch, all its windows,
+    padded to the full 193 tokens, argmax per window) against ``hw7qa.decode.predict`` (windows of
+    many questions per batch, sorted by length, padded to the batch's longest, n-best decoding);
+(b) the project's end-to-end inference (tokenise, windows, forward, decode) against the forward
+    passes alone on the same, already collated batches;
+(c) training windows per second (forward, backward, optimizer step) with every batch padded to
+    max_length against dynamic padding, and dynamic padding with length-grouped batches.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from transformers import (AutoModelForQuestionAnswering, BertConfig, BertForQuestionAnswering,  # noqa: E402
+                          DataCollatorWithPadding)
+
+from hw7qa.config import Config  # noqa: E402
+from hw7qa.data import QAData, load_qa_file  # noqa: E402
+from hw7qa.decode import predict  # noqa: E402
+from hw7qa.train import length_grouped_batches  # noqa: E402
+from hw7qa.windows import encode, eval_windows, features, load_tokenizer, train_windows  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+SHAPES = {"bert-base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+          "large": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
+          "small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024)}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def half_autocast(device):
+    if device.type != "cuda":
+        return torch.autocast("cpu", enabled=False)
+    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
+def sample_loop(model, enc, windows, seq_len, device) -> float:
+    """The sample's evaluation: per question one batch of all its windows padded to ``seq_len``."""
+    by_question: dict[int, list] = {}
+    for w in windows:
+        by_question.setdefault(w.question_index, []).append(w)
+    sync(device)
+    started = time.perf_counter()
+    with torch.inference_mode(), half_autocast(device):
+        for group in by_question.values():
+            ids = torch.zeros(len(group), seq_len, dtype=torch.long)
+            types = torch.zeros_like(ids)
+            mask = torch.zeros_like(ids)
+            for row, w in enumerate(group):
+                n = len(w.input_ids)
+                ids[row, :n] = torch.tensor(w.input_ids)
+                types[row, :n] = torch.tensor(w.token_type_ids)
+                mask[row, :n] = 1
+            out = model(input_ids=ids.to(device), token_type_ids=types.to(device), attention_mask=mask.to(device))
+            for k in range(len(group)):   # what the sample's evaluate() does per window
+                torch.max(out.start_logits[k], dim=0)
+                torch.max(out.end_logits[k], dim=0)
+    sync(device)
+    return time.perf_counter() - started
+
+
+def forward_only(model, tokenizer, windows, batch_size, device) -> float:
+    """The forward passes alone, on batches collated beforehand exactly as ``window_logits`` makes them."""
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+    order = sorted(range(len(windows)), key=lambda i: len(windows[i].input_ids), reverse=True)
+    feats = features(windows)
+    batches = [{k: v.to(device) for k, v in collate([feats[i] for i in order[b:b + batch_size]]).items()}
+               for b in range(0, len(order), batch_size)]
+    sync(device)
+    started = time.perf_counter()
+    with torch.inference_mode(), half_autocast(device):
+        for batch in batches:
+            model(**batch)
+    sync(device)
+    return time.perf_counter() - started
+
+
+def train_rate(model, tokenizer, windows, batch_size, steps, padding, device) -> float:
+    """Training windows per second over ``steps`` steps with ``padding``: max_length | dynamic | grouped."""
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8) if padding != "max_length" else \
+        DataCollatorWithPadding(tokenizer, padding="max_length", max_length=max(len(w.input_ids) for w in windows))
+    feats = features(windows, with_labels=True)
+    rng = random.Random(0)
+    if padding == "grouped":
+        batches = length_grouped_batches([len(w.input_ids) for w in windows], batch_size, rng)
+    else:
+        order = list(range(len(windows)))
+        rng.shuffle(order)
+        batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    batches = [b for b in batches if len(b) == batch_size][:steps + 1]
+    if len(batches) < 2:
+        raise SystemExit(f"(c) needs at least 2 full batches of {batch_size} windows: raise --dev-limit")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type in ("cpu", "cuda"))
+    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    model.train()
+    for i, idx in enumerate(batches):
+        if i == 1:   # the first step warms up kernels and allocators
+            sync(device)
+            started = time.perf_counter()
+        batch = {k: v.to(device) for k, v in collate([feats[j] for j in idx]).items()}
+        with half_autocast(device):
+            loss = model(**batch).loss
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    model.eval()
+    return (len(batches) - 1) * batch_size / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="", help="a checkpoint (default: random weights of --shape)")
+    parser.add_argument("--shape", default="bert-base", choices=sorted(SHAPES))
+    parser.add_argument("--tokenizer", default=str(SHARED / "models/bert-base-chinese-tokenizer"))
+    parser.add_argument("--dev", default=str(SHARED / "data/hw7-2021/hw7_dev.json"))
+    parser.add_argument("--dev-limit", type=int, default=300)
+    parser.add_argument("--eval-batch-size", type=int, default=64)
+    parser.add_argument("--train-max-length", type=int, default=384)
+    parser.add_argument("--train-batch-size", type=int, default=16)
+    parser.add_argument("--train-steps", type=int, default=10)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "speed.json"))
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(args.model or args.tokenizer)
+    if args.model:
+        model = AutoModelForQuestionAnswering.from_pretrained(args.model)
+    else:
+        torch.manual_seed(0)
+        model = BertForQuestionAnswering(BertConfig(vocab_size=len(tokenizer), **SHAPES[args.shape]))
+    model.to(device).eval()
+    dev = load_qa_file(args.dev, need_answers=True)
+    dev = QAData(dev.path, dev.questions[:args.dev_limit], dev.paragraphs)
+    machine = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"model {args.model or args.shape}; {machine}; {len(dev.questions)} dev questions", flush=True)
+
+    rows = []
+    sample_cfg = dict(max_length=193, max_question_tokens=40, max_paragraph_tokens=150)
+    for stride in (32, 150):
+        cfg = Config(**sample_cfg, doc_stride=stride, eval_batch_size=args.eval_batch_size)
+        enc = encode(dev, tokenizer, cfg.max_length, cfg.max_question_tokens, cfg.max_paragraph_tokens)
+        windows = eval_windows(enc, stride)
+        predict(model, tokenizer, QAData(dev.path, dev.questions[:20], dev.paragraphs), cfg)   # warm-up
+        sample_s = sample_loop(model, enc, windows, 193, device)
+        sync(device)
+        started = time.perf_counter()
+        predict(model, tokenizer, dev, cfg, desc=f"stride {stride}")
+        sync(device)
+        project_s = time.perf_counter() - started
+        forward_s = forward_only(model, tokenizer, windows, cfg.eval_batch_size, device)
+        rows.append({"row": f"(a) inference, doc_stride {stride}", "windows": len(windows),
+                     "sample_loop_s": round(sample_s, 2), "project_s": round(project_s, 2),
+                     "speedup": round(sample_s / project_s, 2)})
+        rows.append({"row": f"(b) forward alone / project end to end, doc_stride {stride}",
+                     "forward_s": round(forward_s, 2), "project_s": round(project_s, 2),
+                     "ratio": round(forward_s / project_s, 3)})
+        print(rows[-2], rows[-1], sep="\n", flush=True)
+
+    cfg = Config(max_length=args.train_max_length)
+    enc = encode(dev, tokenizer, cfg.max_length, cfg.max_question_tokens)
+    windows = train_windows(enc, "random", cfg.doc_stride, random.Random(0))
+    lengths = np.array([len(w.input_ids) for w in windows])
+    rates = {p: train_rate(model, tokenizer, windows, args.train_batch_size, args.train_steps, p, device)
+             for p in ("max_length", "dynamic", "grouped")}
+    rows.append({"row": f"(c) training windows/s at max_length {cfg.max_length}, batch {args.train_batch_size}",
+                 "mean_window_tokens": round(float(lengths.mean()), 1),
+                 **{f"{p}_per_s": round(r, 2) for p, r in rates.items()},
+                 "dynamic_speedup": round(rates["dynamic"] / rates["max_length"], 2),
+                 "grouped_speedup": round(rates["grouped"] / rates["max_length"], 2)})
+    print(rows[-1], flush=True)
+    Path(args.out).write_text(json.dumps({"machine": machine, "model": args.model or args.shape,
+                                          "dev_questions": len(dev.questions), "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

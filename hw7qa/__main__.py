@@ -15,6 +15,7 @@ from .config import load_config
 from .data import DataError, load_qa_file
 from .run import demo_config, evaluate_run, predict_test, train_and_predict
 from .submission import check_result_csv
+from .train import TrainingError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

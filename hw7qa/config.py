@@ -42,6 +42,8 @@ class Config:
     group_by_length: bool = False    # batches of windows of similar length: less padding, faster
     max_grad_norm: float = 1.0       # 0 turns clipping off
     mixed_precision: str = "auto"    # auto (bf16 if supported, else fp16 on GPU, no on CPU) | fp16 | bf16 | no
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~20% slower
+    max_skipped_steps: int = 20      # stop after this many optimizer steps in a row with a non-finite loss/gradients
     eval_every: int = 0              # evaluate on dev every N optimizer steps (0: at epoch ends only)
     log_every: int = 20              # append loss and lr to metrics.jsonl every N optimizer steps
     seed: int = 0

@@ -32,6 +32,10 @@ from .metrics import score
 from .windows import encode, features, load_tokenizer, train_windows
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says which knobs to change."""
+
+
 def resolve_precision(requested: str) -> str:
     """``auto`` → bf16 on GPUs that support it, fp16 on other GPUs (T4), no on CPU."""
     if requested != "auto":
@@ -91,12 +95,14 @@ def new_run_dir(cfg: Config) -> Path:
     return Path("outputs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def save_model(model, tokenizer, directory: Path) -> None:
-    """Save model (safetensors) and tokenizer to ``directory``, replacing it only once complete."""
+def save_model(model, tokenizer, cfg: Config, directory: Path) -> None:
+    """Save model (safetensors), tokenizer and the run's config (``hw7qa_config.json``) to
+    ``directory``, replacing it only once complete."""
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
+    save_config(cfg, partial / "hw7qa_config.json")
     shutil.rmtree(directory, ignore_errors=True)
     partial.rename(directory)
 
@@ -129,6 +135,8 @@ def train(cfg: Config) -> Path:
                       f"(policy {cfg.train_windows}" + (f", {skipped} questions whose answer does not fit "
                                                          f"a window left out)" if skipped else ")"))
 
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     model.to(accelerator.device)
     # the fused kernel updates all parameters at once: much faster for large embedding tables
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
@@ -161,51 +169,71 @@ def train(cfg: Config) -> Path:
             log_metrics(run_dir, {"step": step, "epoch": round(epoch, 4), "dev_em": scores["em"],
                                   "dev_f1": scores["f1"]})
             if improved:
-                save_model(accelerator.unwrap_model(model), tokenizer, run_dir / "model")
+                save_model(accelerator.unwrap_model(model), tokenizer, cfg, run_dir / "model")
         best_em = max(best_em, scores["em"])
 
     progress = tqdm(total=total_steps, desc="train", unit="step", disable=not accelerator.is_local_main_process)
+    skipped_in_a_row = 0
     model.train()
-    for epoch in range(cfg.epochs):
-        windows = train_windows(train_enc, cfg.train_windows, cfg.doc_stride, rng)
-        if cfg.group_by_length:
-            batches = length_grouped_batches([len(w.input_ids) for w in windows], cfg.batch_size,
-                                             random.Random(cfg.seed + epoch))
-            loader = DataLoader(features(windows, with_labels=True), batch_sampler=batches, collate_fn=collate)
-        else:
-            loader = DataLoader(features(windows, with_labels=True), batch_size=cfg.batch_size, shuffle=True,
-                                collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        loader = accelerator.prepare(loader)
-        for batch_index, batch in enumerate(loader):
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            running_loss += loss.item()
-            running_n += 1
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            lr = scheduler.get_last_lr()[0]
-            progress.update(1)
-            progress.set_postfix(loss=f"{running_loss / running_n:.3f}", lr=f"{lr:.2e}")
-            if step % cfg.log_every == 0 or step == total_steps:
-                if accelerator.is_main_process:
-                    log_metrics(run_dir, {"step": step, "epoch": round(epoch + (batch_index + 1) / len(loader), 4),
-                                          "loss": running_loss / running_n, "lr": lr})
-                running_loss, running_n = 0.0, 0
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                evaluate_and_keep_best(epoch + (batch_index + 1) / len(loader))
-        last_epoch = epoch == cfg.epochs - 1
-        if (not cfg.eval_every or last_epoch) and not (cfg.eval_every and step % cfg.eval_every == 0):
-            evaluate_and_keep_best(epoch + 1.0)
-        if dev_data is None and accelerator.is_main_process:
-            save_model(accelerator.unwrap_model(model), tokenizer, run_dir / "model")
-    progress.close()
+    try:
+        for epoch in range(cfg.epochs):
+            windows = train_windows(train_enc, cfg.train_windows, cfg.doc_stride, rng)
+            if cfg.group_by_length:
+                batches = length_grouped_batches([len(w.input_ids) for w in windows], cfg.batch_size,
+                                                 random.Random(cfg.seed + epoch))
+                loader = DataLoader(features(windows, with_labels=True), batch_sampler=batches, collate_fn=collate)
+            else:
+                loader = DataLoader(features(windows, with_labels=True), batch_size=cfg.batch_size, shuffle=True,
+                                    collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            loader = accelerator.prepare(loader)
+            for batch_index, batch in enumerate(loader):
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    finite = bool(torch.isfinite(loss))
+                    if finite:       # a NaN/inf loss is not learned from: its step is skipped
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                if finite:
+                    running_loss += loss.item()
+                    running_n += 1
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                # fp16: the GradScaler skips steps whose gradients overflowed; many in a row means divergence
+                skipped = not finite or optimizer.step_was_skipped
+                skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+                if skipped_in_a_row >= cfg.max_skipped_steps:
+                    raise TrainingError(
+                        f"{skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradients "
+                        f"(step {step}). The learning rate may be too high (lr={cfg.lr}); with fp16, try "
+                        f"mixed_precision=bf16 (newer GPUs) or no, a lower lr, or max_grad_norm=1. "
+                        f"The best model so far is in {run_dir / 'model'}.")
+                lr = scheduler.get_last_lr()[0]
+                progress.update(1)
+                progress.set_postfix(loss=f"{running_loss / max(running_n, 1):.3f}", lr=f"{lr:.2e}")
+                if (step % cfg.log_every == 0 or step == total_steps) and running_n:
+                    if accelerator.is_main_process:
+                        log_metrics(run_dir, {"step": step, "epoch": round(epoch + (batch_index + 1) / len(loader), 4),
+                                              "loss": running_loss / running_n, "lr": lr})
+                    running_loss, running_n = 0.0, 0
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    evaluate_and_keep_best(epoch + (batch_index + 1) / len(loader))
+            last_epoch = epoch == cfg.epochs - 1
+            if (not cfg.eval_every or last_epoch) and not (cfg.eval_every and step % cfg.eval_every == 0):
+                evaluate_and_keep_best(epoch + 1.0)
+            if dev_data is None and accelerator.is_main_process:
+                save_model(accelerator.unwrap_model(model), tokenizer, cfg, run_dir / "model")
+    except torch.cuda.OutOfMemoryError as e:
+        raise TrainingError(
+            f"GPU out of memory ({str(e).splitlines()[0]}). Lower batch_size (now {cfg.batch_size}) and raise "
+            f"grad_accum (now {cfg.grad_accum}) by the same factor, lower max_length (now {cfg.max_length}), "
+            f"or set gradient_checkpointing=true. The best model so far is in {run_dir / 'model'}.") from None
+    finally:
+        progress.close()
     accelerator.wait_for_everyone()
     accelerator.print(f"best model: {run_dir / 'model'}" + (f" (dev EM {best_em:.4f})" if dev_data else
                                                            " (no dev file: the last epoch's model)"))

@@ -32,6 +32,7 @@ def test_tiny_model_overfits_a_handful_of_examples(tmp_path, sample_train):
     assert [m["step"] for m in dev] == list(range(2, 81, 2))
     assert dev[0]["dev_em"] < 1.0 and dev[-1]["dev_em"] == 1.0
     assert (run_dir / "model" / "model.safetensors").exists() and (run_dir / "config.json").exists()
+    assert load_config(run_dir / "model" / "hw7qa_config.json") == cfg
     lrs = [m["lr"] for m in metrics if "lr" in m]
     assert max(lrs) <= 3e-3 and lrs[-1] == 0.0             # warmup, then linear decay to zero
 
@@ -93,3 +94,16 @@ def test_training_with_length_grouped_batches_runs(tmp_path):
     assert main(["demo", "--set", f"output_dir={tmp_path / 'g'}", "epochs=2", "group_by_length=true",
                  "test_file="]) == 0
     assert (tmp_path / "g" / "model" / "model.safetensors").exists()
+
+
+def test_diverging_training_stops_with_a_clear_message(tmp_path, capsys):
+    overrides = [f"output_dir={tmp_path / 'nan'}", "lr=1e6", "max_grad_norm=0", "max_skipped_steps=3",
+                 "epochs=30", "warmup_ratio=0", "test_file="]
+    assert main(["demo", "--set", *overrides]) == 3
+    err = capsys.readouterr().err
+    assert "3 optimizer steps in a row had a non-finite loss" in err and "lr=1000000.0" in err
+
+
+def test_gradient_checkpointing_knob_trains(tmp_path):
+    assert main(["demo", "--set", f"output_dir={tmp_path / 'gc'}", "epochs=1", "gradient_checkpointing=true",
+                 "test_file="]) == 0

@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -127,9 +128,10 @@ def main() -> None:
             run_dir = train(cfg)
             minutes = (time.time() - started) / 60
             timing.write_text(json.dumps({"minutes": minutes}))
-        n_windows = len(train_windows(encode(load_qa_file(args.train), load_tokenizer(run_dir / "model", cfg.isolate_digits, cfg.isolate_cjk),
-                                             cfg.max_length, cfg.max_question_tokens, cfg.max_paragraph_tokens),
-                                      cfg.train_windows, cfg.doc_stride, __import__("random").Random(0)))
+        tokenizer = load_tokenizer(run_dir / "model", cfg.isolate_digits, cfg.isolate_cjk)
+        train_enc = encode(load_qa_file(args.train), tokenizer, cfg.max_length, cfg.max_question_tokens,
+                           cfg.max_paragraph_tokens)
+        n_windows = len(train_windows(train_enc, cfg.train_windows, cfg.doc_stride, random.Random(0)))
         decodings = [(recipe, cfg, recipe == "sample")]
         if recipe == "sample":   # the same model, decoded the project's way with the project's windows
             decodings.append(("sample+project-decoding", dataclasses.replace(

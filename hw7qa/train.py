@@ -135,8 +135,8 @@ def train(cfg: Config) -> Path:
                       f"(policy {cfg.train_windows}" + (f", {skipped} questions whose answer does not fit "
                                                          f"a window left out)" if skipped else ")"))
 
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.gradient_checkpointing:   # renamed in transformers 5; the old name goes in 6
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     model.to(accelerator.device)
     # the fused kernel updates all parameters at once: much faster for large embedding tables
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,

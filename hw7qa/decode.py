@@ -182,9 +182,14 @@ def oracle_logits(enc: Encoded, windows: list[Window]) -> list[tuple[np.ndarray,
     return logits
 
 
-def predict(model, tokenizer, data, cfg, accelerator=None, desc: str = "inference") -> list[Prediction]:
-    """Answers for every question of ``data`` (a ``QAData``), with the windows and decoding of ``cfg``."""
-    enc = encode(data, tokenizer, cfg.max_length, cfg.max_question_tokens, cfg.max_paragraph_tokens)
+def predict_encoded(model, tokenizer, enc: Encoded, cfg, accelerator=None, desc: str = "inference") -> list[Prediction]:
+    """Answers for every question of an already tokenized file (training encodes dev once)."""
     windows = eval_windows(enc, cfg.doc_stride)
     logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, desc, accelerator)
     return decode_predictions(enc, windows, logits, cfg.n_best, cfg.max_answer_length, cfg.balance_quotes)
+
+
+def predict(model, tokenizer, data, cfg, accelerator=None, desc: str = "inference") -> list[Prediction]:
+    """Answers for every question of ``data`` (a ``QAData``), with the windows and decoding of ``cfg``."""
+    enc = encode(data, tokenizer, cfg.max_length, cfg.max_question_tokens, cfg.max_paragraph_tokens)
+    return predict_encoded(model, tokenizer, enc, cfg, accelerator, desc)

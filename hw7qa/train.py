@@ -27,7 +27,7 @@ from transformers import (AutoModelForQuestionAnswering, DataCollatorWithPadding
 from . import tiny
 from .config import TINY_MODEL, Config, save_config
 from .data import QAData, load_qa_file
-from .decode import predict
+from .decode import predict_encoded
 from .metrics import score
 from .windows import encode, features, load_tokenizer, train_windows
 
@@ -128,6 +128,8 @@ def train(cfg: Config) -> Path:
     dev_data = load_qa_file(cfg.dev_file, need_answers=True) if cfg.dev_file else None
     model, tokenizer = load_model_and_tokenizer(cfg, train_data)
     train_enc = encode(train_data, tokenizer, cfg.max_length, cfg.max_question_tokens, cfg.max_paragraph_tokens)
+    dev_enc = (encode(dev_data, tokenizer, cfg.max_length, cfg.max_question_tokens, cfg.max_paragraph_tokens)
+               if dev_data else None)
     rng = random.Random(cfg.seed)
     n_windows = len(train_windows(train_enc, cfg.train_windows, cfg.doc_stride, random.Random(cfg.seed)))
     skipped = len(train_data.questions) - n_windows if cfg.train_windows != "all" else 0
@@ -160,7 +162,7 @@ def train(cfg: Config) -> Path:
         nonlocal best_em
         if dev_data is None:
             return
-        predictions = predict(model, tokenizer, dev_data, cfg, accelerator, desc="dev")
+        predictions = predict_encoded(model, tokenizer, dev_enc, cfg, accelerator, desc="dev")
         scores = score([p.answer for p in predictions], [q.answer_text for q in dev_data.questions])
         improved = scores["em"] > best_em
         accelerator.print(f"step {step} (epoch {epoch:.2f}): dev EM {scores['em']:.4f} F1 {scores['f1']:.4f}"

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import SAMPLE, shared_path
+from conftest import shared_path
 from hw7qa.data import DataError, load_qa_file, save_hw7
 
 

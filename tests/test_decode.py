@@ -4,7 +4,6 @@ import pytest
 from conftest import shared_path
 from hw7qa.data import QAData, Question, load_qa_file
 from hw7qa.decode import balance_quotes, best_spans, decode_predictions, oracle_logits
-from hw7qa.metrics import score
 from hw7qa.windows import encode, eval_windows, load_tokenizer
 
 

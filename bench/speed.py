@@ -17,6 +17,11 @@ model runs in half precision (bf16 where supported, else fp16). Rows:
     passes alone on the same, already collated batches;
 (c) training windows per second (forward, backward, optimizer step) with every batch padded to
     max_length against dynamic padding, and dynamic padding with length-grouped batches.
+
+``--overhead-only`` measures what (b) loses, on any machine and on the whole dev file: each stage of
+the project's ``predict`` with a model that costs nothing (``NullQA``: zero logits), i.e.
+tokenising, windows, collating, copying logits back and decoding. The forward passes of a real model cannot hide this
+time (it runs between them), so on any device (b) is at most forward / (forward + this overhead).
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ from transformers import (AutoModelForQuestionAnswering, BertConfig, BertForQues
 
 from hw7qa.config import Config  # noqa: E402
 from hw7qa.data import QAData, load_qa_file  # noqa: E402
-from hw7qa.decode import predict  # noqa: E402
+from hw7qa.decode import decode_predictions, predict, window_logits  # noqa: E402
 from hw7qa.train import length_grouped_batches  # noqa: E402
 from hw7qa.windows import encode, eval_windows, features, load_tokenizer, train_windows  # noqa: E402
 
@@ -100,6 +105,45 @@ def forward_only(model, tokenizer, windows, batch_size, device) -> float:
     return time.perf_counter() - started
 
 
+class NullQA(torch.nn.Module):
+    """A "model" whose forward pass costs nothing: zero start and end logits of the batch's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))   # predict() reads the device from a parameter
+
+    def forward(self, input_ids, **_):
+        zeros = torch.zeros(input_ids.shape, device=input_ids.device)
+        return type("Output", (), {"start_logits": zeros, "end_logits": zeros})()
+
+
+def pipeline_overhead(tokenizer, dev, strides, batch_size, device) -> list[dict]:
+    """Seconds of each stage of ``predict`` with ``NullQA``: everything of inference except the
+    forward passes — tokenising, cutting windows, collating batches and copying logits back
+    (``window_logits``), decoding."""
+    rows = []
+    for stride in strides:
+        cfg = Config(max_length=193, max_question_tokens=40, max_paragraph_tokens=150, doc_stride=stride,
+                     eval_batch_size=batch_size)
+        model = NullQA().to(device)
+        seconds, started = {}, time.perf_counter()
+        enc = encode(dev, tokenizer, cfg.max_length, cfg.max_question_tokens, cfg.max_paragraph_tokens)
+        seconds["tokenize"], started = time.perf_counter() - started, time.perf_counter()
+        windows = eval_windows(enc, stride)
+        seconds["windows"], started = time.perf_counter() - started, time.perf_counter()
+        logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, desc=f"overhead, stride {stride}")
+        seconds["batches"], started = time.perf_counter() - started, time.perf_counter()
+        decode_predictions(enc, windows, logits, cfg.n_best, cfg.max_answer_length, cfg.balance_quotes)
+        seconds["decode"] = time.perf_counter() - started
+        total = sum(seconds.values())
+        rows.append({"row": f"(b) pipeline overhead without forward passes, doc_stride {stride}",
+                     "questions": len(dev.questions), "windows": len(windows), "overhead_s": round(total, 2),
+                     "overhead_ms_per_window": round(1000 * total / len(windows), 3),
+                     **{f"{stage}_ms_per_window": round(1000 * t / len(windows), 3) for stage, t in seconds.items()}})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def train_rate(model, tokenizer, windows, batch_size, steps, padding, device) -> float:
     """Training windows per second over ``steps`` steps with ``padding``: max_length | dynamic | grouped."""
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8) if padding != "max_length" else \
@@ -146,6 +190,7 @@ def main() -> None:
     parser.add_argument("--train-batch-size", type=int, default=16)
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--out", default=str(ROOT / "bench" / "speed.json"))
+    parser.add_argument("--overhead-only", action="store_true", help="only the pipeline overhead, see above")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -161,6 +206,11 @@ def main() -> None:
     machine = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"model {args.model or args.shape}; {machine}; {len(dev.questions)} dev questions", flush=True)
 
+    if args.overhead_only:
+        rows = pipeline_overhead(tokenizer, dev, (32, 150), args.eval_batch_size, device)
+        Path(args.out).write_text(json.dumps({"machine": machine, "dev_questions": len(dev.questions),
+                                              "rows": rows}, indent=1) + "\n")
+        return
     rows = []
     sample_cfg = dict(max_length=193, max_question_tokens=40, max_paragraph_tokens=150)
     for stride in (32, 150):

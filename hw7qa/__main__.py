@@ -1,8 +1,11 @@
 """Command line: ``python -m hw7qa train|predict|evaluate|check|demo``.
 
     python -m hw7qa train --config configs/bert-base.json --set lr=3e-5 epochs=2
+    python -m hw7qa train --resume outputs/RUN          # continue an interrupted run from its last checkpoint
     python -m hw7qa predict outputs/RUN                 # test_file of the run → outputs/RUN/result.csv
     python -m hw7qa evaluate outputs/RUN                # dev_file of the run → EM and F1
+    python -m hw7qa ensemble outputs/RUN1 outputs/RUN2 --split dev   # members' and ensemble's EM/F1
+    python -m hw7qa ensemble outputs/RUN1 outputs/RUN2 --split test  # → outputs/ensemble-<time>/result.csv
     python -m hw7qa check outputs/RUN/result.csv data/hw7_test.json
     python -m hw7qa demo                                # the whole pipeline offline on data/sample
 """
@@ -11,9 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from accelerate import PartialState
+
 from .config import load_config
 from .data import DataError, load_qa_file
-from .run import demo_config, evaluate_run, predict_test, train_and_predict
+from .run import demo_config, ensemble_runs, evaluate_run, predict_test, resume_config, train_and_predict
 from .submission import check_result_csv
 from .train import TrainingError
 
@@ -24,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="fine-tune; predicts the test file too when one is configured")
     p.add_argument("--config", help="a JSON preset, e.g. configs/bert-base.json")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
+    p.add_argument("--resume", metavar="RUN", help="continue this run folder from its newest checkpoint "
+                   "(with the run's own config.json; --set may still change e.g. eval_batch_size)")
     for name, helptext in (("predict", "write result.csv for a test file"), ("evaluate", "dev EM and F1")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("run", help="a run folder made by train")
@@ -32,6 +39,15 @@ def main(argv: list[str] | None = None) -> int:
                        help="override inference settings, e.g. doc_stride=32")
         if name == "predict":
             p.add_argument("--out", default="", help="CSV path (default: RUN/result.csv)")
+    p = sub.add_parser("ensemble", help="combine several runs' models (see hw7qa/ensemble.py)")
+    p.add_argument("runs", nargs="+", help="two or more run folders made by train")
+    p.add_argument("--split", choices=("dev", "test"), default="dev")
+    p.add_argument("--file", default="", help="HW7 or DRCD JSON (default: the first run's dev/test file)")
+    p.add_argument("--output-dir", default="", help="where result.csv or dev_predictions.jsonl go "
+                   "(default: outputs/ensemble-<time>)")
+    p.add_argument("--method", choices=("auto", "chars"), default="auto",
+                   help="auto: average logits of members with the same tokenizer and windows, combine the rest "
+                        "at the character level; chars: every member at the character level")
     p = sub.add_parser("check", help="validate a result.csv against a test JSON")
     p.add_argument("csv")
     p.add_argument("test_json")
@@ -41,20 +57,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        if args.command == "train":
+        if args.command == "train" and args.resume:
+            if args.config:
+                raise ValueError("--resume uses the run's own config.json; leave out --config")
+            train_and_predict(resume_config(args.resume, args.set), resume=True)
+        elif args.command == "train":
             train_and_predict(load_config(args.config, args.set))
         elif args.command == "predict":
             predict_test(args.run, args.file, args.out, args.set)
         elif args.command == "evaluate":
             evaluate_run(args.run, args.file, args.set)
+        elif args.command == "ensemble":
+            ensemble_runs(args.runs, args.split, args.file, args.output_dir, args.method)
         elif args.command == "check":
             problems = check_result_csv(args.csv, load_qa_file(args.test_json))
             print("\n".join(problems) if problems else f"{args.csv}: valid ({args.test_json})")
             return 1 if problems else 0
         elif args.command == "demo":
             run_dir = train_and_predict(demo_config(args.output_dir, args.set))
-            print("demo finished. The model is tiny and random: its answers are not meaningful; "
-                  f"the run proves the installation works. See {run_dir}")
+            if PartialState().is_main_process:
+                print("demo finished. The model is tiny and random: its answers are not meaningful; "
+                      f"the run proves the installation works. See {run_dir}")
     except (DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

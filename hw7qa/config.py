@@ -46,6 +46,9 @@ class Config:
     max_skipped_steps: int = 20      # stop after this many optimizer steps in a row with a non-finite loss/gradients
     eval_every: int = 0              # evaluate on dev every N optimizer steps (0: at epoch ends only)
     log_every: int = 20              # append loss and lr to metrics.jsonl every N optimizer steps
+    save_every: int = 500            # checkpoint every N optimizer steps (0: at epoch ends only); see --resume
+    keep_checkpoints: int = 1        # newest checkpoints kept in <run>/checkpoints (0: no checkpoints at all)
+    final_fit: bool = False          # train on train_file + dev_file, no dev evaluation (the final submission)
     seed: int = 0
     # --- inference and decoding (see decode.py) ---
     eval_batch_size: int = 64        # windows per forward pass at inference
@@ -103,6 +106,11 @@ def check_config(cfg: Config) -> None:
     if cfg.max_question_tokens >= cfg.max_length - 8:
         raise ValueError(f"max_question_tokens ({cfg.max_question_tokens}) leaves no room for the "
                          f"paragraph in max_length ({cfg.max_length})")
+    for key in ("save_every", "keep_checkpoints", "eval_every", "max_paragraph_tokens"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key} must be 0 or more, got {getattr(cfg, key)}")
+    if cfg.final_fit and not cfg.dev_file:
+        raise ValueError("final_fit=true trains on train_file + dev_file, but dev_file is empty")
     if not 0 <= cfg.warmup_ratio < 1:
         raise ValueError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
 

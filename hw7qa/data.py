@@ -11,6 +11,7 @@ wrong; a file with any problem raises ``DataError`` and nothing of it is returne
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,16 @@ def _raise_if(path: str, errors: list[str], shown: int = 20) -> None:
     if errors:
         more = f"\n  ... and {len(errors) - shown} more" if len(errors) > shown else ""
         raise DataError(f"{path}: {len(errors)} problem(s):\n  " + "\n  ".join(errors[:shown]) + more)
+
+
+def concat_data(first: QAData, second: QAData) -> QAData:
+    """Both files' questions as one ``QAData`` (train + dev for a final fit). The second file's
+    paragraph ids are shifted past the first's paragraphs; its question ids become
+    ``"<file name>:<id>"`` so that ids stay unique."""
+    shift, name = len(first.paragraphs), Path(second.path).name
+    moved = [dataclasses.replace(q, id=f"{name}:{q.id}", paragraph_id=q.paragraph_id + shift)
+             for q in second.questions]
+    return QAData(f"{first.path}+{second.path}", first.questions + moved, first.paragraphs + second.paragraphs)
 
 
 def save_hw7(data: QAData, path: str | Path) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 from .windows import Encoded, Window, encode, eval_windows, features
@@ -37,31 +38,37 @@ def window_logits(model, tokenizer, windows: list[Window], batch_size: int,
     """Start and end logits (float32, one array per window, unpadded) in the order of ``windows``.
 
     Windows are sorted by length so batches are padded as little as possible; no gradients; on a
-    GPU the forward pass runs in half precision (bf16 where supported, else fp16) unless the
-    ``accelerator`` already sets a precision.
+    GPU the forward pass runs in half precision (bf16 where supported, else fp16). With an ``accelerator`` of several processes each
+    process runs its share of the batches and every process gets all logits back
+    (``gather_for_metrics``, which drops the duplicates that even out the last batch). ``model``
+    must be the unwrapped model (``accelerator.unwrap_model``), not the DDP wrapper.
     """
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
     order = sorted(range(len(windows)), key=lambda i: len(windows[i].input_ids), reverse=True)
     feats = features(windows)
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    loader = DataLoader([{**feats[i], "window_index": i} for i in order], batch_size=batch_size, collate_fn=collate)
+    device = next(model.parameters()).device
     if accelerator is not None:
-        autocast = accelerator.autocast()
-    elif device.type == "cuda":
-        half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        autocast = torch.autocast("cuda", dtype=half)
-    else:
-        autocast = contextlib.nullcontext()
+        loader = accelerator.prepare(loader)
+    autocast = contextlib.nullcontext()
+    if device.type == "cuda":
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     was_training = model.training
     model.eval()
     out: list = [None] * len(windows)
+    main_process = accelerator is None or accelerator.is_local_main_process
     with torch.inference_mode(), autocast:
-        for b in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-            idx = order[b:b + batch_size]
-            batch = {k: v.to(device) for k, v in collate([feats[i] for i in idx]).items()}
+        for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not main_process):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            index = batch.pop("window_index")
             result = model(**batch)
-            starts = result.start_logits.float().cpu().numpy()
-            ends = result.end_logits.float().cpu().numpy()
-            for row, i in enumerate(idx):
+            starts, ends = result.start_logits.float(), result.end_logits.float()
+            if accelerator is not None and accelerator.num_processes > 1:
+                starts = accelerator.pad_across_processes(starts, dim=1)
+                ends = accelerator.pad_across_processes(ends, dim=1)
+                starts, ends, index = accelerator.gather_for_metrics((starts, ends, index))
+            starts, ends = starts.cpu().numpy(), ends.cpu().numpy()
+            for row, i in enumerate(index.tolist()):
                 n = len(windows[i].input_ids)
                 out[i] = (starts[row, :n], ends[row, :n])
     model.train(was_training)
@@ -84,8 +91,9 @@ def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, context_start: 
     length = ends[None, :] - starts[:, None] + 1
     valid = (length >= 1) & (length <= max_answer_length)
     rows, cols = np.nonzero(valid)
-    spans = [(float(scores[r, c]), int(starts[r]), int(ends[c])) for r, c in zip(rows, cols)]
-    return sorted(spans, reverse=True)
+    score, start, end = scores[rows, cols], starts[rows], ends[cols]
+    order = np.lexsort((-end, -start, -score))   # best score first; ties: later start, then later end
+    return list(zip(score[order].tolist(), start[order].tolist(), end[order].tolist()))
 
 
 def exhaustive_best_span(start_logits: np.ndarray, end_logits: np.ndarray, context_start: int,

@@ -1,47 +1,110 @@
-"""A run folder as a whole: train then predict, and predict or evaluate from a saved run.
+"""A run folder as a whole: train then predict; predict, evaluate or ensemble saved runs.
 
-Used by the command line and the notebook alike.
+Used by the command line and the notebook alike. Under ``accelerate launch`` with several
+processes, inference is shared between them and only the main process writes files or prints.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import load_config
-from .data import load_qa_file
-from .decode import Prediction, predict
+from .data import QAData, load_qa_file
+from .decode import Prediction, decode_predictions, window_logits
+from .ensemble import ensemble_predictions
 from .metrics import score
 from .report import unknown_characters, write_dev_predictions
 from .submission import check_result_csv, write_result_csv
-from .windows import load_tokenizer
+from .windows import encode, eval_windows, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_run(run_dir: str | Path, overrides: list[str] | None = None):
-    """The config, model and tokenizer saved in a run folder (model on GPU if there is one)."""
-    from transformers import AutoModelForQuestionAnswering
+def inference_accelerator():
+    """An ``Accelerator`` when started by ``accelerate launch`` with several processes (each then
+    runs its share of the windows), else None: inference runs in this process alone."""
+    from accelerate import Accelerator, PartialState
+    return Accelerator() if PartialState().num_processes > 1 else None
+
+
+def is_main(accelerator) -> bool:
+    return accelerator is None or accelerator.is_main_process
+
+
+def logits_key(run_dir: Path, data: QAData, cfg) -> str:
+    """What the window logits of a run depend on: the questions and paragraphs, the window settings
+    and the saved model file (its size and modification time)."""
+    content = hashlib.sha1(json.dumps([[(q.id, q.question_text, q.paragraph_id) for q in data.questions],
+                                       data.paragraphs], ensure_ascii=False, default=str).encode()).hexdigest()
+    model_files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                         for f in (run_dir / "model").glob("*") if f.suffix in (".safetensors", ".bin"))
+    settings = [cfg.max_length, cfg.max_question_tokens, cfg.doc_stride, cfg.max_paragraph_tokens,
+                cfg.isolate_digits, cfg.isolate_cjk]
+    return hashlib.sha1(json.dumps([content, model_files, settings]).encode()).hexdigest()[:16]
+
+
+def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: str = "inference"):
+    """``(enc, windows, logits)`` of the run's model on ``data`` with ``cfg``'s windows.
+
+    The logits are saved in ``<run>/logits/<key>.npz`` and read back the next time the same model
+    meets the same questions with the same window settings (``logits_key``), so evaluating,
+    predicting and ensembling a run again does not run the model again.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / "model").is_dir():
         raise FileNotFoundError(f"{run_dir}: no model/ folder; is this a run folder made by 'train'?")
-    cfg = load_config(run_dir / "config.json", overrides)
     tokenizer = load_tokenizer(run_dir / "model", cfg.isolate_digits, cfg.isolate_cjk)
+    enc = encode(data, tokenizer, cfg.max_length, cfg.max_question_tokens, cfg.max_paragraph_tokens)
+    windows = eval_windows(enc, cfg.doc_stride)
+    path = run_dir / "logits" / f"{logits_key(run_dir, data, cfg)}.npz"
+    if path.exists():
+        with np.load(path) as saved:
+            lengths = [len(w.input_ids) for w in windows]
+            if saved["lengths"].tolist() == lengths:
+                cuts = np.cumsum([0] + lengths)
+                return enc, windows, [(saved["starts"][a:b], saved["ends"][a:b]) for a, b in zip(cuts, cuts[1:])]
+    from transformers import AutoModelForQuestionAnswering
+
+    from .train import check_max_length
     model = AutoModelForQuestionAnswering.from_pretrained(run_dir / "model")
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    return cfg, model, tokenizer
+    check_max_length(model.config, cfg.max_length)
+    model.to(accelerator.device if accelerator else "cuda" if torch.cuda.is_available() else "cpu")
+    logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, desc, accelerator)
+    if is_main(accelerator):
+        path.parent.mkdir(exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        with open(partial, "wb") as f:
+            np.savez(f, starts=np.concatenate([s for s, _ in logits]), ends=np.concatenate([e for _, e in logits]),
+                     lengths=np.array([len(s) for s, _ in logits]))
+        partial.replace(path)
+    return enc, windows, logits
+
+
+def decode_with(cfg, enc, windows, logits) -> list[Prediction]:
+    return decode_predictions(enc, windows, logits, cfg.n_best, cfg.max_answer_length, cfg.balance_quotes)
 
 
 def predict_test(run_dir: str | Path, test_file: str = "", out: str = "", overrides: list[str] | None = None) -> Path:
     """Answer ``test_file`` (default: the run's) with the run's model; write and check result.csv."""
-    cfg, model, tokenizer = load_run(run_dir, overrides)
-    data = load_qa_file(test_file or cfg.test_file)
-    predictions = predict(model, tokenizer, data, cfg, desc="test")
-    path = write_result_csv(data, [p.answer for p in predictions], out or Path(run_dir) / "result.csv")
-    problems = check_result_csv(path, data)
-    print(f"wrote {path} ({len(predictions)} answers)" + ("" if not problems else "; PROBLEMS:\n  " + "\n  ".join(problems)))
-    return path
+    accelerator = inference_accelerator()
+    cfg = run_config(run_dir, overrides)
+    data = load_qa_file(data_file_of(cfg, "test", test_file, run_dir))
+    predictions = decode_with(cfg, *run_logits(run_dir, cfg, data, accelerator, desc="test"))
+    return write_and_check(data, predictions, out or Path(run_dir) / "result.csv", accelerator)
+
+
+def write_and_check(data: QAData, predictions: list[Prediction], path: str | Path, accelerator=None) -> Path:
+    if is_main(accelerator):
+        path = write_result_csv(data, [p.answer for p in predictions], path)
+        problems = check_result_csv(path, data)
+        print(f"wrote {path} ({len(predictions)} answers)" + ("" if not problems else "; PROBLEMS:\n  " + "\n  ".join(problems)))
+    return Path(path)
 
 
 def evaluate_run(run_dir: str | Path, dev_file: str = "", overrides: list[str] | None = None
@@ -50,25 +113,94 @@ def evaluate_run(run_dir: str | Path, dev_file: str = "", overrides: list[str] |
 
     Also writes ``<run>/dev_predictions.jsonl`` and prints how the wrong answers are wrong.
     """
-    cfg, model, tokenizer = load_run(run_dir, overrides)
-    data = load_qa_file(dev_file or cfg.dev_file, need_answers=True)
-    predictions = predict(model, tokenizer, data, cfg, desc="dev")
-    scores = score([p.answer for p in predictions], [q.answer_text for q in data.questions])
-    unknown = unknown_characters(tokenizer, [q.answer_text for q in data.questions])
-    kinds = write_dev_predictions(Path(run_dir) / "dev_predictions.jsonl", data, predictions, unknown)
-    print(f"{data.path}: {len(data.questions)} questions, EM {scores['em']:.4f}, F1 {scores['f1']:.4f}")
-    print("answers: " + ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
-          + f"  (details: {Path(run_dir) / 'dev_predictions.jsonl'})")
+    accelerator = inference_accelerator()
+    cfg = run_config(run_dir, overrides)
+    data = load_qa_file(data_file_of(cfg, "dev", dev_file, run_dir), need_answers=True)
+    enc, windows, logits = run_logits(run_dir, cfg, data, accelerator, desc="dev")
+    predictions = decode_with(cfg, enc, windows, logits)
+    scores = report_dev(data, predictions, load_tokenizer(Path(run_dir) / "model", cfg.isolate_digits, cfg.isolate_cjk),
+                        Path(run_dir) / "dev_predictions.jsonl", accelerator)
     return scores, predictions
 
 
-def train_and_predict(cfg) -> Path:
-    """Train; then, if a test file is configured, write the run's result.csv."""
+def report_dev(data: QAData, predictions: list[Prediction], tokenizer, path: Path, accelerator=None) -> dict:
+    """EM and F1; on the main process also ``path`` (dev_predictions.jsonl) and a printed breakdown."""
+    scores = score([p.answer for p in predictions], [q.answer_text for q in data.questions])
+    if is_main(accelerator):
+        unknown = unknown_characters(tokenizer, [q.answer_text for q in data.questions])
+        kinds = write_dev_predictions(path, data, predictions, unknown)
+        print(f"{data.path}: {len(data.questions)} questions, EM {scores['em']:.4f}, F1 {scores['f1']:.4f}")
+        print("answers: " + ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+              + f"  (details: {path})")
+    return scores
+
+
+def data_file_of(cfg, split: str, given: str = "", run_dir: str | Path = "") -> str:
+    """``given`` if set, else the run's dev_file or test_file; a clear error if neither exists."""
+    path = given or getattr(cfg, f"{split}_file")
+    if not path:
+        raise ValueError(f"no {split} file: the run {run_dir} has no {split}_file in its config; give one with --file")
+    return path
+
+
+def run_config(run_dir: str | Path, overrides: list[str] | dict | None = None):
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir}: no config.json; is this a run folder made by 'train'?")
+    return load_config(path, overrides)
+
+
+def ensemble_runs(run_dirs: list[str | Path], split: str = "dev", data_file: str = "", output_dir: str = "",
+                  method: str = "auto") -> tuple[dict | None, list[Prediction]]:
+    """Combine the models of ``run_dirs`` (see ``ensemble.py``) on the dev or test file.
+
+    The file is ``data_file`` or the first run's dev_file/test_file; decoding settings (n_best,
+    max_answer_length, balance_quotes) are the first run's. ``dev``: prints each member's EM/F1 and
+    the ensemble's, writes ``<output_dir>/dev_predictions.jsonl`` and returns the ensemble's scores.
+    ``test``: writes ``<output_dir>/result.csv``. Each member's logits are cached in its run folder.
+    """
+    if split not in ("dev", "test"):
+        raise ValueError(f"split={split!r}; choose dev or test")
+    if len(run_dirs) < 2:
+        raise ValueError("an ensemble needs at least two run folders")
+    accelerator = inference_accelerator()
+    cfgs = [run_config(run_dir) for run_dir in run_dirs]
+    path = data_file_of(cfgs[0], split, data_file, run_dirs[0])
+    data = load_qa_file(path, need_answers=split == "dev")
+    members = [run_logits(run_dir, cfg, data, accelerator, desc=f"{Path(run_dir).name}")
+               for run_dir, cfg in zip(run_dirs, cfgs)]
+    predictions, how = ensemble_predictions(members, cfgs[0].n_best, cfgs[0].max_answer_length,
+                                            cfgs[0].balance_quotes, method)
+    output_dir = Path(output_dir or Path("outputs") / f"ensemble-{time.strftime('%Y%m%d-%H%M%S')}")
+    if is_main(accelerator):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        print(f"ensemble of {len(run_dirs)} runs on {path}: {how}")
+    if split == "test":
+        write_and_check(data, predictions, output_dir / "result.csv", accelerator)
+        return None, predictions
+    if is_main(accelerator):
+        for i, (run_dir, cfg, member) in enumerate(zip(run_dirs, cfgs, members)):
+            member_scores = score([p.answer for p in decode_with(cfg, *member)], [q.answer_text for q in data.questions])
+            print(f"  #{i + 1} {run_dir}: EM {member_scores['em']:.4f}  F1 {member_scores['f1']:.4f}")
+    tokenizer = load_tokenizer(Path(run_dirs[0]) / "model", cfgs[0].isolate_digits, cfgs[0].isolate_cjk)
+    scores = report_dev(data, predictions, tokenizer, output_dir / "dev_predictions.jsonl", accelerator)
+    return scores, predictions
+
+
+def train_and_predict(cfg, resume: bool = False) -> Path:
+    """Train (or, with ``resume``, continue ``cfg.output_dir``); then, if a test file is configured,
+    write the run's result.csv."""
     from .train import train
-    run_dir = train(cfg)
+    run_dir = train(cfg, resume=resume)
     if cfg.test_file:
         predict_test(run_dir)
     return run_dir
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] | dict | None = None):
+    """The config an interrupted run was started with (``<run>/config.json``), pointed at that run
+    folder, with ``overrides`` applied (e.g. a larger ``eval_batch_size``)."""
+    return dataclasses.replace(run_config(run_dir, overrides), output_dir=str(run_dir))
 
 
 def demo_config(output_dir: str = "", overrides: list[str] | None = None):

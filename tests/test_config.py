@@ -26,6 +26,7 @@ def test_overrides_are_typed_and_round_trip(tmp_path):
     (["epochs=two"], "invalid literal"), (["balance_quotes=maybe"], "expected true/false"),
     (["train_windows=middle"], "choose one of"), (["lr"], "not key=value"),
     (["max_question_tokens=500"], "leaves no room"), (["batch_size=0"], "at least 1"),
+    (["final_fit=true", "dev_file="], "dev_file is empty"), (["save_every=-1"], "0 or more"),
 ])
 def test_bad_overrides_are_refused(override, message):
     with pytest.raises(ValueError, match=message):

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from conftest import shared_path
-from hw7qa.data import DataError, load_qa_file, save_hw7
+from hw7qa.data import DataError, concat_data, load_qa_file, save_hw7, validate
 
 
 def write(tmp_path, obj, name="f.json"):
@@ -118,3 +118,12 @@ def test_drcd_dev_converts_to_hw7_2021_dev_question_for_question():
     for q in hw7_dev.questions:
         c = converted[(q.paragraph_id, q.question_text)]
         assert (c.answer_text, c.answer_start, c.answer_end) == (q.answer_text, q.answer_start, q.answer_end)
+
+
+def test_concat_data_keeps_every_answer_in_place(sample_train, sample_dev):
+    both = concat_data(sample_train, sample_dev)
+    assert len(both.questions) == len(sample_train.questions) + len(sample_dev.questions)
+    validate(both, need_answers=True)                       # unique ids, every answer where it says
+    moved = both.questions[len(sample_train.questions):]
+    assert [both.paragraph(q) for q in moved] == [sample_dev.paragraph(q) for q in sample_dev.questions]
+    assert moved[0].id == f"hw7_dev.json:{sample_dev.questions[0].id}"

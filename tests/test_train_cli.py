@@ -75,8 +75,9 @@ def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     assert "lr_schedule='cosine'" in capsys.readouterr().err
     assert main(["train", "--config", str(ROOT / "configs" / "demo.json"), "--set", "learning_rate=1"]) == 2
     assert "unknown config key 'learning_rate'" in capsys.readouterr().err
-    assert main(["train", "--set", f"train_file={tmp_path / 'nope.json'}"]) == 2
+    assert main(["train", "--set", f"train_file={tmp_path / 'nope.json'}", f"output_dir={tmp_path / 'run'}"]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()                 # nothing written for a run that could not start
 
 
 def test_length_grouped_batches_cover_every_window_once_with_similar_lengths():
@@ -84,7 +85,7 @@ def test_length_grouped_batches_cover_every_window_once_with_similar_lengths():
     lengths = [rng.randint(20, 384) for _ in range(1000)]
     batches = length_grouped_batches(lengths, 16, random.Random(1), chunk_batches=10)
     assert sorted(i for b in batches for i in b) == list(range(1000))
-    assert sum(len(b) != 16 for b in batches) <= 7       # at most the last batch of each chunk of 160
+    assert all(len(b) == 16 for b in batches[:-1]) and len(batches[-1]) == 1000 % 16 and batches.batch_size == 16
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     assert spread < 40                  # random batches of 16 would spread over ~300 tokens
     assert batches != length_grouped_batches(lengths, 16, random.Random(2), chunk_batches=10)
@@ -107,3 +108,22 @@ def test_diverging_training_stops_with_a_clear_message(tmp_path, capsys):
 def test_gradient_checkpointing_knob_trains(tmp_path):
     assert main(["demo", "--set", f"output_dir={tmp_path / 'gc'}", "epochs=1", "gradient_checkpointing=true",
                  "test_file="]) == 0
+
+
+def test_final_fit_trains_on_train_and_dev_without_evaluating(tmp_path, capsys, sample_train, sample_dev):
+    assert main(["demo", "--output-dir", str(tmp_path / "final"), "--set", "final_fit=true", "epochs=1",
+                 "test_file=", "log_every=1"]) == 0
+    printed = capsys.readouterr().out
+    n = len(sample_train.questions) + len(sample_dev.questions)
+    assert f"train: {n} questions" in printed and "NO dev evaluation" in printed
+    records = read_metrics(tmp_path / "final")
+    assert "final_fit" in records[0]["note"] and not any("dev_em" in r for r in records)
+    assert records[-1]["step"] == -(-n // 8)                # windows of both files, batch 8
+    assert (tmp_path / "final" / "model" / "model.safetensors").exists()
+
+
+def test_max_length_beyond_the_models_positions_is_refused(tmp_path, capsys):
+    # the tiny model has 512 positions
+    assert main(["demo", "--output-dir", str(tmp_path / "long"), "--set", "max_length=600"]) == 2
+    assert "only 512 positions" in capsys.readouterr().err
+    assert not (tmp_path / "long").exists()

@@ -1,0 +1,90 @@
+"""Checkpoints and resume: an interrupted run, resumed, ends exactly where an uninterrupted one does."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hw7qa.train as train_module
+from hw7qa.__main__ import main
+from hw7qa.run import demo_config
+from hw7qa.train import list_checkpoints, train
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_weights(dir_a, dir_b):
+    a, b = load_file(dir_a / "model.safetensors"), load_file(dir_b / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def crash_during_step(monkeypatch, step):
+    """Make training raise KeyboardInterrupt (as a Colab disconnect or a stop button would end it)
+    right after optimizer step ``step`` has been taken and logged."""
+    real = train_module.log_metrics
+
+    def log_then_crash(run_dir, record):
+        real(run_dir, record)
+        if record.get("step") == step and "loss" in record:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train_module, "log_metrics", log_then_crash)
+
+
+@pytest.mark.parametrize("knobs, crash_step, checkpoint_steps", [
+    # 38 windows, batch 8: 5 batches = 5 steps per epoch; checkpoints at steps 2, 4, 5 (epoch end), 6; the crash is in step 7
+    ({}, 7, [5, 6]),
+    # 2 batches per step: 3 steps per epoch; step 4 is one step (2 batches) into epoch 2
+    ({"grad_accum": 2, "group_by_length": True}, 5, [3, 4]),
+])
+def test_interrupted_run_resumes_to_identical_weights_and_metrics(tmp_path, monkeypatch, knobs, crash_step,
+                                                                  checkpoint_steps):
+    knobs = {"epochs": 3, "batch_size": 8, "log_every": 1, "save_every": 2, "keep_checkpoints": 2,
+             "test_file": "", **knobs}
+    whole = train(demo_config(str(tmp_path / "whole"), knobs))
+
+    crash_during_step(monkeypatch, crash_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(demo_config(str(tmp_path / "cut"), knobs))
+    monkeypatch.undo()
+    cut = tmp_path / "cut"
+    assert [int(c.name.split("-")[1]) for c in list_checkpoints(cut)] == checkpoint_steps  # only the last 2 kept
+    assert max(m["step"] for m in read_metrics(cut)) == crash_step
+
+    assert main(["train", "--resume", str(cut)]) == 0
+    assert read_metrics(cut) == read_metrics(whole)          # every loss, lr and dev score, no duplicates
+    assert_same_weights(cut / "model", whole / "model")
+    last = list_checkpoints(whole)[-1].name
+    assert [c.name for c in list_checkpoints(cut)][-1] == last
+    assert_same_weights(cut / "checkpoints" / last, whole / "checkpoints" / last)
+    assert (torch.load(cut / "checkpoints" / last / "optimizer.bin", weights_only=True)["state"][0]["exp_avg"]
+            .equal(torch.load(whole / "checkpoints" / last / "optimizer.bin", weights_only=True)["state"][0]["exp_avg"]))
+
+
+def test_resume_ignores_an_unfinished_checkpoint_and_a_finished_run_stays_finished(tmp_path, capsys):
+    knobs = {"epochs": 2, "batch_size": 8, "save_every": 3, "keep_checkpoints": 3, "test_file": ""}
+    run = train(demo_config(str(tmp_path / "run"), knobs))
+    steps = [c.name for c in list_checkpoints(run)]
+    # every 3 steps and at the ends of the 5-step epochs: 3, 5, 6, 9, 10; the newest 3 are kept
+    assert steps == ["step-0000006", "step-0000009", "step-0000010"]
+    # a save cut off half way: a .partial folder, and a folder without trainer_state.json
+    (run / "checkpoints" / "step-0000011.partial").mkdir()
+    (run / "checkpoints" / "step-0000012").mkdir()
+    assert list_checkpoints(run)[-1].name == "step-0000010"
+    before = read_metrics(run)
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert read_metrics(run) == before
+
+
+def test_resume_needs_a_run_folder(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_keep_checkpoints_zero_saves_none(tmp_path):
+    run = train(demo_config(str(tmp_path / "run"), {"epochs": 1, "keep_checkpoints": 0, "test_file": ""}))
+    assert not (run / "checkpoints").exists() and (run / "model" / "model.safetensors").exists()

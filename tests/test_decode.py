@@ -102,3 +102,18 @@ def test_balance_quotes_never_empties_a_span():
     assert balance_quotes("「", 0, 1) == (0, 1)
 
 
+
+
+def test_pad_windows_matches_the_transformers_collator(any_tokenizer):
+    import torch
+    from transformers import DataCollatorWithPadding
+
+    from hw7qa.decode import pad_windows
+    from hw7qa.windows import features
+    data = QAData("x", [Question(0, "甚麼是甲?", 0), Question(1, "乙", 1)], ["甲乙丙丁" * 30, "短的 paragraph 1990年"])
+    feats = [{**f, "window_index": i} for i, f in enumerate(features(eval_windows(encode(data, any_tokenizer, 64, 16), 20)))]
+    ours = pad_windows(feats, any_tokenizer.pad_token_id)
+    theirs = DataCollatorWithPadding(any_tokenizer, pad_to_multiple_of=8)(feats)
+    assert ours.keys() == theirs.keys() and len(feats) > 2
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key

@@ -285,9 +285,15 @@ def train(cfg: Config, resume: bool = False) -> Path:
         state["best_em"] = max(state["best_em"], scores["em"])
 
     def checkpoint_now() -> None:
-        # never over a streak of skipped steps: the last checkpoint stays a good one
-        if cfg.keep_checkpoints > 0 and state["skipped_in_a_row"] == 0:
+        # never during a streak of skipped steps or with non-finite weights: the last checkpoint stays a good one
+        if cfg.keep_checkpoints == 0 or state["skipped_in_a_row"]:
+            return
+        finite = torch.tensor(float(all(bool(torch.isfinite(p).all()) for p in model.parameters())),
+                              device=accelerator.device)
+        if accelerator.reduce(finite, "min").item() == 1.0:
             save_checkpoint(accelerator, run_dir, state, cfg.keep_checkpoints)
+        else:
+            accelerator.print(f"step {state['step']}: the weights are no longer finite; no checkpoint saved")
 
     progress = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step",
                     disable=not accelerator.is_local_main_process)

@@ -1,14 +1,17 @@
 import json
+import random
 import subprocess
 import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT, SAMPLE
 from hw7qa.__main__ import main
 from hw7qa.config import load_config
 from hw7qa.data import QAData, save_hw7
-import random
-
-from hw7qa.train import length_grouped_batches, train
+from hw7qa.train import length_grouped_batches, list_checkpoints, train
 
 
 def read_metrics(run_dir):
@@ -97,12 +100,22 @@ def test_training_with_length_grouped_batches_runs(tmp_path):
     assert (tmp_path / "g" / "model" / "model.safetensors").exists()
 
 
-def test_diverging_training_stops_with_a_clear_message(tmp_path, capsys):
-    overrides = [f"output_dir={tmp_path / 'nan'}", "lr=1e6", "max_grad_norm=0", "max_skipped_steps=3",
-                 "epochs=30", "warmup_ratio=0", "test_file="]
+@pytest.mark.parametrize("lr, saved", [
+    ("1e6", ["step-0000001"]),  # step 1's weights are huge but finite; its loss is NaN from step 2 on
+    ("1e39", []),               # step 1 already overflows the weights: that state is not saved
+])
+def test_diverging_training_stops_with_a_clear_message(tmp_path, capsys, lr, saved):
+    overrides = [f"output_dir={tmp_path / 'nan'}", f"lr={lr}", "max_grad_norm=0", "max_skipped_steps=3",
+                 "epochs=30", "warmup_ratio=0", "test_file=", "save_every=1", "keep_checkpoints=1000"]
     assert main(["demo", "--set", *overrides]) == 3
-    err = capsys.readouterr().err
-    assert "3 optimizer steps in a row had a non-finite loss" in err and "lr=1000000.0" in err
+    printed = capsys.readouterr()
+    assert "3 optimizer steps in a row had a non-finite loss" in printed.err and f"lr={float(lr)}" in printed.err
+    # only finite states are checkpointed: resuming never starts from a broken one
+    checkpoints = list_checkpoints(tmp_path / "nan")
+    assert [c.name for c in checkpoints] == saved
+    for checkpoint in checkpoints:
+        assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "model.safetensors").values())
+    assert ("weights are no longer finite" in printed.out) == (not saved)
 
 
 def test_gradient_checkpointing_knob_trains(tmp_path):

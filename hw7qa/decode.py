@@ -38,7 +38,7 @@ def pad_windows(batch: list[dict], pad_token_id: int, pad_to_multiple_of: int = 
     """Right-pad a batch of ``features`` dicts (lists of ints, plus ints such as ``window_index``)
     into int64 tensors, the length rounded up to a multiple of ``pad_to_multiple_of``.
 
-    What ``DataCollatorWithPadding`` does for right-padding tokenizers, ~6x faster (numpy instead of
+    What ``DataCollatorWithPadding`` does for right-padding tokenizers, faster (numpy instead of
     ``torch.tensor`` on nested lists): at inference the collator was the largest cost outside the
     forward passes (bench/speed.py --overhead-only).
     """
@@ -216,11 +216,16 @@ def oracle_logits(enc: Encoded, windows: list[Window]) -> list[tuple[np.ndarray,
     return logits
 
 
+def decode_for(cfg, enc: Encoded, windows: list[Window], logits) -> list[Prediction]:
+    """``decode_predictions`` with the decoding settings of ``cfg`` (n_best, max_answer_length, balance_quotes)."""
+    return decode_predictions(enc, windows, logits, cfg.n_best, cfg.max_answer_length, cfg.balance_quotes)
+
+
 def predict_encoded(model, tokenizer, enc: Encoded, cfg, accelerator=None, desc: str = "inference") -> list[Prediction]:
     """Answers for every question of an already tokenized file (training encodes dev once)."""
     windows = eval_windows(enc, cfg.doc_stride)
     logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, desc, accelerator)
-    return decode_predictions(enc, windows, logits, cfg.n_best, cfg.max_answer_length, cfg.balance_quotes)
+    return decode_for(cfg, enc, windows, logits)
 
 
 def predict(model, tokenizer, data, cfg, accelerator=None, desc: str = "inference") -> list[Prediction]:

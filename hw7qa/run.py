@@ -16,7 +16,7 @@ import torch
 
 from .config import load_config
 from .data import QAData, load_qa_file
-from .decode import Prediction, decode_predictions, window_logits
+from .decode import Prediction, decode_for, window_logits
 from .ensemble import ensemble_predictions
 from .metrics import score
 from .report import unknown_characters, write_dev_predictions
@@ -49,17 +49,23 @@ def logits_key(run_dir: Path, data: QAData, cfg) -> str:
     return hashlib.sha1(json.dumps([content, model_files, settings]).encode()).hexdigest()[:16]
 
 
-def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: str = "inference"):
+def run_tokenizer(run_dir: str | Path, cfg):
+    """The tokenizer saved with the run's model, with the run's ``isolate_*`` knobs applied."""
+    return load_tokenizer(Path(run_dir) / "model", cfg.isolate_digits, cfg.isolate_cjk)
+
+
+def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: str = "inference", tokenizer=None):
     """``(enc, windows, logits)`` of the run's model on ``data`` with ``cfg``'s windows.
 
     The logits are saved in ``<run>/logits/<key>.npz`` and read back the next time the same model
     meets the same questions with the same window settings (``logits_key``), so evaluating,
-    predicting and ensembling a run again does not run the model again.
+    predicting and ensembling a run again does not run the model again. ``tokenizer``: the run's,
+    if the caller has loaded it already.
     """
     run_dir = Path(run_dir)
     if not (run_dir / "model").is_dir():
         raise FileNotFoundError(f"{run_dir}: no model/ folder; is this a run folder made by 'train'?")
-    tokenizer = load_tokenizer(run_dir / "model", cfg.isolate_digits, cfg.isolate_cjk)
+    tokenizer = tokenizer or run_tokenizer(run_dir, cfg)
     enc = encode(data, tokenizer, cfg.max_length, cfg.max_question_tokens, cfg.max_paragraph_tokens)
     windows = eval_windows(enc, cfg.doc_stride)
     path = run_dir / "logits" / f"{logits_key(run_dir, data, cfg)}.npz"
@@ -86,16 +92,12 @@ def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: s
     return enc, windows, logits
 
 
-def decode_with(cfg, enc, windows, logits) -> list[Prediction]:
-    return decode_predictions(enc, windows, logits, cfg.n_best, cfg.max_answer_length, cfg.balance_quotes)
-
-
 def predict_test(run_dir: str | Path, test_file: str = "", out: str = "", overrides: list[str] | None = None) -> Path:
     """Answer ``test_file`` (default: the run's) with the run's model; write and check result.csv."""
     accelerator = inference_accelerator()
     cfg = run_config(run_dir, overrides)
     data = load_qa_file(data_file_of(cfg, "test", test_file, run_dir))
-    predictions = decode_with(cfg, *run_logits(run_dir, cfg, data, accelerator, desc="test"))
+    predictions = decode_for(cfg, *run_logits(run_dir, cfg, data, accelerator, desc="test"))
     return write_and_check(data, predictions, out or Path(run_dir) / "result.csv", accelerator)
 
 
@@ -116,10 +118,9 @@ def evaluate_run(run_dir: str | Path, dev_file: str = "", overrides: list[str] |
     accelerator = inference_accelerator()
     cfg = run_config(run_dir, overrides)
     data = load_qa_file(data_file_of(cfg, "dev", dev_file, run_dir), need_answers=True)
-    enc, windows, logits = run_logits(run_dir, cfg, data, accelerator, desc="dev")
-    predictions = decode_with(cfg, enc, windows, logits)
-    scores = report_dev(data, predictions, load_tokenizer(Path(run_dir) / "model", cfg.isolate_digits, cfg.isolate_cjk),
-                        Path(run_dir) / "dev_predictions.jsonl", accelerator)
+    tokenizer = run_tokenizer(run_dir, cfg)
+    predictions = decode_for(cfg, *run_logits(run_dir, cfg, data, accelerator, desc="dev", tokenizer=tokenizer))
+    scores = report_dev(data, predictions, tokenizer, Path(run_dir) / "dev_predictions.jsonl", accelerator)
     return scores, predictions
 
 
@@ -167,8 +168,9 @@ def ensemble_runs(run_dirs: list[str | Path], split: str = "dev", data_file: str
     cfgs = [run_config(run_dir) for run_dir in run_dirs]
     path = data_file_of(cfgs[0], split, data_file, run_dirs[0])
     data = load_qa_file(path, need_answers=split == "dev")
-    members = [run_logits(run_dir, cfg, data, accelerator, desc=f"{Path(run_dir).name}")
-               for run_dir, cfg in zip(run_dirs, cfgs)]
+    tokenizers = [run_tokenizer(run_dir, cfg) for run_dir, cfg in zip(run_dirs, cfgs)]
+    members = [run_logits(run_dir, cfg, data, accelerator, desc=f"{Path(run_dir).name}", tokenizer=tokenizer)
+               for run_dir, cfg, tokenizer in zip(run_dirs, cfgs, tokenizers)]
     predictions, how = ensemble_predictions(members, cfgs[0].n_best, cfgs[0].max_answer_length,
                                             cfgs[0].balance_quotes, method)
     output_dir = Path(output_dir or Path("outputs") / f"ensemble-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -180,10 +182,9 @@ def ensemble_runs(run_dirs: list[str | Path], split: str = "dev", data_file: str
         return None, predictions
     if is_main(accelerator):
         for i, (run_dir, cfg, member) in enumerate(zip(run_dirs, cfgs, members)):
-            member_scores = score([p.answer for p in decode_with(cfg, *member)], [q.answer_text for q in data.questions])
+            member_scores = score([p.answer for p in decode_for(cfg, *member)], [q.answer_text for q in data.questions])
             print(f"  #{i + 1} {run_dir}: EM {member_scores['em']:.4f}  F1 {member_scores['f1']:.4f}")
-    tokenizer = load_tokenizer(Path(run_dirs[0]) / "model", cfgs[0].isolate_digits, cfgs[0].isolate_cjk)
-    scores = report_dev(data, predictions, tokenizer, output_dir / "dev_predictions.jsonl", accelerator)
+    scores = report_dev(data, predictions, tokenizers[0], output_dir / "dev_predictions.jsonl", accelerator)
     return scores, predictions
 
 

@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="a JSON preset, e.g. configs/bert-base.json")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
     p.add_argument("--resume", metavar="RUN", help="continue this run folder from its newest checkpoint "
-                   "(with the run's own config.json; --set may still change e.g. eval_batch_size)")
+                   "(with the run's own config.json; --set may change only eval_batch_size, save_every, "
+                   "keep_checkpoints, log_every, max_skipped_steps, test_file)")
+    p.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds a run, "
+                   "deleting that run (without it, train refuses such a folder)")
     for name, helptext in (("predict", "write result.csv for a test file"), ("evaluate", "dev EM and F1")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("run", help="a run folder made by train")
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--resume uses the run's own config.json; leave out --config")
             train_and_predict(resume_config(args.resume, args.set), resume=True)
         elif args.command == "train":
-            train_and_predict(load_config(args.config, args.set))
+            train_and_predict(load_config(args.config, args.set), overwrite=args.overwrite)
         elif args.command == "predict":
             predict_test(args.run, args.file, args.out, args.set)
         elif args.command == "evaluate":

@@ -1,21 +1,67 @@
-"""Every knob of a run, as one flat dataclass.
+"""Every knob of a run, as one flat dataclass that checks itself.
 
 A config is plain values: it is written to ``config.json`` in the run folder, read back by
 ``predict``/``evaluate``, and changed from the command line with ``key=value`` overrides::
 
     cfg = load_config("configs/bert-base.json", ["lr=3e-5", "epochs=2"])
+
+Users see one flat set of names (``--set doc_stride=64``, ``Config(doc_stride=64)``); the code sees
+the knobs grouped by the stage that uses them: ``cfg.windows`` (a ``WindowSpec``, for
+``windows.encode`` and the logits cache) and ``cfg.decoding`` (a ``DecodeSpec``, for
+``decode.decode_predictions``).
+
+A ``Config`` is frozen and validated when it is made, whichever way it is made (the CLI, a preset,
+``Config(...)`` in the notebook, ``dataclasses.replace``): a wrong type, a value out of range or an
+unknown choice raises ``ValueError`` naming the field and what it accepts.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 TINY_MODEL = "tiny-random-bert"  # model_name that builds a small random BERT offline (demo, tests)
 
+# transformers.get_scheduler's names that need nothing but the warmup and total steps. "constant"
+# here also warms up (warmup_ratio=0 gives the sample code's flat lr), as every other schedule does.
+LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                "inverse_sqrt")
+CHOICES = {"train_windows": ("random", "center", "all"),
+           "mixed_precision": ("auto", "fp16", "bf16", "no"),
+           "lr_schedule": LR_SCHEDULES}
+AT_LEAST_1 = ("max_length", "max_question_tokens", "doc_stride", "epochs", "batch_size", "grad_accum",
+              "max_skipped_steps", "log_every", "eval_batch_size", "n_best", "max_answer_length")
+AT_LEAST_0 = ("max_paragraph_tokens", "eval_every", "save_every", "keep_checkpoints", "seed",
+              "weight_decay", "max_grad_norm")
 
-@dataclass
+# Settings a resumed run may change: they do not shape the trained model. Every other field is
+# frozen in the run (see ``check_resume``).
+FREE_ON_RESUME = ("eval_batch_size", "save_every", "keep_checkpoints", "log_every", "max_skipped_steps",
+                  "test_file", "output_dir")
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """How a question and its paragraph become token windows (``windows.py``)."""
+    max_length: int = 384
+    max_question_tokens: int = 64
+    doc_stride: int = 128
+    max_paragraph_tokens: int = 0
+    isolate_digits: bool = False
+    isolate_cjk: bool = False
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """How window logits become an answer (``decode.py``)."""
+    n_best: int = 20
+    max_answer_length: int = 30
+    balance_quotes: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     # --- data: HW7 JSON or DRCD/SQuAD JSON; an empty path means "not used" ---
     train_file: str = "data/hw7_train.json"
@@ -23,7 +69,7 @@ class Config:
     test_file: str = "data/hw7_test.json"
     # --- model: a hub name or a local directory, loaded with AutoModelForQuestionAnswering ---
     model_name: str = "bert-base-chinese"
-    # --- windows (see windows.py) ---
+    # --- windows (see windows.py; cfg.windows) ---
     max_length: int = 384            # tokens per window, special tokens included
     max_question_tokens: int = 64    # longer questions are cut (the sample code used 40)
     doc_stride: int = 128            # tokens a window advances; smaller = more overlap
@@ -36,8 +82,8 @@ class Config:
     lr: float = 3e-5
     weight_decay: float = 0.01       # not applied to biases and LayerNorm weights
     warmup_ratio: float = 0.1        # fraction of optimizer steps spent warming up
-    lr_schedule: str = "linear"      # linear (warmup then linear decay to 0) | constant (the sample)
-    batch_size: int = 16             # windows per forward pass
+    lr_schedule: str = "linear"      # after warmup: linear (decay to 0) | cosine | constant (the sample) | ... (LR_SCHEDULES)
+    batch_size: int = 16             # windows per optimizer step and forward pass, over all processes
     grad_accum: int = 1              # forward passes per optimizer step
     group_by_length: bool = False    # batches of windows of similar length: less padding, faster
     max_grad_norm: float = 1.0       # 0 turns clipping off
@@ -50,27 +96,76 @@ class Config:
     keep_checkpoints: int = 1        # newest checkpoints kept in <run>/checkpoints (0: no checkpoints at all)
     final_fit: bool = False          # train on train_file + dev_file, no dev evaluation (the final submission)
     seed: int = 0
-    # --- inference and decoding (see decode.py) ---
-    eval_batch_size: int = 64        # windows per forward pass at inference
+    # --- inference and decoding (see decode.py; cfg.decoding) ---
+    eval_batch_size: int = 64        # windows per forward pass at inference, over all processes
     n_best: int = 20                 # top-k starts x top-k ends considered per window
     max_answer_length: int = 30      # tokens
     balance_quotes: bool = True      # repair unpaired 「」《》“”() at the answer's edges
     # --- output ---
     output_dir: str = ""             # run folder; empty: outputs/<model>-<time>
 
+    def __post_init__(self):
+        for field in dataclasses.fields(self):   # JSON and Python give 3 where 3.0 is meant
+            if field.type == "float" and type(getattr(self, field.name)) is int:
+                object.__setattr__(self, field.name, float(getattr(self, field.name)))
+        check_config(self)
+
+    @property
+    def windows(self) -> WindowSpec:
+        return WindowSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(WindowSpec)})
+
+    @property
+    def decoding(self) -> DecodeSpec:
+        return DecodeSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DecodeSpec)})
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False, indent=2)
 
 
+def check_config(cfg: Config) -> None:
+    """Raise ValueError, naming the field, for a value of the wrong type or one that cannot work."""
+    for field in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, field.name), field.type
+        if (kind == "bool") != isinstance(value, bool) or not isinstance(value, {"int": int, "float": float,
+                                                                                   "str": str, "bool": bool}[kind]):
+            raise ValueError(f"{field.name}={value!r}: expected {kind}")
+        if kind == "float" and not math.isfinite(value):
+            raise ValueError(f"{field.name}={value!r}: expected a finite number")
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"{key}={getattr(cfg, key)!r}; choose one of {', '.join(allowed)}")
+    for key in AT_LEAST_1:
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    for key in AT_LEAST_0:
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key} must be 0 or more, got {getattr(cfg, key)}")
+    if cfg.seed >= 2 ** 32:
+        raise ValueError(f"seed must be below 2**32, got {cfg.seed}")
+    if not cfg.lr > 0:
+        raise ValueError(f"lr must be above 0, got {cfg.lr}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.max_question_tokens >= cfg.max_length - 8:
+        raise ValueError(f"max_question_tokens ({cfg.max_question_tokens}) leaves no room for the "
+                         f"paragraph in max_length ({cfg.max_length})")
+    if not cfg.model_name:
+        raise ValueError("model_name is empty: give a hub name or a local model folder")
+    if cfg.final_fit and not cfg.dev_file:
+        raise ValueError("final_fit=true trains on train_file + dev_file, but dev_file is empty")
+
+
 def _parse_value(field: dataclasses.Field, text: str):
-    kind = field.type if isinstance(field.type, str) else field.type.__name__
-    if kind == "bool":
+    if field.type == "bool":
         if text.lower() in ("1", "true", "yes", "on"):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"{field.name}: expected true/false, got {text!r}")
-    return {"int": int, "float": float, "str": str}[kind](text)
+    try:
+        return {"int": int, "float": float, "str": str}[field.type](text)
+    except ValueError:
+        raise ValueError(f"{field.name}={text!r}: expected {field.type}") from None
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | dict) -> Config:
@@ -86,45 +181,50 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict) -> Config:
     unknown = [key for key in overrides if key not in fields]
     if unknown:
         raise ValueError(f"unknown config key {unknown[0]!r}; known: {', '.join(fields)}")
-    cfg = dataclasses.replace(cfg, **overrides)
-    check_config(cfg)
-    return cfg
+    return dataclasses.replace(cfg, **overrides)
 
 
-def check_config(cfg: Config) -> None:
-    """Raise ValueError for values that cannot work, before any time is spent."""
-    choices = {"train_windows": ("random", "center", "all"),
-               "mixed_precision": ("auto", "fp16", "bf16", "no"),
-               "lr_schedule": ("linear", "constant")}
-    for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise ValueError(f"{key}={getattr(cfg, key)!r}; choose one of {', '.join(allowed)}")
-    for key in ("max_length", "max_question_tokens", "doc_stride", "epochs", "batch_size",
-                "grad_accum", "eval_batch_size", "n_best", "max_answer_length"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"{key} must be at least 1, got {getattr(cfg, key)}")
-    if cfg.max_question_tokens >= cfg.max_length - 8:
-        raise ValueError(f"max_question_tokens ({cfg.max_question_tokens}) leaves no room for the "
-                         f"paragraph in max_length ({cfg.max_length})")
-    for key in ("save_every", "keep_checkpoints", "eval_every", "max_paragraph_tokens"):
-        if getattr(cfg, key) < 0:
-            raise ValueError(f"{key} must be 0 or more, got {getattr(cfg, key)}")
-    if cfg.final_fit and not cfg.dev_file:
-        raise ValueError("final_fit=true trains on train_file + dev_file, but dev_file is empty")
-    if not 0 <= cfg.warmup_ratio < 1:
-        raise ValueError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+def read_json(path: str | Path) -> dict:
+    """A JSON object from ``path``; a damaged or missing file is a ValueError naming it."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            values = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged or not JSON ({e}); restore it or start a new run") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object of config keys")
+    return values
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Defaults, then the JSON file at ``path`` (keys starting with '_' are comments), then overrides
     (``["key=value", ...]`` or a dict)."""
-    values = {}
-    if path:
-        with open(path, encoding="utf-8") as f:
-            values = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-    cfg = apply_overrides(Config(), values)
+    values = {k: v for k, v in read_json(path).items() if not k.startswith("_")} if path else {}
+    try:
+        cfg = apply_overrides(Config(), values)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return apply_overrides(cfg, overrides or [])
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(cfg.to_json() + "\n", encoding="utf-8")
+
+
+def check_resume(saved: Config, requested: Config, run_dir: str | Path) -> Config:
+    """``requested`` if it continues the run ``saved`` describes, else a ValueError naming what changed.
+
+    Settings that shape the trained model (model, data, windows, lr and schedule, batch, accumulation,
+    epochs, seed, precision, evaluation and decoding, ...) are frozen in the run; the ones in
+    ``FREE_ON_RESUME`` (batch size at inference, checkpoint and log frequency) may change.
+    """
+    changed = [f"{f.name}={getattr(requested, f.name)!r} (the run has {getattr(saved, f.name)!r})"
+               for f in dataclasses.fields(Config)
+               if f.name not in FREE_ON_RESUME and getattr(saved, f.name) != getattr(requested, f.name)]
+    if changed:
+        raise ValueError(f"cannot resume {run_dir} with other settings: {'; '.join(changed)}. These shape the "
+                         f"trained model; start a new run (another output_dir) to change them. A resume may change "
+                         f"only {', '.join(FREE_ON_RESUME)}")
+    return requested

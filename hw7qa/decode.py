@@ -10,7 +10,6 @@ characters ([UNK]), upper case and spaces come back exactly as written.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -20,6 +19,8 @@ from tqdm.auto import tqdm
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
+from .config import DecodeSpec
+from .devices import inference_autocast
 from .windows import Encoded, Window, encode, eval_windows, features
 
 QUOTE_PAIRS = ("「」", "『』", "《》", "“”", "()", "（）")
@@ -56,48 +57,48 @@ def pad_windows(batch: list[dict], pad_token_id: int, pad_to_multiple_of: int = 
     return out
 
 
-def window_logits(model, tokenizer, windows: list[Window], batch_size: int,
+def window_logits(model, tokenizer, windows: list[Window], batch_size: int, precision: str = "no",
                   desc: str = "inference", accelerator=None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Start and end logits (float32, one array per window, unpadded) in the order of ``windows``.
 
-    Windows are sorted by length so batches are padded as little as possible; no gradients; on a
-    GPU the forward pass runs in half precision (bf16 where supported, else fp16). With an ``accelerator`` of several processes each
-    process runs its share of the batches and every process gets all logits back
-    (``gather_for_metrics``, which drops the duplicates that even out the last batch). ``model``
-    must be the unwrapped model (``accelerator.unwrap_model``), not the DDP wrapper.
+    Windows are sorted by length so batches are padded as little as possible; no gradients; the
+    forward pass runs under autocast at ``precision`` (a ``Config.mixed_precision`` value: ``auto``
+    is bf16 or fp16 on a GPU, fp32 on the CPU). ``batch_size`` windows make one batch in total:
+    with an ``accelerator`` of several processes each process runs an equal part of every batch
+    and every process gets all logits back (``gather_object``). No DataLoader is handed to the
+    accelerator, so evaluating during training adds nothing to what it holds. ``model`` must be
+    the unwrapped model (``accelerator.unwrap_model``), not the DDP wrapper.
     """
     if tokenizer.padding_side == "right":
         collate = functools.partial(pad_windows, pad_token_id=tokenizer.pad_token_id)
     else:
         collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     order = sorted(range(len(windows)), key=lambda i: len(windows[i].input_ids), reverse=True)
+    share = -(-batch_size // world)
+    batches = [order[b:b + batch_size][rank * share:(rank + 1) * share] for b in range(0, len(order), batch_size)]
     feats = features(windows)
-    loader = DataLoader([{**feats[i], "window_index": i} for i in order], batch_size=batch_size, collate_fn=collate)
     device = next(model.parameters()).device
-    if accelerator is not None:
-        loader = accelerator.prepare(loader)
-    autocast = contextlib.nullcontext()
-    if device.type == "cuda":
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     was_training = model.training
     model.eval()
-    out: list = [None] * len(windows)
-    main_process = accelerator is None or accelerator.is_local_main_process
-    with torch.inference_mode(), autocast:
-        for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not main_process):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            index = batch.pop("window_index")
+    mine = []
+    with torch.inference_mode(), inference_autocast(precision, device):
+        for batch_ids in tqdm(batches, desc=desc, unit="batch", leave=False, disable=rank != 0):
+            if not batch_ids:      # the last batch may have no windows left for this process
+                continue
+            batch = {k: v.to(device) for k, v in collate([feats[i] for i in batch_ids]).items()}
             result = model(**batch)
-            starts, ends = result.start_logits.float(), result.end_logits.float()
-            if accelerator is not None and accelerator.num_processes > 1:
-                starts = accelerator.pad_across_processes(starts, dim=1)
-                ends = accelerator.pad_across_processes(ends, dim=1)
-                starts, ends, index = accelerator.gather_for_metrics((starts, ends, index))
-            starts, ends = starts.cpu().numpy(), ends.cpu().numpy()
-            for row, i in enumerate(index.tolist()):
+            starts, ends = result.start_logits.float().cpu().numpy(), result.end_logits.float().cpu().numpy()
+            for row, i in enumerate(batch_ids):
                 n = len(windows[i].input_ids)
-                out[i] = (starts[row, :n], ends[row, :n])
+                mine.append((i, starts[row, :n].copy(), ends[row, :n].copy()))
     model.train(was_training)
+    if world > 1:
+        from accelerate.utils import gather_object
+        mine = gather_object(mine)
+    out: list = [None] * len(windows)
+    for i, start, end in mine:
+        out[i] = (start, end)
     return out
 
 
@@ -159,9 +160,10 @@ def balance_quotes(paragraph: str, start: int, end: int) -> tuple[int, int]:
 
 
 def decode_predictions(enc: Encoded, windows: list[Window], logits: list[tuple[np.ndarray, np.ndarray]],
-                       n_best: int = 20, max_answer_length: int = 30,
-                       quotes: bool = True) -> list[Prediction]:
-    """One ``Prediction`` per question of ``enc.data``: the best span over all its windows.
+                       spec: DecodeSpec = DecodeSpec()) -> list[Prediction]:
+    """One ``Prediction`` per question of ``enc.data``: the best span over all its windows, with
+    ``spec``'s ``n_best`` and ``max_answer_length`` (``best_spans``) and, if ``balance_quotes``, its
+    quotes repaired (``balance_quotes``).
 
     A span whose text is only whitespace is skipped. If no window of a question has a valid
     top-k pair, every start/end of every window is searched, so the answer is empty only if the
@@ -180,9 +182,9 @@ def decode_predictions(enc: Encoded, windows: list[Window], logits: list[tuple[n
                 n_context = w.token_end - w.token_start
                 if n_context == 0:
                     continue
-                spans = (best_spans(s_logits, e_logits, w.context_start, n_context, n_best, max_answer_length)
+                spans = (best_spans(s_logits, e_logits, w.context_start, n_context, spec.n_best, spec.max_answer_length)
                          if search == "top-k" else
-                         [exhaustive_best_span(s_logits, e_logits, w.context_start, n_context, max_answer_length)])
+                         [exhaustive_best_span(s_logits, e_logits, w.context_start, n_context, spec.max_answer_length)])
                 for score, s, e in spans:
                     if best is not None and score <= best[0]:
                         break
@@ -196,7 +198,7 @@ def decode_predictions(enc: Encoded, windows: list[Window], logits: list[tuple[n
             predictions.append(Prediction("", float("-inf"), -1, 0, 0))
             continue
         score, wi, char_start, char_end = best
-        if quotes:
+        if spec.balance_quotes:
             char_start, char_end = balance_quotes(paragraph, char_start, char_end)
         predictions.append(Prediction(paragraph[char_start:char_end], score, wi, char_start, char_end))
     return predictions
@@ -216,19 +218,14 @@ def oracle_logits(enc: Encoded, windows: list[Window]) -> list[tuple[np.ndarray,
     return logits
 
 
-def decode_for(cfg, enc: Encoded, windows: list[Window], logits) -> list[Prediction]:
-    """``decode_predictions`` with the decoding settings of ``cfg`` (n_best, max_answer_length, balance_quotes)."""
-    return decode_predictions(enc, windows, logits, cfg.n_best, cfg.max_answer_length, cfg.balance_quotes)
-
-
 def predict_encoded(model, tokenizer, enc: Encoded, cfg, accelerator=None, desc: str = "inference") -> list[Prediction]:
-    """Answers for every question of an already tokenized file (training encodes dev once)."""
-    windows = eval_windows(enc, cfg.doc_stride)
-    logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, desc, accelerator)
-    return decode_for(cfg, enc, windows, logits)
+    """Answers for every question of an already tokenized file (training encodes dev once), with
+    ``cfg``'s inference batch size, precision and decoding."""
+    windows = eval_windows(enc)
+    logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, cfg.mixed_precision, desc, accelerator)
+    return decode_predictions(enc, windows, logits, cfg.decoding)
 
 
 def predict(model, tokenizer, data, cfg, accelerator=None, desc: str = "inference") -> list[Prediction]:
     """Answers for every question of ``data`` (a ``QAData``), with the windows and decoding of ``cfg``."""
-    enc = encode(data, tokenizer, cfg.max_length, cfg.max_question_tokens, cfg.max_paragraph_tokens)
-    return predict_encoded(model, tokenizer, enc, cfg, accelerator, desc)
+    return predict_encoded(model, tokenizer, encode(data, tokenizer, cfg.windows), cfg, accelerator, desc)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import DecodeSpec
 from .decode import Prediction, balance_quotes, best_spans, decode_predictions
 from .windows import Encoded, Window
 
@@ -38,7 +39,7 @@ def average_logits(members: list[list[tuple[np.ndarray, np.ndarray]]]) -> list[t
 
 
 def span_probabilities(enc: Encoded, windows: list[Window], logits: list[tuple[np.ndarray, np.ndarray]],
-                       n_best: int = 20, max_answer_length: int = 30) -> list[dict[tuple[int, int], float]]:
+                       spec: DecodeSpec = DecodeSpec()) -> list[dict[tuple[int, int], float]]:
     """Per question, ``{(char_start, char_end): probability}`` over its candidate spans.
 
     Candidates are ``best_spans`` of every window of the question (spans whose text is only
@@ -52,7 +53,8 @@ def span_probabilities(enc: Encoded, windows: list[Window], logits: list[tuple[n
             continue
         paragraph = enc.data.paragraph(enc.data.questions[w.question_index])
         found = scores[w.question_index]
-        for score, s, e in best_spans(start_logits, end_logits, w.context_start, n_context, n_best, max_answer_length):
+        for score, s, e in best_spans(start_logits, end_logits, w.context_start, n_context, spec.n_best,
+                                      spec.max_answer_length):
             span = w.char_span(enc, s, e)
             if paragraph[span[0]:span[1]].strip() and score > found.get(span, -np.inf):
                 found[span] = float(score)
@@ -90,9 +92,8 @@ def combine_at_characters(enc: Encoded, groups: list[list[dict[tuple[int, int], 
     return predictions
 
 
-def ensemble_predictions(members: list[tuple[Encoded, list[Window], list]], n_best: int = 20,
-                         max_answer_length: int = 30, quotes: bool = True, method: str = "auto"
-                         ) -> tuple[list[Prediction], str]:
+def ensemble_predictions(members: list[tuple[Encoded, list[Window], list]], spec: DecodeSpec = DecodeSpec(),
+                         method: str = "auto") -> tuple[list[Prediction], str]:
     """Answers of the ensemble of ``members`` (each ``(enc, windows, logits)`` for the same questions)
     and a one-line description of how they were combined.
 
@@ -113,10 +114,10 @@ def ensemble_predictions(members: list[tuple[Encoded, list[Window], list]], n_be
             home.append(i)
     averaged = [(members[g[0]][0], members[g[0]][1], average_logits([members[i][2] for i in g])) for g in groups]
     how = " + ".join(f"({'+'.join(f'#{i + 1}' for i in g)})" for g in groups)
-    first = decode_predictions(*averaged[0], n_best, max_answer_length, quotes)
+    first = decode_predictions(*averaged[0], spec)
     if len(groups) == 1:
         return first, f"logits averaged window by window: {how}"
-    probabilities = [span_probabilities(enc, windows, logits, n_best, max_answer_length)
-                     for enc, windows, logits in averaged]
-    combined = combine_at_characters(averaged[0][0], probabilities, [len(g) for g in groups], first, quotes)
+    probabilities = [span_probabilities(enc, windows, logits, spec) for enc, windows, logits in averaged]
+    combined = combine_at_characters(averaged[0][0], probabilities, [len(g) for g in groups], first,
+                                     spec.balance_quotes)
     return combined, f"character-level vote of {len(groups)} groups, logits averaged within each: {how}"

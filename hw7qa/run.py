@@ -5,6 +5,7 @@ processes, inference is shared between them and only the main process writes fil
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -14,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import load_config
+from .config import apply_overrides, check_resume, load_config
 from .data import QAData, load_qa_file
-from .decode import Prediction, decode_for, window_logits
+from .decode import Prediction, decode_predictions, window_logits
+from .devices import accelerator_for, check_divisible
 from .ensemble import ensemble_predictions
 from .metrics import score
 from .report import unknown_characters, write_dev_predictions
@@ -26,11 +28,18 @@ from .windows import encode, eval_windows, load_tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def inference_accelerator():
+@contextlib.contextmanager
+def inference_processes(cfg):
     """An ``Accelerator`` when started by ``accelerate launch`` with several processes (each then
-    runs its share of the windows), else None: inference runs in this process alone."""
-    from accelerate import Accelerator, PartialState
-    return Accelerator() if PartialState().num_processes > 1 else None
+    runs an equal part of every batch of ``eval_batch_size`` windows), else None: inference runs in
+    this process alone."""
+    from accelerate import PartialState
+    if PartialState().num_processes == 1:
+        yield None
+        return
+    with accelerator_for(cfg.mixed_precision) as accelerator:
+        check_divisible(cfg, accelerator.num_processes)
+        yield accelerator
 
 
 def is_main(accelerator) -> bool:
@@ -44,8 +53,7 @@ def logits_key(run_dir: Path, data: QAData, cfg) -> str:
                                        data.paragraphs], ensure_ascii=False, default=str).encode()).hexdigest()
     model_files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
                          for f in (run_dir / "model").glob("*") if f.suffix in (".safetensors", ".bin"))
-    settings = [cfg.max_length, cfg.max_question_tokens, cfg.doc_stride, cfg.max_paragraph_tokens,
-                cfg.isolate_digits, cfg.isolate_cjk]
+    settings = dataclasses.astuple(cfg.windows)
     return hashlib.sha1(json.dumps([content, model_files, settings]).encode()).hexdigest()[:16]
 
 
@@ -66,8 +74,8 @@ def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: s
     if not (run_dir / "model").is_dir():
         raise FileNotFoundError(f"{run_dir}: no model/ folder; is this a run folder made by 'train'?")
     tokenizer = tokenizer or run_tokenizer(run_dir, cfg)
-    enc = encode(data, tokenizer, cfg.max_length, cfg.max_question_tokens, cfg.max_paragraph_tokens)
-    windows = eval_windows(enc, cfg.doc_stride)
+    enc = encode(data, tokenizer, cfg.windows)
+    windows = eval_windows(enc)
     path = run_dir / "logits" / f"{logits_key(run_dir, data, cfg)}.npz"
     if path.exists():
         with np.load(path) as saved:
@@ -75,13 +83,11 @@ def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: s
             if saved["lengths"].tolist() == lengths:
                 cuts = np.cumsum([0] + lengths)
                 return enc, windows, [(saved["starts"][a:b], saved["ends"][a:b]) for a, b in zip(cuts, cuts[1:])]
-    from transformers import AutoModelForQuestionAnswering
-
-    from .train import check_max_length
-    model = AutoModelForQuestionAnswering.from_pretrained(run_dir / "model")
+    from .train import check_max_length, load_model
+    model = load_model(str(run_dir / "model"))
     check_max_length(model.config, cfg.max_length)
     model.to(accelerator.device if accelerator else "cuda" if torch.cuda.is_available() else "cpu")
-    logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, desc, accelerator)
+    logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, cfg.mixed_precision, desc, accelerator)
     if is_main(accelerator):
         path.parent.mkdir(exist_ok=True)
         partial = path.with_name(path.name + ".partial")
@@ -94,11 +100,11 @@ def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: s
 
 def predict_test(run_dir: str | Path, test_file: str = "", out: str = "", overrides: list[str] | None = None) -> Path:
     """Answer ``test_file`` (default: the run's) with the run's model; write and check result.csv."""
-    accelerator = inference_accelerator()
     cfg = run_config(run_dir, overrides)
     data = load_qa_file(data_file_of(cfg, "test", test_file, run_dir))
-    predictions = decode_for(cfg, *run_logits(run_dir, cfg, data, accelerator, desc="test"))
-    return write_and_check(data, predictions, out or Path(run_dir) / "result.csv", accelerator)
+    with inference_processes(cfg) as accelerator:
+        predictions = decode_predictions(*run_logits(run_dir, cfg, data, accelerator, desc="test"), cfg.decoding)
+        return write_and_check(data, predictions, out or Path(run_dir) / "result.csv", accelerator)
 
 
 def write_and_check(data: QAData, predictions: list[Prediction], path: str | Path, accelerator=None) -> Path:
@@ -115,12 +121,13 @@ def evaluate_run(run_dir: str | Path, dev_file: str = "", overrides: list[str] |
 
     Also writes ``<run>/dev_predictions.jsonl`` and prints how the wrong answers are wrong.
     """
-    accelerator = inference_accelerator()
     cfg = run_config(run_dir, overrides)
     data = load_qa_file(data_file_of(cfg, "dev", dev_file, run_dir), need_answers=True)
     tokenizer = run_tokenizer(run_dir, cfg)
-    predictions = decode_for(cfg, *run_logits(run_dir, cfg, data, accelerator, desc="dev", tokenizer=tokenizer))
-    scores = report_dev(data, predictions, tokenizer, Path(run_dir) / "dev_predictions.jsonl", accelerator)
+    with inference_processes(cfg) as accelerator:
+        enc, windows, logits = run_logits(run_dir, cfg, data, accelerator, desc="dev", tokenizer=tokenizer)
+        predictions = decode_predictions(enc, windows, logits, cfg.decoding)
+        scores = report_dev(data, predictions, tokenizer, Path(run_dir) / "dev_predictions.jsonl", accelerator)
     return scores, predictions
 
 
@@ -151,6 +158,7 @@ def run_config(run_dir: str | Path, overrides: list[str] | dict | None = None):
     return load_config(path, overrides)
 
 
+
 def ensemble_runs(run_dirs: list[str | Path], split: str = "dev", data_file: str = "", output_dir: str = "",
                   method: str = "auto") -> tuple[dict | None, list[Prediction]]:
     """Combine the models of ``run_dirs`` (see ``ensemble.py``) on the dev or test file.
@@ -164,35 +172,35 @@ def ensemble_runs(run_dirs: list[str | Path], split: str = "dev", data_file: str
         raise ValueError(f"split={split!r}; choose dev or test")
     if len(run_dirs) < 2:
         raise ValueError("an ensemble needs at least two run folders")
-    accelerator = inference_accelerator()
     cfgs = [run_config(run_dir) for run_dir in run_dirs]
     path = data_file_of(cfgs[0], split, data_file, run_dirs[0])
     data = load_qa_file(path, need_answers=split == "dev")
     tokenizers = [run_tokenizer(run_dir, cfg) for run_dir, cfg in zip(run_dirs, cfgs)]
-    members = [run_logits(run_dir, cfg, data, accelerator, desc=f"{Path(run_dir).name}", tokenizer=tokenizer)
-               for run_dir, cfg, tokenizer in zip(run_dirs, cfgs, tokenizers)]
-    predictions, how = ensemble_predictions(members, cfgs[0].n_best, cfgs[0].max_answer_length,
-                                            cfgs[0].balance_quotes, method)
     output_dir = Path(output_dir or Path("outputs") / f"ensemble-{time.strftime('%Y%m%d-%H%M%S')}")
-    if is_main(accelerator):
-        output_dir.mkdir(parents=True, exist_ok=True)
-        print(f"ensemble of {len(run_dirs)} runs on {path}: {how}")
-    if split == "test":
-        write_and_check(data, predictions, output_dir / "result.csv", accelerator)
-        return None, predictions
-    if is_main(accelerator):
-        for i, (run_dir, cfg, member) in enumerate(zip(run_dirs, cfgs, members)):
-            member_scores = score([p.answer for p in decode_for(cfg, *member)], [q.answer_text for q in data.questions])
-            print(f"  #{i + 1} {run_dir}: EM {member_scores['em']:.4f}  F1 {member_scores['f1']:.4f}")
-    scores = report_dev(data, predictions, tokenizers[0], output_dir / "dev_predictions.jsonl", accelerator)
+    with inference_processes(cfgs[0]) as accelerator:
+        members = [run_logits(run_dir, cfg, data, accelerator, desc=f"{Path(run_dir).name}", tokenizer=tokenizer)
+                   for run_dir, cfg, tokenizer in zip(run_dirs, cfgs, tokenizers)]
+        predictions, how = ensemble_predictions(members, cfgs[0].decoding, method)
+        if is_main(accelerator):
+            output_dir.mkdir(parents=True, exist_ok=True)
+            print(f"ensemble of {len(run_dirs)} runs on {path}: {how}")
+        if split == "test":
+            write_and_check(data, predictions, output_dir / "result.csv", accelerator)
+            return None, predictions
+        if is_main(accelerator):
+            for i, (run_dir, cfg, member) in enumerate(zip(run_dirs, cfgs, members)):
+                answers = [p.answer for p in decode_predictions(*member, cfg.decoding)]
+                member_scores = score(answers, [q.answer_text for q in data.questions])
+                print(f"  #{i + 1} {run_dir}: EM {member_scores['em']:.4f}  F1 {member_scores['f1']:.4f}")
+        scores = report_dev(data, predictions, tokenizers[0], output_dir / "dev_predictions.jsonl", accelerator)
     return scores, predictions
 
 
-def train_and_predict(cfg, resume: bool = False) -> Path:
+def train_and_predict(cfg, resume: bool = False, overwrite: bool = False) -> Path:
     """Train (or, with ``resume``, continue ``cfg.output_dir``); then, if a test file is configured,
     write the run's result.csv."""
     from .train import train
-    run_dir = train(cfg, resume=resume)
+    run_dir = train(cfg, resume=resume, overwrite=overwrite)
     if cfg.test_file:
         predict_test(run_dir)
     return run_dir
@@ -200,8 +208,10 @@ def train_and_predict(cfg, resume: bool = False) -> Path:
 
 def resume_config(run_dir: str | Path, overrides: list[str] | dict | None = None):
     """The config an interrupted run was started with (``<run>/config.json``), pointed at that run
-    folder, with ``overrides`` applied (e.g. a larger ``eval_batch_size``)."""
-    return dataclasses.replace(run_config(run_dir, overrides), output_dir=str(run_dir))
+    folder, with ``overrides`` applied; refused (``check_resume``) if an override would change what
+    the run trains."""
+    saved = dataclasses.replace(run_config(run_dir), output_dir=str(run_dir))
+    return check_resume(saved, apply_overrides(saved, overrides or []), run_dir)
 
 
 def demo_config(output_dir: str = "", overrides: list[str] | None = None):

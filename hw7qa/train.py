@@ -1,59 +1,89 @@
 """Fine-tune a model for extractive QA: the Accelerator training loop.
 
-Follows accelerate's ``nlp_example.py``: ``Accelerator(mixed_precision=..., gradient_accumulation_steps=...)``,
-``accelerator.accumulate``, ``accelerator.backward``; ``torch.optim.AdamW`` without weight decay on
-biases and LayerNorm weights; ``get_linear_schedule_with_warmup``; gradient clipping; dynamic
-padding to a multiple of 8. Dev EM/F1 at every epoch end, or every ``eval_every`` optimizer steps and at the end;
-the best model (safetensors) and its tokenizer go to ``<run>/model``; loss, lr and dev scores are
-appended to ``<run>/metrics.jsonl``.
+Read it top to bottom: what a model is loaded as, the optimizer and schedule, the batches of an
+epoch, the run folder and its checkpoints, the policies (when to log, evaluate, save), the state
+that a checkpoint holds, and the loop (``train`` → ``fit`` → ``run_epoch`` → ``train_step`` and
+``after_step``). It follows accelerate's ``complete_nlp_example.py``: ``Accelerator(mixed_precision,
+gradient_accumulation_steps)``, ``accelerator.accumulate``, ``accelerator.backward``,
+``save_state``/``load_state``.
 
-Checkpoints (``accelerator.save_state``: model, optimizer, scheduler, GradScaler, RNG states, plus
-``trainer_state.json`` with the step and the position in the epoch) go to
-``<run>/checkpoints/step-NNNNNNN`` every ``save_every`` optimizer steps and at each epoch end, written
-to a ``.partial`` folder and renamed when complete; only the last ``keep_checkpoints`` are kept.
-``train(cfg, resume=True)`` continues from the newest one, mid-epoch included, and ends with the
-same weights as a run that was never interrupted.
+Promises kept here, each tested:
 
-``batch_size`` is the number of windows per forward pass *in total*: with several processes
-(``accelerate launch``) each one gets ``batch_size / num_processes`` of every batch
-(``split_batches``), so a recipe means the same thing on one GPU or four.
+- ``train()`` can be called any number of times in one process with any settings: each call gets a
+  fresh ``Accelerator`` (``devices.accelerator_for``) and leaves no state behind.
+- ``batch_size`` is the number of windows per forward pass *in total*: with several processes
+  (``accelerate launch``) each gets ``batch_size / num_processes`` of every batch (``split_batches``).
+- The host waits for the GPU only at logging, evaluation and checkpoints: a micro-batch's loss is
+  accumulated on the device, and a non-finite loss or gradient skips the optimizer step on the device
+  (every process sees the same all-reduced gradients, so all skip it together; none waits for another).
+- The run folder is decided on the main process and shared; a new run never reuses an old run's folder.
+- Checkpoints (model, optimizer, scheduler, GradScaler, RNG states and ``trainer_state.json``) go to
+  ``<run>/checkpoints/step-NNNNNNN`` every ``save_every`` steps and at each epoch end, written under a
+  ``.partial`` name and renamed when complete. ``train(cfg, resume=True)`` continues from the newest
+  one, mid-epoch included, and ends with the same weights and metrics as an uninterrupted run.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from transformers import (AutoModelForQuestionAnswering, DataCollatorWithPadding,
-                          get_constant_schedule_with_warmup, get_linear_schedule_with_warmup)
+from transformers import DataCollatorWithPadding
 
 from . import tiny
-from .config import TINY_MODEL, Config, save_config
+from .config import TINY_MODEL, Config, check_resume, load_config, read_json, save_config
 from .data import QAData, concat_data, load_qa_file
 from .decode import predict_encoded
+from .devices import accelerator_for, check_divisible
 from .metrics import score
-from .windows import encode, features, load_tokenizer, train_windows
+from .windows import Encoded, encode, features, load_tokenizer, train_windows
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says which knobs to change."""
 
 
-def resolve_precision(requested: str) -> str:
-    """``auto`` → bf16 on GPUs that support it, fp16 on other GPUs (T4), no on CPU."""
-    if requested != "auto":
-        return requested
-    if not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+# ---------------------------------------------------------------- model and tokenizer
+
+def looks_like_path(name: str) -> bool:
+    """Hub names are ``name`` or ``owner/name``; anything else is meant as a folder."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def from_pretrained(what: str, load, name_or_dir: str):
+    """``load(name_or_dir)``, or a ValueError that says in one sentence why it failed."""
+    folder = Path(name_or_dir).expanduser()
+    if not folder.exists() and looks_like_path(name_or_dir):
+        raise ValueError(f"model_name={name_or_dir!r}: no such folder")
+    try:
+        return load(str(folder) if folder.exists() else name_or_dir)
+    except Exception as e:  # transformers raises OSError, ValueError or safetensors' own errors here
+        where = f"the folder {folder}" if folder.exists() else f"{name_or_dir!r} (not a local folder; from the hub)"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot load the {what} of {where}: {reason}") from e
+
+
+def load_model(name_or_dir: str):
+    """``AutoModelForQuestionAnswering`` in float32 whatever dtype its files hold.
+
+    transformers 5 loads weights in the checkpoint's dtype; a model stored in fp16 would then be
+    trained in fp16 (AdamW on fp16 weights: the loss moves in steps of 1/256 and stalls). Mixed
+    precision casts per operation; the weights the optimizer updates stay fp32.
+    """
+    import transformers
+    # ``dtype`` since transformers 4.56; ``torch_dtype`` before (and deprecated after)
+    new = tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (4, 56)
+    dtype = {"dtype" if new else "torch_dtype": torch.float32}
+    return from_pretrained("model", lambda name: transformers.AutoModelForQuestionAnswering.from_pretrained(
+        name, **dtype), name_or_dir)
 
 
 def load_tokenizer_for(cfg: Config, train_data: QAData | None = None):
@@ -62,19 +92,17 @@ def load_tokenizer_for(cfg: Config, train_data: QAData | None = None):
     if cfg.model_name == TINY_MODEL:
         texts = train_data.paragraphs + [q.question_text for q in train_data.questions]
         return tiny.build_tiny_tokenizer(texts, isolate_digits=cfg.isolate_digits)
-    return load_tokenizer(cfg.model_name, cfg.isolate_digits, cfg.isolate_cjk)
+    return from_pretrained("tokenizer", lambda name: load_tokenizer(name, cfg.isolate_digits, cfg.isolate_cjk),
+                           cfg.model_name)
 
 
 def load_model_and_tokenizer(cfg: Config, train_data: QAData | None = None):
-    """``AutoModelForQuestionAnswering`` + fast tokenizer from a hub name or a local folder.
-
-    ``model_name="tiny-random-bert"`` builds a tiny random BERT whose vocabulary is the characters
-    of the training file (demo and tests; nothing is downloaded).
-    """
-    tokenizer = load_tokenizer_for(cfg, train_data)
+    """Model and fast tokenizer from a hub name or a local folder; ``tiny-random-bert`` builds a tiny
+    random BERT whose vocabulary is the characters of the training file (demo and tests)."""
     if cfg.model_name == TINY_MODEL:
+        tokenizer = load_tokenizer_for(cfg, train_data)
         return tiny.build_tiny_model(len(tokenizer), seed=cfg.seed), tokenizer
-    return AutoModelForQuestionAnswering.from_pretrained(cfg.model_name), tokenizer
+    return load_model(cfg.model_name), load_tokenizer_for(cfg, train_data)
 
 
 def check_max_length(model_config, max_length: int) -> None:
@@ -90,6 +118,8 @@ def check_max_length(model_config, max_length: int) -> None:
                          f"or less")
 
 
+# ---------------------------------------------------------------- optimizer and schedule
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: biases and LayerNorm weights (1-D parameters) get none."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -97,17 +127,59 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class PrecomputedBatches(list):
-    """Batches of window indices for a DataLoader's ``batch_sampler``, with the ``batch_size``
-    that accelerate needs to split every batch between processes."""
+def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    # the fused kernel updates all parameters at once (much faster for large embedding tables) and
+    # can skip a step on the device (``step_unless``)
+    return torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             fused=device.type in ("cpu", "cuda"))
 
-    def __init__(self, batches: list[list[int]], batch_size: int):
-        super().__init__(batches)
-        self.batch_size = batch_size
+
+def make_scheduler(optimizer, cfg: Config, total_steps: int):
+    """``transformers.get_scheduler`` with ``warmup_ratio`` of the steps warming up; the project's
+    ``constant`` warms up too (``constant_with_warmup``)."""
+    from transformers import get_scheduler
+    name = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
+def step_unless(optimizer, skip: torch.Tensor) -> None:
+    """``optimizer.step()`` unless ``skip`` (a 0-dim bool tensor), deciding on the device.
+
+    fp16: the GradScaler skips steps with non-finite gradients by itself. A fused AdamW takes
+    ``found_inf`` and leaves weights, moments and step count alone when it is 1. Any other optimizer
+    has to ask the host.
+    """
+    inner = optimizer.optimizer
+    if optimizer.scaler is not None:
+        optimizer.step()
+    elif inner.defaults.get("fused"):
+        inner.found_inf = skip.float()
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+    elif not bool(skip):
+        optimizer.step()
+
+
+# ---------------------------------------------------------------- the batches of an epoch
+
+def epoch_rng(seed: int, epoch: int, purpose: str) -> random.Random:
+    """A random stream for one (seed, epoch, purpose): no two pairs share one (seed 1 in epoch 0
+    and seed 0 in epoch 1 differ), and a resumed run draws exactly what it drew before."""
+    return random.Random(f"hw7qa:{seed}:{epoch}:{purpose}")
+
+
+def shuffled_batches(n: int, batch_size: int, rng: random.Random) -> list[list[int]]:
+    """``range(n)`` shuffled and cut into batches; only the last may be short."""
+    order = list(range(n))
+    rng.shuffle(order)
+    return [order[b:b + batch_size] for b in range(0, n, batch_size)]
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random, chunk_batches: int = 50
-                           ) -> PrecomputedBatches:
+                           ) -> list[list[int]]:
     """Batches of window indices of similar length, in random order (less padding, same randomness
     in which windows meet): shuffle, sort each chunk of ``chunk_batches`` batches by length, cut
     into batches, shuffle the batches. Every batch is full except perhaps the last one, which stays
@@ -120,14 +192,131 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
         batches += [part[b:b + batch_size] for b in range(0, len(part), batch_size)]
     short = [batches.pop()] if len(batches[-1]) < batch_size else []
     rng.shuffle(batches)
-    return PrecomputedBatches(batches + short, batch_size)
+    return batches + short
 
+
+class EpochWindows(Dataset):
+    """The labelled training windows of one epoch as model inputs; ``start_epoch`` draws the next
+    epoch's (policy ``random`` places each window anew). One object for the whole run, so the
+    DataLoader around it is built and prepared once.
+
+    Not ``set_epoch``: accelerate's DataLoaderShard calls a ``set_epoch`` of the dataset and batch
+    sampler with its own count of iterations, which restarts at 0 in a resumed run."""
+
+    def __init__(self, enc: Encoded, policy: str, seed: int):
+        self.enc, self.policy, self.seed = enc, policy, seed
+        self.items: list[dict] = []
+
+    def start_epoch(self, epoch: int) -> None:
+        windows = train_windows(self.enc, self.policy, epoch_rng(self.seed, epoch, "windows"))
+        self.items = features(windows, with_labels=True)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+class EpochBatches:
+    """The DataLoader's ``batch_sampler``: the batches of the current epoch (shuffled, or grouped by
+    length), from batch ``skip`` on. ``batch_size`` is what accelerate splits between processes."""
+
+    def __init__(self, dataset: EpochWindows, batch_size: int, group_by_length: bool, seed: int):
+        self.dataset, self.batch_size, self.group_by_length, self.seed = dataset, batch_size, group_by_length, seed
+        self.batches: list[list[int]] = []
+        self.skip = 0
+
+    def start_epoch(self, epoch: int, skip: int = 0) -> None:
+        rng = epoch_rng(self.seed, epoch, "batches")
+        if self.group_by_length:
+            lengths = [len(item["input_ids"]) for item in self.dataset.items]
+            self.batches = length_grouped_batches(lengths, self.batch_size, rng)
+        else:
+            self.batches = shuffled_batches(len(self.dataset), self.batch_size, rng)
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(self.batches[self.skip:])
+
+    def __len__(self) -> int:
+        return len(self.batches) - self.skip
+
+
+# ---------------------------------------------------------------- the run folder
 
 def new_run_dir(cfg: Config) -> Path:
     if cfg.output_dir:
         return Path(cfg.output_dir)
     name = Path(cfg.model_name.rstrip("/")).name.replace("/", "_")
     return Path("outputs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (``.partial`` folders are unfinished saves)."""
+    root = Path(run_dir) / "checkpoints"
+    found = [d for d in root.glob("step-*") if d.is_dir() and not d.name.endswith(".partial")
+             and (d / "trainer_state.json").exists()]
+    return sorted(found, key=lambda d: int(d.name.split("-")[1]))
+
+
+def clear_folder(folder: Path) -> None:
+    for item in folder.iterdir():
+        shutil.rmtree(item) if item.is_dir() else item.unlink()
+
+
+def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
+    """The run folder, ready for this run, and the checkpoint to continue from (None: from the start).
+
+    A new run goes only into a new or empty folder, or, with ``overwrite``, into an old run's folder
+    that it empties first. A resume checks that ``cfg`` continues the run (``check_resume``); with no
+    checkpoint yet it starts again and drops the records of the attempt it replaces, so the folder's
+    files always describe one run. Writes ``config.json``. Main process only.
+    """
+    if resume and not cfg.output_dir:
+        raise ValueError("resume needs the run folder (output_dir)")
+    run_dir = new_run_dir(cfg)
+    is_run = (run_dir / "config.json").is_file()
+    if resume and is_run:
+        check_resume(load_config(run_dir / "config.json"), cfg, run_dir)
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
+        if not is_run:
+            raise ValueError(f"output_dir {run_dir} is not empty and holds no run: choose a new or empty folder")
+        if not overwrite:
+            raise ValueError(f"{run_dir} already holds a run. Continue it with: python -m hw7qa train --resume "
+                             f"{run_dir} (notebook: RESUME = True); start it over, deleting it, with --overwrite "
+                             f"(notebook: OVERWRITE = True); or choose another output_dir")
+        clear_folder(run_dir)
+    checkpoint = (list_checkpoints(run_dir) or [None])[-1] if resume else None
+    if resume and checkpoint is None and run_dir.is_dir():
+        clear_folder(run_dir)                  # an attempt killed before its first checkpoint
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.json")
+    if checkpoint is not None:
+        truncate_metrics(run_dir, read_trainer_state(checkpoint).step)
+    return run_dir, checkpoint
+
+
+def decided_on_main(accelerator, decide):
+    """``decide()`` run by the main process alone; its result, or its error, reaches every process
+    (a process that decided by itself could pick another folder, or wait forever for one that failed)."""
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = decide()
+        except (ValueError, OSError) as e:
+            if accelerator.num_processes == 1:
+                raise
+            error = e
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        shared = broadcast_object_list([result, None if error is None else str(error)])
+        if error is not None:
+            raise error
+        if shared[1] is not None:
+            raise ValueError(shared[1])
+        result = shared[0]
+    return result
 
 
 def save_model(model, tokenizer, cfg: Config, directory: Path) -> None:
@@ -147,40 +336,6 @@ def log_metrics(run_dir: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (``.partial`` folders are unfinished saves)."""
-    root = Path(run_dir) / "checkpoints"
-    found = [d for d in root.glob("step-*") if d.is_dir() and not d.name.endswith(".partial")
-             and (d / "trainer_state.json").exists()]
-    return sorted(found, key=lambda d: int(d.name.split("-")[1]))
-
-
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep: int) -> Path:
-    """Everything needed to continue training, into ``<run>/checkpoints/step-NNNNNNN``.
-
-    ``accelerator.save_state`` writes model, optimizer, scheduler, GradScaler and every process's RNG
-    states; ``state`` (step, epoch, batches done in it, ...) goes to ``trainer_state.json``, written
-    last. The folder is filled under a ``.partial`` name and renamed when complete, so an
-    interruption never leaves a half-written checkpoint that looks complete. Older checkpoints beyond
-    the newest ``keep`` are deleted after that. Every process must call this.
-    """
-    final = run_dir / "checkpoints" / f"step-{state['step']:07d}"
-    partial = final.with_name(final.name + ".partial")
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (partial / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """Drop ``metrics.jsonl`` records after ``step``: the resumed run logs them again."""
     path = run_dir / "metrics.jsonl"
@@ -190,199 +345,335 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in records), encoding="utf-8")
 
 
-def train(cfg: Config, resume: bool = False) -> Path:
+# ---------------------------------------------------------------- the state a checkpoint holds
+
+@dataclass
+class TrainState:
+    """Everything the loop carries from step to step, saved in each checkpoint's trainer_state.json.
+
+    No count of skipped steps: a checkpoint is never written during a streak of them."""
+    step: int = 0                   # optimizer steps taken
+    epoch: int = 0                  # the epoch in progress (== epochs when finished)
+    batches_done: int = 0           # batches of that epoch already trained on
+    best_em: float = -1.0           # dev scores of the model in <run>/model
+    best_f1: float = -1.0
+    running_loss: list = dataclasses.field(default_factory=list)   # per process: loss sum and count since the
+    running_n: list = dataclasses.field(default_factory=list)      # last log record
+
+
+def read_trainer_state(checkpoint: Path) -> TrainState:
+    values = read_json(checkpoint / "trainer_state.json")
+    for key in ("running_loss", "running_n"):      # one number in checkpoints of hw7qa before 0.2
+        if not isinstance(values.get(key, []), list):
+            values[key] = [values[key]]
+    known = {f.name for f in dataclasses.fields(TrainState)}
+    return TrainState(**{k: v for k, v in values.items() if k in known})
+
+
+def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) -> Path:
+    """Everything needed to continue training, into ``<run>/checkpoints/step-NNNNNNN``.
+
+    ``accelerator.save_state`` writes model, optimizer, scheduler, GradScaler and every process's RNG
+    states; ``state`` goes to ``trainer_state.json``, written last. The folder is filled under a
+    ``.partial`` name and renamed when complete, so an interruption never leaves a half-written
+    checkpoint that looks complete. Checkpoints beyond the newest ``keep`` are deleted after that.
+    Every process must call this.
+    """
+    final = run_dir / "checkpoints" / f"step-{state.step:07d}"
+    partial = final.with_name(final.name + ".partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        text = json.dumps(dataclasses.asdict(state), indent=1) + "\n"
+        (partial / "trainer_state.json").write_text(text, encoding="utf-8")
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ---------------------------------------------------------------- policies
+
+def log_due(step: int, total_steps: int, cfg: Config) -> bool:
+    return step % cfg.log_every == 0 or step == total_steps
+
+
+def evaluate_due(step: int, steps_per_epoch: int, total_steps: int, cfg: Config) -> bool:
+    """Every ``eval_every`` steps and at the last step; with ``eval_every=0`` at every epoch end."""
+    if cfg.eval_every:
+        return step % cfg.eval_every == 0 or step == total_steps
+    return step % steps_per_epoch == 0
+
+
+def checkpoint_due(step: int, steps_per_epoch: int, cfg: Config) -> bool:
+    """Every ``save_every`` steps and at every epoch end, unless ``keep_checkpoints=0``."""
+    if cfg.keep_checkpoints == 0:
+        return False
+    return bool(cfg.save_every and step % cfg.save_every == 0) or step % steps_per_epoch == 0
+
+
+def is_better(scores: dict, state: TrainState) -> bool:
+    """Higher dev EM wins; on equal EM, higher F1 (a tie keeps the earlier model)."""
+    return (scores["em"], scores["f1"]) > (state.best_em, state.best_f1)
+
+
+# ---------------------------------------------------------------- the loop
+
+@dataclass
+class Run:
+    """One training run: settings, the prepared objects, the state, and the device-side counters."""
+    cfg: Config
+    accelerator: object
+    run_dir: Path
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: object
+    scheduler: object
+    loader: DataLoader
+    dataset: EpochWindows
+    batches: EpochBatches
+    dev_data: QAData | None
+    dev_enc: Encoded | None
+    steps_per_epoch: int
+    total_steps: int
+    state: TrainState
+    loss_sum: torch.Tensor = None   # float64 on the device: finite micro-batch losses since the last record
+    loss_n: torch.Tensor = None     # and how many they were
+    streak: torch.Tensor = None     # optimizer steps skipped in a row (the same on every process)
+
+
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     """Train with ``cfg``; returns the run folder, holding config.json, metrics.jsonl and model/.
 
     ``resume=True`` continues the run in ``cfg.output_dir`` from its newest checkpoint (or starts it
-    there if it has none yet).
+    there if it has none yet); ``cfg`` may differ from the run's config only in ``FREE_ON_RESUME``.
+    ``overwrite=True`` lets a new run replace the run in ``cfg.output_dir``; without it a new run
+    refuses an existing one.
     """
-    set_seed(cfg.seed)
-    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision),
-                              gradient_accumulation_steps=cfg.grad_accum,
-                              dataloader_config=DataLoaderConfiguration(split_batches=True))
-    for key in ("batch_size", "eval_batch_size"):
-        if getattr(cfg, key) % accelerator.num_processes:
-            raise ValueError(f"{key} ({getattr(cfg, key)}) must be a multiple of the number of processes "
-                             f"({accelerator.num_processes}): each process gets an equal part of every batch")
-    if resume and not cfg.output_dir:
-        raise ValueError("resume needs the run folder (output_dir)")
-    # bad data, a bad model name or a too long max_length stop the run before anything is written
+    with accelerator_for(cfg.mixed_precision, cfg.grad_accum) as accelerator:
+        run = start_run(cfg, accelerator, resume, overwrite)
+        fit(run)
+        accelerator.wait_for_everyone()
+        accelerator.print(f"best model: {run.run_dir / 'model'}" + (
+            f" (dev EM {run.state.best_em:.4f}, F1 {run.state.best_f1:.4f})" if run.dev_data else
+            " (no dev file: the last epoch's model)"))
+        return run.run_dir
+
+
+def load_training_data(cfg: Config) -> tuple[QAData, QAData | None]:
     train_data = load_qa_file(cfg.train_file, need_answers=True)
     dev_data = load_qa_file(cfg.dev_file, need_answers=True) if cfg.dev_file else None
     if cfg.final_fit:
-        train_data, dev_data = concat_data(train_data, dev_data), None
+        return concat_data(train_data, dev_data), None
+    return train_data, dev_data
+
+
+def start_run(cfg: Config, accelerator, resume: bool, overwrite: bool) -> Run:
+    """Check everything that can fail before writing anything, then the run folder, then the
+    prepared model, optimizer, schedule and loader, and the state (from a checkpoint if resuming)."""
+    check_divisible(cfg, accelerator.num_processes)
+    train_data, dev_data = load_training_data(cfg)
     model, tokenizer = load_model_and_tokenizer(cfg, train_data)
     check_max_length(model.config, cfg.max_length)
-
-    run_dir = new_run_dir(cfg)
-    checkpoint = list_checkpoints(run_dir)[-1] if resume and list_checkpoints(run_dir) else None
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.json")
+    run_dir, checkpoint = decided_on_main(accelerator, lambda: prepare_run_dir(cfg, resume, overwrite))
     accelerator.print(f"run folder: {run_dir}  device: {accelerator.device}  processes: "
                       f"{accelerator.num_processes}  precision: {accelerator.mixed_precision}")
-    if resume and checkpoint is None:
-        accelerator.print(f"no checkpoint in {run_dir / 'checkpoints'} yet: starting from the beginning")
-    if cfg.final_fit:
-        accelerator.print(f"final_fit: training on train + dev ({len(train_data.questions)} questions). "
-                          f"There is NO dev evaluation in this run: its dev scores cannot be measured. "
-                          f"Choose the recipe on a normal run first.")
-        if accelerator.is_main_process and checkpoint is None:
-            log_metrics(run_dir, {"step": 0, "note": f"final_fit: trained on {cfg.train_file} + {cfg.dev_file}, "
-                                                     f"no dev evaluation"})
-    train_enc = encode(train_data, tokenizer, cfg.max_length, cfg.max_question_tokens, cfg.max_paragraph_tokens)
-    dev_enc = (encode(dev_data, tokenizer, cfg.max_length, cfg.max_question_tokens, cfg.max_paragraph_tokens)
-               if dev_data else None)
-    n_windows = len(train_windows(train_enc, cfg.train_windows, cfg.doc_stride, random.Random(cfg.seed)))
+
+    dataset = EpochWindows(encode(train_data, tokenizer, cfg.windows), cfg.train_windows, cfg.seed)
+    dataset.start_epoch(0)
+    report_training_data(cfg, accelerator, run_dir, train_data, len(dataset), checkpoint)
+    batches = EpochBatches(dataset, cfg.batch_size, cfg.group_by_length, cfg.seed)
+    batches.start_epoch(0)
+    steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8),
+                        generator=torch.Generator().manual_seed(cfg.seed))   # else its base seed is drawn from
+    if cfg.gradient_checkpointing:                                            # dropout's (the global) RNG
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    model.to(accelerator.device)
+    optimizer = make_optimizer(model, cfg, accelerator.device)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
+    dev_enc = encode(dev_data, tokenizer, cfg.windows) if dev_data else None
+    run = Run(cfg, accelerator, run_dir, model, tokenizer, optimizer, scheduler, loader, dataset, batches,
+              dev_data, dev_enc, steps_per_epoch, total_steps, TrainState())
+    restore(run, checkpoint)
+    return run
+
+
+def report_training_data(cfg: Config, accelerator, run_dir: Path, train_data: QAData, n_windows: int,
+                         checkpoint: Path | None) -> None:
     skipped = len(train_data.questions) - n_windows if cfg.train_windows != "all" else 0
     accelerator.print(f"train: {len(train_data.questions)} questions → {n_windows} windows per epoch "
                       f"(policy {cfg.train_windows}" + (f", {skipped} questions whose answer does not fit "
                                                          f"a window left out)" if skipped else ")"))
+    if cfg.final_fit:
+        accelerator.print("final_fit: training on train + dev. There is NO dev evaluation in this run: its dev "
+                          "scores cannot be measured. Choose the recipe on a normal run first.")
+        if accelerator.is_main_process and checkpoint is None:
+            log_metrics(run_dir, {"step": 0, "note": f"final_fit: trained on {cfg.train_file} + {cfg.dev_file}, "
+                                                     f"no dev evaluation"})
 
-    if cfg.gradient_checkpointing:   # renamed in transformers 5; the old name goes in 6
-        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
-    model.to(accelerator.device)
-    # the fused kernel updates all parameters at once: much faster for large embedding tables
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  fused=accelerator.device.type in ("cpu", "cuda"))
-    batches_per_epoch = math.ceil(n_windows / cfg.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = int(cfg.warmup_ratio * total_steps)
-    if cfg.lr_schedule == "linear":
-        scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
-    else:
-        scheduler = get_constant_schedule_with_warmup(optimizer, warmup_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
 
-    # everything the loop carries from step to step; saved in each checkpoint
-    state = {"step": 0, "epoch": 0, "batches_done": 0, "best_em": -1.0, "skipped_in_a_row": 0,
-             "running_loss": 0.0, "running_n": 0}
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
-        if accelerator.is_main_process:
-            truncate_metrics(run_dir, state["step"])
-        accelerator.print(f"resumed from {checkpoint} (step {state['step']} of {total_steps}, epoch "
-                          f"{state['epoch'] + 1}, {state['batches_done']} batches into it)")
-        if state["epoch"] >= cfg.epochs:
-            accelerator.print(f"this run had already finished its {cfg.epochs} epochs: nothing to train")
+def restore(run: Run, checkpoint: Path | None) -> None:
+    """The device counters, and the training state of ``checkpoint`` if there is one."""
+    device, rank = run.accelerator.device, run.accelerator.process_index
+    run.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    run.loss_n = torch.zeros((), dtype=torch.float64, device=device)
+    run.streak = torch.zeros((), dtype=torch.int64, device=device)
+    if checkpoint is None:
+        return
+    run.accelerator.load_state(str(checkpoint))
+    run.state = read_trainer_state(checkpoint)
+    if len(run.state.running_n) == run.accelerator.num_processes:   # else a new process count: all on process 0
+        run.loss_sum += run.state.running_loss[rank]
+        run.loss_n += run.state.running_n[rank]
+    elif rank == 0:
+        run.loss_sum += sum(run.state.running_loss)
+        run.loss_n += sum(run.state.running_n)
+    run.accelerator.print(f"resumed from {checkpoint} (step {run.state.step} of {run.total_steps}, epoch "
+                          f"{run.state.epoch + 1}, {run.state.batches_done} batches into it)")
+    if run.state.epoch >= run.cfg.epochs:
+        run.accelerator.print(f"this run had already finished its {run.cfg.epochs} epochs: nothing to train")
 
-    def evaluate_and_keep_best(epoch: float) -> None:
-        if dev_data is None:
-            return
-        predictions = predict_encoded(accelerator.unwrap_model(model), tokenizer, dev_enc, cfg, accelerator, desc="dev")
-        scores = score([p.answer for p in predictions], [q.answer_text for q in dev_data.questions])
-        improved = scores["em"] > state["best_em"]
-        accelerator.print(f"step {state['step']} (epoch {epoch:.2f}): dev EM {scores['em']:.4f} F1 {scores['f1']:.4f}"
-                          + ("  (best so far, saved)" if improved else ""))
-        if accelerator.is_main_process:
-            log_metrics(run_dir, {"step": state["step"], "epoch": round(epoch, 4), "dev_em": scores["em"],
-                                  "dev_f1": scores["f1"]})
-            if improved:
-                save_model(accelerator.unwrap_model(model), tokenizer, cfg, run_dir / "model")
-        state["best_em"] = max(state["best_em"], scores["em"])
 
-    def checkpoint_now() -> None:
-        # never during a streak of skipped steps or with non-finite weights: the last checkpoint stays a good one
-        if cfg.keep_checkpoints == 0 or state["skipped_in_a_row"]:
-            return
-        finite = torch.tensor(float(all(bool(torch.isfinite(p).all()) for p in model.parameters())),
-                              device=accelerator.device)
-        if accelerator.reduce(finite, "min").item() == 1.0:
-            save_checkpoint(accelerator, run_dir, state, cfg.keep_checkpoints)
-        else:
-            accelerator.print(f"step {state['step']}: the weights are no longer finite; no checkpoint saved")
-
-    progress = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step",
+def fit(run: Run) -> None:
+    """The epochs, with a clear message instead of a traceback where the user can do something."""
+    cfg, accelerator = run.cfg, run.accelerator
+    progress = tqdm(total=run.total_steps, initial=run.state.step, desc="train", unit="step",
                     disable=not accelerator.is_local_main_process)
-    model.train()
+    run.model.train()
     try:
-        for epoch in range(state["epoch"], cfg.epochs):
-            # the epoch's windows and order depend on (seed, epoch) only, so a resumed run sees the same batches
-            windows = train_windows(train_enc, cfg.train_windows, cfg.doc_stride, random.Random(cfg.seed * 1000 + epoch))
-            # an own generator: iterating a DataLoader without one draws from the global RNG (dropout's)
-            generator = torch.Generator().manual_seed(cfg.seed + epoch)
-            if cfg.group_by_length:
-                batches = length_grouped_batches([len(w.input_ids) for w in windows], cfg.batch_size,
-                                                 random.Random(cfg.seed + epoch))
-                loader = DataLoader(features(windows, with_labels=True), batch_sampler=batches, collate_fn=collate,
-                                    generator=generator)
-            else:
-                loader = DataLoader(features(windows, with_labels=True), batch_size=cfg.batch_size, shuffle=True,
-                                    collate_fn=collate, generator=generator)
-            loader = accelerator.prepare(loader)
-            n_batches, first = len(loader), state["batches_done"]
-            if first:
-                loader = accelerator.skip_first_batches(loader, first)
-            for batch_index, batch in enumerate(loader, start=first):
-                with accelerator.accumulate(model):
-                    loss = model(**batch).loss
-                    finite = bool(torch.isfinite(loss))
-                    if finite:       # a NaN/inf loss is not learned from: its step is skipped
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                        optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                if finite:
-                    state["running_loss"] += loss.item()
-                    state["running_n"] += 1
-                if not accelerator.sync_gradients:
-                    continue
-                state["step"] += 1
-                state["batches_done"] = batch_index + 1
-                step = state["step"]
-                # fp16: the GradScaler skips steps whose gradients overflowed; many in a row means divergence
-                skipped = not finite or optimizer.step_was_skipped
-                state["skipped_in_a_row"] = state["skipped_in_a_row"] + 1 if skipped else 0
-                if state["skipped_in_a_row"] >= cfg.max_skipped_steps:
-                    raise TrainingError(
-                        f"{state['skipped_in_a_row']} optimizer steps in a row had a non-finite loss or gradients "
-                        f"(step {step}). The learning rate may be too high (lr={cfg.lr}); with fp16, try "
-                        f"mixed_precision=bf16 (newer GPUs) or no, a lower lr, or max_grad_norm=1. "
-                        f"The best model so far is in {run_dir / 'model'}; the last good checkpoint "
-                        f"in {run_dir / 'checkpoints'}.")
-                lr = scheduler.get_last_lr()[0]
-                progress.update(1)
-                progress.set_postfix(loss=f"{state['running_loss'] / max(state['running_n'], 1):.3f}", lr=f"{lr:.2e}")
-                epoch_position = epoch + (batch_index + 1) / n_batches
-                if step % cfg.log_every == 0 or step == total_steps:
-                    # the mean loss over all processes' parts of the batches since the last record
-                    loss_sum, n = accelerator.reduce(torch.tensor([state["running_loss"], state["running_n"]],
-                                                                  dtype=torch.float64, device=accelerator.device),
-                                                     "sum").tolist()
-                    if n and accelerator.is_main_process:
-                        log_metrics(run_dir, {"step": step, "epoch": round(epoch_position, 4),
-                                              "loss": loss_sum / n, "lr": lr})
-                    state["running_loss"], state["running_n"] = 0.0, 0
-                if cfg.eval_every and step % cfg.eval_every == 0:
-                    evaluate_and_keep_best(epoch_position)
-                if cfg.save_every and step % cfg.save_every == 0 and batch_index + 1 < n_batches:
-                    checkpoint_now()
-            if not (cfg.eval_every and state["step"] % cfg.eval_every == 0) and (
-                    not cfg.eval_every or epoch == cfg.epochs - 1):
-                evaluate_and_keep_best(epoch + 1.0)
-            if dev_data is None and accelerator.is_main_process:
-                save_model(accelerator.unwrap_model(model), tokenizer, cfg, run_dir / "model")
-            state["epoch"], state["batches_done"] = epoch + 1, 0
-            checkpoint_now()
+        for epoch in range(run.state.epoch, cfg.epochs):
+            run_epoch(run, epoch, progress)
     except torch.cuda.OutOfMemoryError as e:
         raise TrainingError(
             f"GPU out of memory ({str(e).splitlines()[0]}). Lower batch_size (now {cfg.batch_size}) and raise "
             f"grad_accum (now {cfg.grad_accum}) by the same factor, lower max_length (now {cfg.max_length}), "
-            f"or set gradient_checkpointing=true. The best model so far is in {run_dir / 'model'}.") from None
+            f"or set gradient_checkpointing=true. The best model so far is in {run.run_dir / 'model'}.") from None
     except KeyboardInterrupt:
-        last = list_checkpoints(run_dir)
-        accelerator.print(f"\ninterrupted at step {state['step']}. " + (
-            f"Continue from {last[-1].name}: python -m hw7qa train --resume {run_dir}" if last else
+        last = list_checkpoints(run.run_dir)
+        accelerator.print(f"\ninterrupted at step {run.state.step}. " + (
+            f"Continue from {last[-1].name}: python -m hw7qa train --resume {run.run_dir}" if last else
             "No checkpoint was saved yet (save_every, keep_checkpoints)."))
         raise
     finally:
         progress.close()
-    accelerator.wait_for_everyone()
-    accelerator.print(f"best model: {run_dir / 'model'}" + (f" (dev EM {state['best_em']:.4f})" if dev_data else
-                                                           " (no dev file: the last epoch's model)"))
-    return run_dir
+
+
+def run_epoch(run: Run, epoch: int, progress) -> None:
+    """One epoch's batches (from where a resumed run stopped), an optimizer step every ``grad_accum``."""
+    skip = run.state.batches_done
+    run.dataset.start_epoch(epoch)
+    run.batches.start_epoch(epoch, skip)
+    n_batches = len(run.batches) + skip
+    for batch_index, batch in enumerate(run.loader, start=skip):
+        if not train_step(run, batch):
+            continue
+        run.state.step += 1
+        done = batch_index + 1
+        run.state.epoch, run.state.batches_done = (epoch + 1, 0) if done == n_batches else (epoch, done)
+        progress.update(1)
+        after_step(run, epoch + done / n_batches)
+
+
+def train_step(run: Run, batch: dict) -> bool:
+    """Forward and backward one micro-batch; at the last of ``grad_accum``, clip and step. Returns
+    whether an optimizer step (taken or skipped) ended here. Nothing here waits for the device.
+
+    Every process always runs backward: DDP all-reduces the gradients, so a NaN loss on one process
+    makes every process's gradients non-finite, and all of them skip that step together.
+    """
+    accelerator, cfg = run.accelerator, run.cfg
+    with accelerator.accumulate(run.model):
+        loss = run.model(**batch).loss
+        accelerator.backward(loss)
+        finite = torch.isfinite(loss.detach())
+        run.loss_sum += torch.where(finite, loss.detach().double(), 0.0)
+        run.loss_n += finite
+        if accelerator.sync_gradients:
+            norm = accelerator.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm or math.inf)
+            skip = ~torch.isfinite(norm)
+            step_unless(run.optimizer, skip)
+            run.scheduler.step()
+            run.streak = torch.where(skip, run.streak + 1, 0)
+        run.optimizer.zero_grad()
+    return accelerator.sync_gradients
+
+
+def after_step(run: Run, epoch_position: float) -> None:
+    """Log, evaluate, save the model of a run without dev, checkpoint: each when its policy says."""
+    step, cfg = run.state.step, run.cfg
+    if log_due(step, run.total_steps, cfg):
+        log(run, epoch_position)
+    if run.dev_data is not None and evaluate_due(step, run.steps_per_epoch, run.total_steps, cfg):
+        evaluate(run, epoch_position)
+    if run.dev_data is None and run.state.batches_done == 0 and run.accelerator.is_main_process:
+        save_model(run.accelerator.unwrap_model(run.model), run.tokenizer, cfg, run.run_dir / "model")
+    if checkpoint_due(step, run.steps_per_epoch, cfg):
+        checkpoint(run)
+
+
+def stop_if_diverging(run: Run) -> int:
+    """The current streak of skipped steps (a host sync); a TrainingError once it reaches
+    ``max_skipped_steps``. Called where the host syncs anyway: at log records and checkpoints."""
+    streak = int(run.streak)
+    if streak >= run.cfg.max_skipped_steps:
+        raise TrainingError(
+            f"{streak} optimizer steps in a row had a non-finite loss or gradients (step {run.state.step}). "
+            f"The learning rate may be too high (lr={run.cfg.lr}); with fp16, try mixed_precision=bf16 (newer "
+            f"GPUs) or no, a lower lr, or max_grad_norm=1. The best model so far is in {run.run_dir / 'model'}; "
+            f"the last good checkpoint in {run.run_dir / 'checkpoints'}.")
+    return streak
+
+
+def log(run: Run, epoch_position: float) -> None:
+    """One metrics.jsonl record: the mean loss over all processes' micro-batches since the last one."""
+    stop_if_diverging(run)
+    totals = run.accelerator.reduce(torch.stack([run.loss_sum, run.loss_n]), "sum")
+    loss_sum, n = totals.tolist()
+    lr = run.scheduler.get_last_lr()[0]
+    if n and run.accelerator.is_main_process:
+        log_metrics(run.run_dir, {"step": run.state.step, "epoch": round(epoch_position, 4), "loss": loss_sum / n,
+                                  "lr": lr})
+    run.loss_sum.zero_()
+    run.loss_n.zero_()
+
+
+def evaluate(run: Run, epoch_position: float) -> None:
+    """Dev EM/F1 of the current weights; the model is saved to <run>/model when it is the best yet."""
+    accelerator, state = run.accelerator, run.state
+    model = accelerator.unwrap_model(run.model)
+    predictions = predict_encoded(model, run.tokenizer, run.dev_enc, run.cfg, accelerator, desc="dev")
+    scores = score([p.answer for p in predictions], [q.answer_text for q in run.dev_data.questions])
+    improved = is_better(scores, state)
+    accelerator.print(f"step {state.step} (epoch {epoch_position:.2f}): dev EM {scores['em']:.4f} F1 "
+                      f"{scores['f1']:.4f}" + ("  (best so far, saved)" if improved else ""))
+    if accelerator.is_main_process:
+        log_metrics(run.run_dir, {"step": state.step, "epoch": round(epoch_position, 4), "dev_em": scores["em"],
+                                  "dev_f1": scores["f1"]})
+        if improved:
+            save_model(model, run.tokenizer, run.cfg, run.run_dir / "model")
+    if improved:
+        state.best_em, state.best_f1 = scores["em"], scores["f1"]
+
+
+def checkpoint(run: Run) -> None:
+    """Save the training state, but never during a streak of skipped steps or with non-finite
+    weights: the last checkpoint always stays a good one."""
+    accelerator = run.accelerator
+    if stop_if_diverging(run):
+        return
+    nonfinite = sum((~torch.isfinite(p)).sum() for p in run.model.parameters())
+    if accelerator.reduce(nonfinite.to(accelerator.device), "sum").item():
+        accelerator.print(f"step {run.state.step}: the weights are no longer finite; no checkpoint saved")
+        return
+    counters = accelerator.gather(torch.stack([run.loss_sum, run.loss_n]).unsqueeze(0)).tolist()
+    run.state.running_loss = [c[0] for c in counters]
+    run.state.running_n = [c[1] for c in counters]
+    save_checkpoint(accelerator, run.run_dir, run.state, run.cfg.keep_checkpoints)

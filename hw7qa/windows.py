@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from .config import WindowSpec
 from .data import QAData
 
 
@@ -98,26 +99,27 @@ class Encoded:
     paragraph_offsets: list[list[tuple[int, int]]]      # (start, end) characters, end exclusive
     answer_tokens: list[tuple[int, int] | None]         # paragraph token span, inclusive; None if unknown
     template: PairTemplate
-    max_length: int
-    max_paragraph_tokens: int = 0                        # 0: as many as max_length allows
+    spec: WindowSpec                                     # the window settings it is cut with
 
 
-def encode(data: QAData, tokenizer, max_length: int, max_question_tokens: int,
-           max_paragraph_tokens: int = 0) -> Encoded:
-    """Tokenize every paragraph and question of ``data`` once, and map answers to tokens."""
+def encode(data: QAData, tokenizer, spec: WindowSpec) -> Encoded:
+    """Tokenize every paragraph and question of ``data`` once, and map answers to tokens.
+
+    ``spec`` travels with the result: ``eval_windows`` and ``train_windows`` cut it by its
+    ``max_length``, ``max_paragraph_tokens`` and ``doc_stride``.
+    """
     template = learn_template(tokenizer)
-    if max_length - max_question_tokens - template.n_special < 8:
-        raise ValueError(f"max_length {max_length} leaves fewer than 8 paragraph tokens")
+    if spec.max_length - spec.max_question_tokens - template.n_special < 8:
+        raise ValueError(f"max_length {spec.max_length} leaves fewer than 8 paragraph tokens")
     para = tokenizer(data.paragraphs, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     quest = tokenizer([q.question_text.strip() for q in data.questions], add_special_tokens=False, verbose=False)
-    question_ids = [ids[:max_question_tokens] for ids in quest["input_ids"]]
+    question_ids = [ids[:spec.max_question_tokens] for ids in quest["input_ids"]]
     offsets = [[trim_offsets(text, s, e) for s, e in offs]
                for text, offs in zip(data.paragraphs, para["offset_mapping"])]
     answer_tokens = [None if q.answer_start is None else
                      char_span_to_tokens(offsets[q.paragraph_id], q.answer_start, q.answer_end)
                      for q in data.questions]
-    return Encoded(data, question_ids, para["input_ids"], offsets, answer_tokens, template, max_length,
-                   max_paragraph_tokens)
+    return Encoded(data, question_ids, para["input_ids"], offsets, answer_tokens, template, spec)
 
 
 def trim_offsets(text: str, start: int, end: int) -> tuple[int, int]:
@@ -154,8 +156,9 @@ def char_span_to_tokens(offsets: list[tuple[int, int]], start_char: int, end_cha
 
 def question_budget(enc: Encoded, qi: int) -> int:
     """How many paragraph tokens fit in a window of question ``qi`` (at most ``max_paragraph_tokens`` if set)."""
-    room = enc.max_length - len(enc.question_ids[qi]) - enc.template.n_special
-    return min(room, enc.max_paragraph_tokens) if enc.max_paragraph_tokens else room
+    room = enc.spec.max_length - len(enc.question_ids[qi]) - enc.template.n_special
+    cap = enc.spec.max_paragraph_tokens
+    return min(room, cap) if cap else room
 
 
 def window_starts(n_tokens: int, budget: int, doc_stride: int) -> list[int]:
@@ -229,14 +232,16 @@ def build_window(enc: Encoded, qi: int, token_start: int, with_label: bool = Fal
     return Window(qi, token_start, token_end, context_start, input_ids, types, start, end)
 
 
-def eval_windows(enc: Encoded, doc_stride: int) -> list[Window]:
-    """Every window of every question, in question order (for inference, or policy ``all``)."""
+def eval_windows(enc: Encoded) -> list[Window]:
+    """Every window of every question, in question order (for inference, or policy ``all``),
+    starting every ``enc.spec.doc_stride`` tokens."""
     return [build_window(enc, qi, s)
             for qi, q in enumerate(enc.data.questions)
-            for s in window_starts(len(enc.paragraph_ids[q.paragraph_id]), question_budget(enc, qi), doc_stride)]
+            for s in window_starts(len(enc.paragraph_ids[q.paragraph_id]), question_budget(enc, qi),
+                                   enc.spec.doc_stride)]
 
 
-def train_windows(enc: Encoded, policy: str, doc_stride: int, rng: random.Random) -> list[Window]:
+def train_windows(enc: Encoded, policy: str, rng: random.Random) -> list[Window]:
     """Labelled training windows; call once per epoch (``random`` draws new positions each time).
 
     ``random``/``center``: one window per question that contains its whole answer (questions whose
@@ -248,7 +253,8 @@ def train_windows(enc: Encoded, policy: str, doc_stride: int, rng: random.Random
         n_tokens = len(enc.paragraph_ids[q.paragraph_id])
         budget = question_budget(enc, qi)
         if policy == "all":
-            windows += [build_window(enc, qi, s, with_label=True) for s in window_starts(n_tokens, budget, doc_stride)]
+            windows += [build_window(enc, qi, s, with_label=True)
+                        for s in window_starts(n_tokens, budget, enc.spec.doc_stride)]
             continue
         if enc.answer_tokens[qi] is None:
             continue
@@ -271,14 +277,14 @@ def features(windows: list[Window], with_labels: bool = False) -> list[dict]:
     return out
 
 
-def describe_windows(enc: Encoded, qi: int, doc_stride: int) -> list[dict]:
+def describe_windows(enc: Encoded, qi: int) -> list[dict]:
     """The inference windows of question ``qi`` as rows: where each starts and ends, in tokens and
     characters, and whether it holds the whole answer (to see what ``doc_stride`` does)."""
     q = enc.data.questions[qi]
     offsets = enc.paragraph_offsets[q.paragraph_id]
     answer = enc.answer_tokens[qi]
     rows = []
-    for k, start in enumerate(window_starts(len(offsets), question_budget(enc, qi), doc_stride)):
+    for k, start in enumerate(window_starts(len(offsets), question_budget(enc, qi), enc.spec.doc_stride)):
         w = build_window(enc, qi, start)
         rows.append({"window": k, "tokens": f"{w.token_start}-{w.token_end - 1}",
                      "characters": f"{offsets[w.token_start][0]}-{offsets[w.token_end - 1][1] - 1}",

@@ -23,7 +23,7 @@ def test_overrides_are_typed_and_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    (["epochs=two"], "invalid literal"), (["balance_quotes=maybe"], "expected true/false"),
+    (["epochs=two"], "epochs=.two.: expected int"), (["balance_quotes=maybe"], "expected true/false"),
     (["train_windows=middle"], "choose one of"), (["lr"], "not key=value"),
     (["max_question_tokens=500"], "leaves no room"), (["batch_size=0"], "at least 1"),
     (["final_fit=true", "dev_file="], "dev_file is empty"), (["save_every=-1"], "0 or more"),

@@ -4,14 +4,15 @@ import pytest
 from conftest import shared_path
 from hw7qa.data import QAData, Question, load_qa_file
 from hw7qa.decode import balance_quotes, best_spans, decode_predictions, oracle_logits
+from hw7qa.config import DecodeSpec, WindowSpec
 from hw7qa.windows import encode, eval_windows, load_tokenizer
 
 
 def oracle_em(data, tokenizer, max_length=384, doc_stride=128, max_answer_length=30):
     """Oracle EM over the answers that fit ``max_answer_length`` tokens, and how many fit."""
-    enc = encode(data, tokenizer, max_length, min(64, max_length // 2))
-    windows = eval_windows(enc, doc_stride)
-    predictions = decode_predictions(enc, windows, oracle_logits(enc, windows), 20, max_answer_length)
+    enc = encode(data, tokenizer, WindowSpec(max_length, min(64, max_length // 2), doc_stride))
+    windows = eval_windows(enc)
+    predictions = decode_predictions(enc, windows, oracle_logits(enc, windows), DecodeSpec(20, max_answer_length))
     fits = [i for i, a in enumerate(enc.answer_tokens) if a and a[1] - a[0] + 1 <= max_answer_length]
     wrong = [(data.questions[i].answer_text, predictions[i].answer) for i in fits
              if predictions[i].answer != data.questions[i].answer_text]
@@ -40,8 +41,8 @@ def test_oracle_decoding_is_exact_on_real_dev_with_bert_base_chinese():
 
 def window_with(paragraph, question="問?", tokenizer=None):
     data = QAData("mem", [Question(0, question, 0)], [paragraph])
-    enc = encode(data, tokenizer, 64, 16)
-    return enc, eval_windows(enc, 32)
+    enc = encode(data, tokenizer, WindowSpec(64, 16, doc_stride=32))
+    return enc, eval_windows(enc)
 
 
 def test_decoding_stays_in_the_paragraph_and_start_before_end(bert_tokenizer):
@@ -53,7 +54,7 @@ def test_decoding_stays_in_the_paragraph_and_start_before_end(bert_tokenizer):
     start[w.context_start + 3] = 5     # paragraph: start at 雲 ...
     end[w.context_start + 2] = 50      # ... the end's maximum (在) lies *before* it
     end[w.context_start + 4] = 4       # ... and 南 is the best end at or after it
-    [prediction] = decode_predictions(enc, windows, [(start, end)], n_best=20, max_answer_length=30)
+    [prediction] = decode_predictions(enc, windows, [(start, end)], DecodeSpec(n_best=20, max_answer_length=30))
     assert prediction.answer == "雲南"
 
 
@@ -73,7 +74,7 @@ def test_answer_never_empty_even_when_top_k_has_no_valid_pair(bert_tokenizer):
     end = np.full(n, -5, np.float32)
     start[w.context_start + 9] = 10    # the only top start is the last character ...
     end[w.context_start + 0] = 10      # ... and the only top end the first
-    [prediction] = decode_predictions(enc, windows, [(start, end)], n_best=1, max_answer_length=30)
+    [prediction] = decode_predictions(enc, windows, [(start, end)], DecodeSpec(n_best=1, max_answer_length=30))
     assert prediction.answer and prediction.answer in "甲乙丙丁戊己庚辛壬癸"
 
 
@@ -111,7 +112,7 @@ def test_pad_windows_matches_the_transformers_collator(any_tokenizer):
     from hw7qa.decode import pad_windows
     from hw7qa.windows import features
     data = QAData("x", [Question(0, "甚麼是甲?", 0), Question(1, "乙", 1)], ["甲乙丙丁" * 30, "短的 paragraph 1990年"])
-    feats = [{**f, "window_index": i} for i, f in enumerate(features(eval_windows(encode(data, any_tokenizer, 64, 16), 20)))]
+    feats = [{**f, "window_index": i} for i, f in enumerate(features(eval_windows(encode(data, any_tokenizer, WindowSpec(64, 16, doc_stride=20)))))]
     ours = pad_windows(feats, any_tokenizer.pad_token_id)
     theirs = DataCollatorWithPadding(any_tokenizer, pad_to_multiple_of=8)(feats)
     assert ours.keys() == theirs.keys() and len(feats) > 2

@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from hw7qa.data import QAData, Question
+from hw7qa.config import WindowSpec
 from hw7qa.windows import (char_span_to_tokens, encode, eval_windows, learn_template, train_window_start,
                            train_windows, window_starts)
 
@@ -29,8 +30,8 @@ def test_template_read_from_the_tokenizer(bert_tokenizer, sentencepiece_tokenize
 
 @pytest.mark.parametrize("doc_stride", [1, 7, 32, 1000])
 def test_every_paragraph_character_is_in_a_window(any_tokenizer, sample_dev, doc_stride):
-    enc = encode(sample_dev, any_tokenizer, max_length=64, max_question_tokens=16)
-    windows = eval_windows(enc, doc_stride)
+    enc = encode(sample_dev, any_tokenizer, WindowSpec(max_length=64, max_question_tokens=16, doc_stride=doc_stride))
+    windows = eval_windows(enc)
     for qi, q in enumerate(sample_dev.questions):
         paragraph = sample_dev.paragraph(q)
         tokens_cover = {c for s, e in enc.paragraph_offsets[q.paragraph_id] for c in range(s, e)}
@@ -43,8 +44,8 @@ def test_every_paragraph_character_is_in_a_window(any_tokenizer, sample_dev, doc
 
 
 def test_window_input_is_question_then_paragraph_slice(bert_tokenizer, sample_dev):
-    enc = encode(sample_dev, bert_tokenizer, max_length=64, max_question_tokens=8)
-    for w in eval_windows(enc, 20):
+    enc = encode(sample_dev, bert_tokenizer, WindowSpec(max_length=64, max_question_tokens=8, doc_stride=20))
+    for w in eval_windows(enc):
         q = sample_dev.questions[w.question_index]
         assert w.input_ids[1:1 + len(enc.question_ids[w.question_index])] == enc.question_ids[w.question_index]
         assert len(enc.question_ids[w.question_index]) <= 8
@@ -102,8 +103,8 @@ def test_center_policy_centres_the_answer():
 
 @pytest.mark.parametrize("policy", ["random", "center", "all"])
 def test_labels_point_at_the_answer(any_tokenizer, sample_train, policy):
-    enc = encode(sample_train, any_tokenizer, max_length=64, max_question_tokens=16)
-    windows = train_windows(enc, policy, 24, random.Random(0))
+    enc = encode(sample_train, any_tokenizer, WindowSpec(max_length=64, max_question_tokens=16, doc_stride=24))
+    windows = train_windows(enc, policy, random.Random(0))
     with_answer = 0
     for w in windows:
         q = sample_train.questions[w.question_index]
@@ -120,10 +121,10 @@ def test_labels_point_at_the_answer(any_tokenizer, sample_train, policy):
 
 
 def test_random_policy_draws_new_windows_each_epoch(bert_tokenizer, sample_train):
-    enc = encode(sample_train, bert_tokenizer, max_length=48, max_question_tokens=16)
+    enc = encode(sample_train, bert_tokenizer, WindowSpec(max_length=48, max_question_tokens=16, doc_stride=16))
     rng = random.Random(0)
-    first = [w.token_start for w in train_windows(enc, "random", 16, rng)]
-    second = [w.token_start for w in train_windows(enc, "random", 16, rng)]
+    first = [w.token_start for w in train_windows(enc, "random", rng)]
+    second = [w.token_start for w in train_windows(enc, "random", rng)]
     assert first != second
 
 
@@ -139,7 +140,7 @@ def test_char_span_to_tokens_shared_offsets_and_uncovered_spaces():
 def test_answers_map_to_tokens_on_the_real_tokenizer(real_bert_tokenizer):
     paragraph = "蔡鍔 NASA 於1,000年「台灣」New York成立。"
     data = QAData("mem", [Question(0, "誰?", 0, "NASA", 3, 6), Question(1, "何?", 0, "New York", 19, 26)], [paragraph])
-    enc = encode(data, real_bert_tokenizer, 64, 16)
+    enc = encode(data, real_bert_tokenizer, WindowSpec(64, 16))
     for q, (s, e) in zip(data.questions, enc.answer_tokens):
         offsets = enc.paragraph_offsets[0]
         assert paragraph[offsets[s][0]:offsets[e][1]] == q.answer_text
@@ -150,7 +151,7 @@ def test_offsets_never_put_spaces_at_the_edges_of_an_answer(any_tokenizer):
     answers = ["Steve Jobs", "1976", "Apple Computer", "Jobs"]
     data = QAData("mem", [Question(i, "誰?", 0, a, paragraph.index(a), paragraph.index(a) + len(a) - 1)
                           for i, a in enumerate(answers)], [paragraph])
-    enc = encode(data, any_tokenizer, 64, 16)
+    enc = encode(data, any_tokenizer, WindowSpec(64, 16))
     assert all(span is not None for span in enc.answer_tokens)
     for q, (s, e) in zip(data.questions, enc.answer_tokens):
         text = paragraph[enc.paragraph_offsets[0][s][0]:enc.paragraph_offsets[0][e][1]]

@@ -18,7 +18,7 @@ import torch
 from .config import apply_overrides, check_resume, load_config
 from .data import QAData, load_qa_file
 from .decode import Prediction, decode_predictions, window_logits
-from .devices import accelerator_for, check_divisible
+from .devices import accelerator_for, check_divisible, resolve_precision
 from .ensemble import ensemble_predictions
 from .metrics import score
 from .report import unknown_characters, write_dev_predictions
@@ -47,13 +47,13 @@ def is_main(accelerator) -> bool:
 
 
 def logits_key(run_dir: Path, data: QAData, cfg) -> str:
-    """What the window logits of a run depend on: the questions and paragraphs, the window settings
-    and the saved model file (its size and modification time)."""
+    """What the window logits of a run depend on: the questions and paragraphs, the window settings,
+    the precision of the forward passes and the saved model file (its size and modification time)."""
     content = hashlib.sha1(json.dumps([[(q.id, q.question_text, q.paragraph_id) for q in data.questions],
                                        data.paragraphs], ensure_ascii=False, default=str).encode()).hexdigest()
     model_files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
                          for f in (run_dir / "model").glob("*") if f.suffix in (".safetensors", ".bin"))
-    settings = dataclasses.astuple(cfg.windows)
+    settings = [*dataclasses.astuple(cfg.windows), resolve_precision(cfg.mixed_precision)]
     return hashlib.sha1(json.dumps([content, model_files, settings]).encode()).hexdigest()[:16]
 
 

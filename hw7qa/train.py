@@ -220,10 +220,16 @@ class EpochWindows(Dataset):
 
 class EpochBatches:
     """The DataLoader's ``batch_sampler``: the batches of the current epoch (shuffled, or grouped by
-    length), from batch ``skip`` on. ``batch_size`` is what accelerate splits between processes."""
+    length), from batch ``skip`` on. ``batch_size`` is what accelerate splits between processes.
 
-    def __init__(self, dataset: EpochWindows, batch_size: int, group_by_length: bool, seed: int):
+    With several processes a short last batch is completed with the epoch's first windows, as
+    accelerate's ``even_batches`` would do; done here, a resumed run that skips the first batches
+    completes it with the same windows."""
+
+    def __init__(self, dataset: EpochWindows, batch_size: int, group_by_length: bool, seed: int,
+                 num_processes: int = 1):
         self.dataset, self.batch_size, self.group_by_length, self.seed = dataset, batch_size, group_by_length, seed
+        self.num_processes = num_processes
         self.batches: list[list[int]] = []
         self.skip = 0
 
@@ -234,6 +240,9 @@ class EpochBatches:
             self.batches = length_grouped_batches(lengths, self.batch_size, rng)
         else:
             self.batches = shuffled_batches(len(self.dataset), self.batch_size, rng)
+        if self.num_processes > 1 and len(self.batches[-1]) < self.batch_size:
+            filler = self.batches[0] * self.batch_size
+            self.batches[-1] = (self.batches[-1] + filler)[:self.batch_size]
         self.skip = skip
 
     def __iter__(self):
@@ -487,7 +496,7 @@ def start_run(cfg: Config, accelerator, resume: bool, overwrite: bool) -> Run:
     dataset = EpochWindows(encode(train_data, tokenizer, cfg.windows), cfg.train_windows, cfg.seed)
     dataset.start_epoch(0)
     report_training_data(cfg, accelerator, run_dir, train_data, len(dataset), checkpoint)
-    batches = EpochBatches(dataset, cfg.batch_size, cfg.group_by_length, cfg.seed)
+    batches = EpochBatches(dataset, cfg.batch_size, cfg.group_by_length, cfg.seed, accelerator.num_processes)
     batches.start_epoch(0)
     steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs

@@ -36,13 +36,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from transformers import AutoModelForQuestionAnswering  # noqa: E402
 
 from hw7qa.config import load_config  # noqa: E402
 from hw7qa.data import QAData, load_qa_file  # noqa: E402
 from hw7qa.decode import decode_predictions, oracle_logits, window_logits  # noqa: E402
 from hw7qa.metrics import score  # noqa: E402
-from hw7qa.train import train  # noqa: E402
+from hw7qa.train import load_model, train  # noqa: E402
 from hw7qa.windows import encode, eval_windows, load_tokenizer, train_windows  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -69,17 +68,16 @@ def sample_decode(enc, windows, logits, tokenizer) -> list[str]:
 def evaluate(cfg, model_dir, dev, sample_decoding=False):
     """Dev EM/F1 and decoding-oracle EM of the model in ``model_dir`` with ``cfg``'s windows."""
     tokenizer = load_tokenizer(model_dir, cfg.isolate_digits, cfg.isolate_cjk)
-    model = AutoModelForQuestionAnswering.from_pretrained(model_dir)
-    enc = encode(dev, tokenizer, cfg.max_length, cfg.max_question_tokens, cfg.max_paragraph_tokens)
-    windows = eval_windows(enc, cfg.doc_stride)
-    logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, desc="dev")
+    model = load_model(str(model_dir))
+    enc = encode(dev, tokenizer, cfg.windows)
+    windows = eval_windows(enc)
+    logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, cfg.mixed_precision, desc="dev")
     gold = [q.answer_text for q in dev.questions]
 
     def answers(logits_):
         if sample_decoding:
             return sample_decode(enc, windows, logits_, tokenizer)
-        return [p.answer for p in decode_predictions(enc, windows, logits_, cfg.n_best,
-                                                      cfg.max_answer_length, cfg.balance_quotes)]
+        return [p.answer for p in decode_predictions(enc, windows, logits_, cfg.decoding)]
     predicted = answers(logits)
     result = score(predicted, gold)
     result["oracle_em"] = score(answers(oracle_logits(enc, windows)), gold)["em"]
@@ -129,9 +127,8 @@ def main() -> None:
             minutes = (time.time() - started) / 60
             timing.write_text(json.dumps({"minutes": minutes}))
         tokenizer = load_tokenizer(run_dir / "model", cfg.isolate_digits, cfg.isolate_cjk)
-        train_enc = encode(load_qa_file(args.train), tokenizer, cfg.max_length, cfg.max_question_tokens,
-                           cfg.max_paragraph_tokens)
-        n_windows = len(train_windows(train_enc, cfg.train_windows, cfg.doc_stride, random.Random(0)))
+        train_enc = encode(load_qa_file(args.train), tokenizer, cfg.windows)
+        n_windows = len(train_windows(train_enc, cfg.train_windows, random.Random(0)))
         decodings = [(recipe, cfg, recipe == "sample")]
         if recipe == "sample":   # the same model, decoded the project's way with the project's windows
             decodings.append(("sample+project-decoding", dataclasses.replace(

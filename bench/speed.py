@@ -127,13 +127,14 @@ def pipeline_overhead(tokenizer, dev, strides, batch_size, device) -> list[dict]
                      eval_batch_size=batch_size)
         model = NullQA().to(device)
         seconds, started = {}, time.perf_counter()
-        enc = encode(dev, tokenizer, cfg.max_length, cfg.max_question_tokens, cfg.max_paragraph_tokens)
+        enc = encode(dev, tokenizer, cfg.windows)
         seconds["tokenize"], started = time.perf_counter() - started, time.perf_counter()
-        windows = eval_windows(enc, stride)
+        windows = eval_windows(enc)
         seconds["windows"], started = time.perf_counter() - started, time.perf_counter()
-        logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, desc=f"overhead, stride {stride}")
+        logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, cfg.mixed_precision,
+                               desc=f"overhead, stride {stride}")
         seconds["batches"], started = time.perf_counter() - started, time.perf_counter()
-        decode_predictions(enc, windows, logits, cfg.n_best, cfg.max_answer_length, cfg.balance_quotes)
+        decode_predictions(enc, windows, logits, cfg.decoding)
         seconds["decode"] = time.perf_counter() - started
         total = sum(seconds.values())
         rows.append({"row": f"(b) pipeline overhead without forward passes, doc_stride {stride}",
@@ -215,8 +216,8 @@ def main() -> None:
     sample_cfg = dict(max_length=193, max_question_tokens=40, max_paragraph_tokens=150)
     for stride in (32, 150):
         cfg = Config(**sample_cfg, doc_stride=stride, eval_batch_size=args.eval_batch_size)
-        enc = encode(dev, tokenizer, cfg.max_length, cfg.max_question_tokens, cfg.max_paragraph_tokens)
-        windows = eval_windows(enc, stride)
+        enc = encode(dev, tokenizer, cfg.windows)
+        windows = eval_windows(enc)
         predict(model, tokenizer, QAData(dev.path, dev.questions[:20], dev.paragraphs), cfg)   # warm-up
         sample_s = sample_loop(model, enc, windows, 193, device)
         sync(device)
@@ -234,8 +235,8 @@ def main() -> None:
         print(rows[-2], rows[-1], sep="\n", flush=True)
 
     cfg = Config(max_length=args.train_max_length)
-    enc = encode(dev, tokenizer, cfg.max_length, cfg.max_question_tokens)
-    windows = train_windows(enc, "random", cfg.doc_stride, random.Random(0))
+    enc = encode(dev, tokenizer, cfg.windows)
+    windows = train_windows(enc, "random", random.Random(0))
     lengths = np.array([len(w.input_ids) for w in windows])
     rates = {p: train_rate(model, tokenizer, windows, args.train_batch_size, args.train_steps, p, device)
              for p in ("max_length", "dynamic", "grouped")}

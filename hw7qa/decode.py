@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 from .config import DecodeSpec

@@ -1,6 +1,5 @@
 """Ensembles: logits averaged for members with the same windows, a character-level vote otherwise;
 and the window logits cached in the run folder."""
-import json
 import shutil
 from types import SimpleNamespace
 

@@ -296,6 +296,8 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> tuple[Path, P
                              f"{run_dir} (notebook: RESUME = True); start it over, deleting it, with --overwrite "
                              f"(notebook: OVERWRITE = True); or choose another output_dir")
         clear_folder(run_dir)
+    for unfinished in run_dir.glob("checkpoints/*.partial"):    # saves cut off by a kill
+        shutil.rmtree(unfinished, ignore_errors=True)
     checkpoint = (list_checkpoints(run_dir) or [None])[-1] if resume else None
     if resume and checkpoint is None and run_dir.is_dir():
         clear_folder(run_dir)                  # an attempt killed before its first checkpoint

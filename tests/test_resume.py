@@ -78,6 +78,7 @@ def test_resume_ignores_an_unfinished_checkpoint_and_a_finished_run_stays_finish
     assert main(["train", "--resume", str(run)]) == 0
     assert "already finished" in capsys.readouterr().out
     assert read_metrics(run) == before
+    assert not (run / "checkpoints" / "step-0000011.partial").exists()      # no stray half-saves left
 
 
 def test_resume_needs_a_run_folder(tmp_path, capsys):

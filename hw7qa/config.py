@@ -85,6 +85,7 @@ class Config:
     lr_schedule: str = "linear"      # after warmup: linear (decay to 0) | cosine | constant (the sample) | ... (LR_SCHEDULES)
     batch_size: int = 16             # windows per optimizer step and forward pass, over all processes
     grad_accum: int = 1              # forward passes per optimizer step
+    auto_batch: bool = True          # halve batch_size and double grad_accum until a step of the longest windows fits memory
     group_by_length: bool = False    # batches of windows of similar length: less padding, faster
     max_grad_norm: float = 1.0       # 0 turns clipping off
     mixed_precision: str = "auto"    # auto (bf16 if supported, else fp16 on GPU, no on CPU) | fp16 | bf16 | no

@@ -252,6 +252,76 @@ class EpochBatches:
         return len(self.batches) - self.skip
 
 
+# ---------------------------------------------------------------- the micro-batch that fits
+
+def micro_batches(batch_size: int, num_processes: int) -> list[int]:
+    """``batch_size`` and its halves that still split evenly between processes, largest first: the
+    micro-batches ``auto_batch`` tries. Halving (not accelerate's ``find_executable_batch_size``,
+    which shrinks by 10 %) keeps ``batch_size × grad_accum``, the recipe's batch, exactly."""
+    sizes = [batch_size]
+    while sizes[-1] % (2 * num_processes) == 0:
+        sizes.append(sizes[-1] // 2)
+    return sizes
+
+
+def step_fits(model, batch: dict, accelerator, reserve_bytes: int) -> bool:
+    """Whether one forward and backward pass of ``batch`` fits in memory while ``reserve_bytes`` stay
+    taken (the optimizer's moments, not allocated yet). Errors other than out-of-memory are raised."""
+    from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
+    try:
+        held = torch.empty(reserve_bytes, dtype=torch.uint8, device=accelerator.device)
+        with accelerator.autocast():
+            model(**batch).loss.backward()
+        del held
+        return True
+    except Exception as e:
+        if not should_reduce_batch_size(e):
+            raise
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+        clear_device_cache(garbage_collection=True)
+
+
+def fit_micro_batch(cfg: Config, model, dataset: EpochWindows, collate, accelerator) -> int:
+    """The largest of ``micro_batches`` whose step over the longest training windows fits in memory
+    on every process: the model, its gradients, the activations and AdamW's two fp32 moments."""
+    longest = sorted(dataset.items, key=lambda item: len(item["input_ids"]), reverse=True)
+    reserve = 2 * 4 * sum(p.numel() for p in model.parameters())
+    model.to(accelerator.device).train()
+    cuda = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
+    fits = 0
+    with torch.random.fork_rng(devices=cuda):        # probing draws no dropout mask of the real run
+        for size in micro_batches(cfg.batch_size, accelerator.num_processes):
+            share = collate([longest[i % len(longest)] for i in range(size // accelerator.num_processes)])
+            if step_fits(model, {k: v.to(accelerator.device) for k, v in share.items()}, accelerator, reserve):
+                fits = size
+                break
+    agreed = min(accelerator.gather(torch.tensor([fits], device=accelerator.device)).tolist())
+    if agreed == 0:
+        raise TrainingError(f"not even {micro_batches(cfg.batch_size, accelerator.num_processes)[-1]} windows of "
+                            f"up to {cfg.max_length} tokens per forward pass fit in memory: lower max_length or "
+                            f"set gradient_checkpointing=true")
+    return agreed
+
+
+def choose_batches(cfg: Config, model, dataset: EpochWindows, collate, accelerator,
+                   saved: TrainState | None) -> tuple[int, int]:
+    """``(micro-batch, grad_accum)``: the checkpoint's when resuming (the same batches again), else
+    ``fit_micro_batch``'s with ``auto_batch``, else the config's."""
+    if saved is not None and saved.micro_batch:
+        return saved.micro_batch, saved.grad_accum
+    if not cfg.auto_batch:
+        return cfg.batch_size, cfg.grad_accum
+    micro = fit_micro_batch(cfg, model, dataset, collate, accelerator)
+    grad_accum = cfg.grad_accum * cfg.batch_size // micro
+    if micro < cfg.batch_size:
+        accelerator.print(f"auto_batch: {cfg.batch_size} windows per forward pass do not fit in memory; "
+                          f"{micro} × grad_accum {grad_accum} instead (the same {cfg.batch_size * cfg.grad_accum} "
+                          f"windows per optimizer step)")
+    return micro, grad_accum
+
+
 # ---------------------------------------------------------------- the run folder
 
 def new_run_dir(cfg: Config) -> Path:
@@ -370,6 +440,8 @@ class TrainState:
     best_f1: float = -1.0
     running_loss: list = dataclasses.field(default_factory=list)   # per process: loss sum and count since the
     running_n: list = dataclasses.field(default_factory=list)      # last log record
+    micro_batch: int = 0            # windows per forward pass and passes per step actually used (auto_batch);
+    grad_accum: int = 0             # 0: a checkpoint from before auto_batch, the config's
 
 
 def read_trainer_state(checkpoint: Path) -> TrainState:
@@ -498,21 +570,27 @@ def start_run(cfg: Config, accelerator, resume: bool, overwrite: bool) -> Run:
     dataset = EpochWindows(encode(train_data, tokenizer, cfg.windows), cfg.train_windows, cfg.seed)
     dataset.start_epoch(0)
     report_training_data(cfg, accelerator, run_dir, train_data, len(dataset), checkpoint)
-    batches = EpochBatches(dataset, cfg.batch_size, cfg.group_by_length, cfg.seed, accelerator.num_processes)
-    batches.start_epoch(0)
-    steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.epochs
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8),
-                        generator=torch.Generator().manual_seed(cfg.seed))   # else its base seed is drawn from
-    if cfg.gradient_checkpointing:                                            # dropout's (the global) RNG
+    if cfg.gradient_checkpointing:   # renamed in transformers 5; the old name goes in 6
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+    micro_batch, grad_accum = choose_batches(cfg, model, dataset, collate, accelerator,
+                                             read_trainer_state(checkpoint) if checkpoint else None)
+    accelerator.gradient_accumulation_steps = grad_accum
+    batches = EpochBatches(dataset, micro_batch, cfg.group_by_length, cfg.seed, accelerator.num_processes)
+    batches.start_epoch(0)
+    steps_per_epoch = math.ceil(len(batches) / grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    # an own generator: a DataLoader without one draws its base seed from the global RNG (dropout's)
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(cfg.seed))
     model.to(accelerator.device)
     optimizer = make_optimizer(model, cfg, accelerator.device)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
     dev_enc = encode(dev_data, tokenizer, cfg.windows) if dev_data else None
     run = Run(cfg, accelerator, run_dir, model, tokenizer, optimizer, scheduler, loader, dataset, batches,
-              dev_data, dev_enc, steps_per_epoch, total_steps, TrainState())
+              dev_data, dev_enc, steps_per_epoch, total_steps, TrainState(micro_batch=micro_batch,
+                                                                          grad_accum=grad_accum))
     restore(run, checkpoint)
     return run
 
@@ -564,9 +642,10 @@ def fit(run: Run) -> None:
             run_epoch(run, epoch, progress)
     except torch.cuda.OutOfMemoryError as e:
         raise TrainingError(
-            f"GPU out of memory ({str(e).splitlines()[0]}). Lower batch_size (now {cfg.batch_size}) and raise "
-            f"grad_accum (now {cfg.grad_accum}) by the same factor, lower max_length (now {cfg.max_length}), "
-            f"or set gradient_checkpointing=true. The best model so far is in {run.run_dir / 'model'}.") from None
+            f"GPU out of memory ({str(e).splitlines()[0]}). Set auto_batch=true, or lower batch_size (now "
+            f"{run.state.micro_batch}) and raise grad_accum (now {run.state.grad_accum}) by the same factor, lower "
+            f"max_length (now {cfg.max_length}), or set gradient_checkpointing=true. The best model so far is in "
+            f"{run.run_dir / 'model'}.") from None
     except KeyboardInterrupt:
         last = list_checkpoints(run.run_dir)
         accelerator.print(f"\ninterrupted at step {run.state.step}. " + (

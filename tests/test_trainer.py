@@ -20,6 +20,7 @@ from hw7qa.decode import window_logits
 from hw7qa.run import demo_config, run_config, run_logits, run_tokenizer
 from hw7qa.tiny import build_tiny_model, build_tiny_tokenizer
 from hw7qa.train import (TrainState, checkpoint_due, epoch_rng, evaluate_due, is_better, list_checkpoints, log_due,
+                         micro_batches,
                          train)
 
 
@@ -250,3 +251,54 @@ def test_damaged_run_files_and_bad_model_paths_are_named(tmp_path, capsys):
     assert main(["demo", "--output-dir", str(tmp_path / "r2"), "--set", "model_name=./no/such-model"]) == 2
     assert "model_name='./no/such-model': no such folder" in capsys.readouterr().err
     assert not (tmp_path / "r2").exists()
+
+
+# ---------------------------------------------------------------- auto_batch
+
+def test_micro_batches_halve_while_processes_still_share_evenly():
+    assert micro_batches(16, 1) == [16, 8, 4, 2, 1] and micro_batches(16, 2) == [16, 8, 4, 2]
+    assert micro_batches(12, 1) == [12, 6, 3] and micro_batches(7, 1) == [7]
+
+
+def oom_above(monkeypatch, limit):
+    """Training forward passes of more than ``limit`` windows fail as a GPU out of memory does."""
+    from transformers import BertForQuestionAnswering
+    real = BertForQuestionAnswering.forward
+
+    def forward(self, input_ids=None, **kwargs):
+        if torch.is_grad_enabled() and input_ids.shape[0] > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, input_ids=input_ids, **kwargs)
+    monkeypatch.setattr(BertForQuestionAnswering, "forward", forward)
+
+
+def test_auto_batch_keeps_the_recipe_when_memory_is_short(tmp_path, monkeypatch, capsys):
+    knobs = {**QUICK, "epochs": 3, "batch_size": 16, "grad_accum": 1, "save_every": 2, "keep_checkpoints": 5}
+    fixed = train(demo_config(str(tmp_path / "fixed"), {**knobs, "batch_size": 4, "grad_accum": 4,
+                                                       "auto_batch": False}))
+    oom_above(monkeypatch, 4)
+    auto = train(demo_config(str(tmp_path / "auto"), knobs))
+    assert "16 windows per forward pass do not fit in memory; 4 × grad_accum 4 instead" in capsys.readouterr().out
+    assert read_metrics(auto) == read_metrics(fixed)          # the same steps, lr and losses: 4 × 4 is 16 × 1
+    state = json.loads((list_checkpoints(auto)[-1] / "trainer_state.json").read_text())
+    assert (state["micro_batch"], state["grad_accum"]) == (4, 4)
+
+    # a resumed run keeps the micro-batch it started with, even where more would fit now
+    crash_after = train_module.after_step
+
+    def crash_at_step_4(run, epoch_position):
+        crash_after(run, epoch_position)
+        if run.state.step == 4:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train_module, "after_step", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(demo_config(str(tmp_path / "cut"), knobs))
+    monkeypatch.undo()                                        # no OOM any more: 16 would fit
+    assert main(["train", "--resume", str(tmp_path / "cut")]) == 0
+    assert read_metrics(tmp_path / "cut") == read_metrics(auto)
+
+
+def test_auto_batch_gives_up_with_a_message_when_nothing_fits(tmp_path, monkeypatch, capsys):
+    oom_above(monkeypatch, 0)
+    assert main(["demo", "--output-dir", str(tmp_path / "run"), "--set", "test_file="]) == 3
+    assert "not even 1 windows of up to 128 tokens per forward pass fit in memory" in capsys.readouterr().err

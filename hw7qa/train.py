@@ -571,7 +571,8 @@ def start_run(cfg: Config, accelerator, resume: bool, overwrite: bool) -> Run:
     dataset.start_epoch(0)
     report_training_data(cfg, accelerator, run_dir, train_data, len(dataset), checkpoint)
     if cfg.gradient_checkpointing:   # renamed in transformers 5; the old name goes in 6
-        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
     micro_batch, grad_accum = choose_batches(cfg, model, dataset, collate, accelerator,
                                              read_trainer_state(checkpoint) if checkpoint else None)

@@ -54,6 +54,13 @@ def run_tokenizer(run_dir: str | Path, cfg):
     return load_tokenizer(Path(run_dir) / "model", cfg.isolate_digits, cfg.isolate_cjk)
 
 
+def split_logits(starts: np.ndarray, ends: np.ndarray, lengths: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per window ``(starts[a:b], ends[a:b])``, window ``i`` being the next ``lengths[i]`` positions
+    of the concatenated arrays; views, so all windows together hold the two arrays once."""
+    cuts = np.cumsum([0] + lengths)
+    return [(starts[a:b], ends[a:b]) for a, b in zip(cuts, cuts[1:])]
+
+
 def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: str = "inference", tokenizer=None):
     """``(enc, windows, logits)`` of the run's model on ``data`` with ``cfg``'s windows.
 
@@ -73,8 +80,8 @@ def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: s
         with np.load(path) as saved:
             lengths = [len(w.input_ids) for w in windows]
             if saved["lengths"].tolist() == lengths:
-                cuts = np.cumsum([0] + lengths)
-                return enc, windows, [(saved["starts"][a:b], saved["ends"][a:b]) for a, b in zip(cuts, cuts[1:])]
+                # each access of an NpzFile key reads the whole array again: read once, hand out views
+                return enc, windows, split_logits(saved["starts"], saved["ends"], lengths)
     from transformers import AutoModelForQuestionAnswering
 
     from .train import check_max_length

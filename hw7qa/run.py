@@ -18,6 +18,7 @@ from .config import load_config
 from .data import QAData, load_qa_file
 from .decode import Prediction, decode_for, window_logits
 from .ensemble import ensemble_predictions
+from .files import atomic_write
 from .metrics import score
 from .report import unknown_characters, write_dev_predictions
 from .submission import check_result_csv, write_result_csv
@@ -90,12 +91,9 @@ def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: s
     model.to(accelerator.device if accelerator else "cuda" if torch.cuda.is_available() else "cpu")
     logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, desc, accelerator)
     if is_main(accelerator):
-        path.parent.mkdir(exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        with open(partial, "wb") as f:
+        with atomic_write(path, "wb") as f:
             np.savez(f, starts=np.concatenate([s for s, _ in logits]), ends=np.concatenate([e for _, e in logits]),
                      lengths=np.array([len(s) for s, _ in logits]))
-        partial.replace(path)
     return enc, windows, logits
 
 

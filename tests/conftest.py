@@ -86,3 +86,21 @@ def any_tokenizer(request, bert_tokenizer, sentencepiece_tokenizer):
         pytest.skip(f"no stand-in model at {STAND_IN} (build it with ../shared/tools/stand-in-model/build)")
     isolated = request.param == "stand-in-isolated"
     return load_tokenizer(STAND_IN, isolate_digits=isolated, isolate_cjk=isolated)
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Files that ``atomic_write`` opens fail on their first write as on a full disk: ``OSError``
+    ENOSPC naming no file, which is what the operating system raises."""
+    import errno
+    import hw7qa.files
+    real_fdopen = os.fdopen
+
+    def no_space(data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def fdopen(fd, *args, **kwargs):
+        f = real_fdopen(fd, *args, **kwargs)
+        f.write = no_space
+        return f
+    monkeypatch.setattr(hw7qa.files.os, "fdopen", fdopen)

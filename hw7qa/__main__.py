@@ -3,6 +3,7 @@
     python -m hw7qa train --config configs/bert-base.json --set lr=3e-5 epochs=2
     python -m hw7qa train --resume outputs/RUN          # continue an interrupted run from its last checkpoint
     python -m hw7qa predict outputs/RUN                 # test_file of the run → outputs/RUN/result.csv
+    python -m hw7qa predict outputs/RUN --file other.json   # → outputs/RUN/result-other.csv
     python -m hw7qa evaluate outputs/RUN                # dev_file of the run → EM and F1
     python -m hw7qa ensemble outputs/RUN1 outputs/RUN2 --split dev   # members' and ensemble's EM/F1
     python -m hw7qa ensemble outputs/RUN1 outputs/RUN2 --split test  # → outputs/ensemble-<time>/result.csv
@@ -19,7 +20,7 @@ from accelerate import PartialState
 from .config import load_config
 from .data import DataError, load_qa_file
 from .run import demo_config, ensemble_runs, evaluate_run, predict_test, resume_config, train_and_predict
-from .submission import check_result_csv
+from .submission import SubmissionError, check_result_csv
 from .train import TrainingError
 
 
@@ -38,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                        help="override inference settings, e.g. doc_stride=32")
         if name == "predict":
-            p.add_argument("--out", default="", help="CSV path (default: RUN/result.csv)")
+            p.add_argument("--out", default="", help="CSV path (default: RUN/result.csv for the run's own test "
+                           "file; RUN/result-<file stem>.csv for any other --file, so that the run's submission "
+                           "is never replaced)")
     p = sub.add_parser("ensemble", help="combine several runs' models (see hw7qa/ensemble.py)")
     p.add_argument("runs", nargs="+", help="two or more run folders made by train")
     p.add_argument("--split", choices=("dev", "test"), default="dev")
@@ -78,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             if PartialState().is_main_process:
                 print("demo finished. The model is tiny and random: its answers are not meaningful; "
                       f"the run proves the installation works. See {run_dir}")
+    except SubmissionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from .ensemble import ensemble_predictions
 from .files import atomic_write
 from .metrics import score
 from .report import unknown_characters, write_dev_predictions
-from .submission import check_result_csv, write_result_csv
+from .submission import SubmissionError, check_result_csv, write_result_csv
 from .windows import encode, eval_windows, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,19 +98,35 @@ def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: s
 
 
 def predict_test(run_dir: str | Path, test_file: str = "", out: str = "", overrides: list[str] | None = None) -> Path:
-    """Answer ``test_file`` (default: the run's) with the run's model; write and check result.csv."""
+    """Answer ``test_file`` (default: the run's) with the run's model; write and check the CSV.
+
+    The CSV goes to ``out`` if given, else to ``result_path``: answering another file never
+    replaces the run's own ``result.csv``. Raises ``SubmissionError`` if the CSV fails its check.
+    """
     accelerator = inference_accelerator()
     cfg = run_config(run_dir, overrides)
     data = load_qa_file(data_file_of(cfg, "test", test_file, run_dir))
     predictions = decode_for(cfg, *run_logits(run_dir, cfg, data, accelerator, desc="test"))
-    return write_and_check(data, predictions, out or Path(run_dir) / "result.csv", accelerator)
+    return write_and_check(data, predictions, out or result_path(run_dir, cfg, test_file), accelerator)
+
+
+def result_path(run_dir: str | Path, cfg, test_file: str = "") -> Path:
+    """Where ``predict`` writes without ``--out``: ``<run>/result.csv`` for the run's own test_file
+    (``test_file`` empty or the same file), ``<run>/result-<file stem>.csv`` for any other file."""
+    if not test_file or (cfg.test_file and Path(test_file).resolve() == Path(cfg.test_file).resolve()):
+        return Path(run_dir) / "result.csv"
+    return Path(run_dir) / f"result-{Path(test_file).stem}.csv"
 
 
 def write_and_check(data: QAData, predictions: list[Prediction], path: str | Path, accelerator=None) -> Path:
+    """Write the answers as a result.csv at ``path`` and check it (main process only); raises
+    ``SubmissionError`` with every problem if the written file is not a valid submission."""
     if is_main(accelerator):
         path = write_result_csv(data, [p.answer for p in predictions], path)
+        print(f"wrote {path} ({len(predictions)} answers)")
         problems = check_result_csv(path, data)
-        print(f"wrote {path} ({len(predictions)} answers)" + ("" if not problems else "; PROBLEMS:\n  " + "\n  ".join(problems)))
+        if problems:
+            raise SubmissionError(path, problems)
     return Path(path)
 
 

@@ -10,6 +10,14 @@ from .files import atomic_write
 HEADER = ["ID", "Answer"]
 
 
+class SubmissionError(Exception):
+    """A written result.csv that fails ``check_result_csv``; the message lists every problem."""
+
+    def __init__(self, path: str | Path, problems: list[str]):
+        super().__init__(f"{path} is not a valid submission, {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+        self.path, self.problems = Path(path), problems
+
+
 def write_result_csv(data: QAData, answers: list[str], path: str | Path) -> Path:
     """Write ``ID,Answer`` rows in the test file's order, commas removed, UTF-8, atomically.
 

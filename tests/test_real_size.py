@@ -40,7 +40,7 @@ def run_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("command, file, written", [
-    ("predict", "data/hw7-2021/hw7_test.json", "result.csv"),
+    ("predict", "data/hw7-2021/hw7_test.json", "result-hw7_test.csv"),
     ("evaluate", "data/hw7-2021/hw7_dev.json", "dev_predictions.jsonl"),
 ])
 def test_second_call_reads_the_cache_in_bounded_memory_and_writes_the_same(run_dir, command, file, written):

@@ -36,9 +36,13 @@ def write_result_csv(data: QAData, answers: list[str], path: str | Path) -> Path
 
 
 def check_result_csv(path: str | Path, data: QAData) -> list[str]:
-    """Everything wrong with ``path`` as a submission for ``data`` (an empty list means valid)."""
+    """Everything wrong with ``path`` as a submission for ``data`` (an empty list means valid).
+
+    Read as ``utf-8-sig``: a CSV saved by a Windows editor starts with a byte order mark that is
+    not part of the header.
+    """
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError) as e:
         return [f"{path}: cannot be read as UTF-8 text ({e})"]

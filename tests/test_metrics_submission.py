@@ -67,6 +67,13 @@ def test_full_disk_keeps_the_old_file_and_names_it(tmp_path, sample_test, full_d
     assert path.read_text(encoding="utf-8") == "old" and [p.name for p in tmp_path.iterdir()] == ["result.csv"]
 
 
+def test_check_accepts_a_csv_with_a_byte_order_mark(tmp_path, sample_test):
+    path = tmp_path / "excel.csv"
+    rows = ["ID,Answer"] + [f"{q.id},甲" for q in sample_test.questions]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8-sig")
+    assert check_result_csv(path, sample_test) == []
+
+
 def test_check_names_every_problem(tmp_path, sample_test):
     ids = [str(q.id) for q in sample_test.questions]
     lines = ["Id,Answer", f"{ids[0]},甲", f"{ids[0]},乙", "999,丙", f"{ids[1]},", f"{ids[2]},a,b"]

@@ -88,19 +88,24 @@ def any_tokenizer(request, bert_tokenizer, sentencepiece_tokenizer):
     return load_tokenizer(STAND_IN, isolate_digits=isolated, isolate_cjk=isolated)
 
 
+def fail_writes(monkeypatch, error: BaseException) -> None:
+    """Make files that ``atomic_write`` opens raise ``error`` on their first write."""
+    import hw7qa.files
+    real_fdopen = os.fdopen
+
+    def write(data):
+        raise error
+
+    def fdopen(fd, *args, **kwargs):
+        f = real_fdopen(fd, *args, **kwargs)
+        f.write = write
+        return f
+    monkeypatch.setattr(hw7qa.files.os, "fdopen", fdopen)
+
+
 @pytest.fixture
 def full_disk(monkeypatch):
     """Files that ``atomic_write`` opens fail on their first write as on a full disk: ``OSError``
     ENOSPC naming no file, which is what the operating system raises."""
     import errno
-    import hw7qa.files
-    real_fdopen = os.fdopen
-
-    def no_space(data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def fdopen(fd, *args, **kwargs):
-        f = real_fdopen(fd, *args, **kwargs)
-        f.write = no_space
-        return f
-    monkeypatch.setattr(hw7qa.files.os, "fdopen", fdopen)
+    fail_writes(monkeypatch, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))

@@ -1,10 +1,13 @@
 """The command line around files: where predict writes, exit codes, one-line errors."""
+import errno
 import json
+import os
+from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLE
-from hw7qa.__main__ import main
+from conftest import SAMPLE, fail_writes
+from hw7qa.__main__ import main, os_error_message
 
 
 @pytest.fixture(scope="module")
@@ -38,3 +41,82 @@ def test_predict_exits_1_when_the_written_csv_fails_its_check(run_dir, tmp_path,
     err = capsys.readouterr().err
     assert f"error: {run_dir / 'result-commas.csv'} is not a valid submission, 1 problem(s):" in err
     assert "line 2: ID '0' has an empty answer" in err
+
+
+@pytest.fixture
+def read_only(tmp_path, monkeypatch):
+    """A folder nothing can be created in. Root ignores permission bits, so creating a file or
+    folder directly inside it raises what the system raises for everyone else: EACCES."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+
+    def refusing(real):
+        def call(path, *args, **kwargs):
+            if Path(path).parent == folder:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+            return real(path, *args, **kwargs)
+        return call
+    monkeypatch.setattr(os, "open", refusing(os.open))
+    monkeypatch.setattr(os, "mkdir", refusing(os.mkdir))
+    return folder
+
+
+def last_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_output_dir_and_out_in_a_read_only_folder(run_dir, read_only, capsys):
+    assert main(["demo", "--output-dir", str(read_only / "run"), "--set", "epochs=1", "test_file="]) == 4
+    assert last_error_line(capsys) == f"error: permission denied ({read_only / 'run'})"
+    assert main(["predict", str(run_dir), "--out", str(read_only / "result.csv")]) == 4
+    assert last_error_line(capsys) == f"error: permission denied ({read_only / 'result.csv'})"
+    assert not any(read_only.iterdir())
+
+
+def test_a_file_where_a_folder_is_needed(run_dir, tmp_path, capsys):
+    (tmp_path / "notes").write_text("mine", encoding="utf-8")
+    assert main(["demo", "--output-dir", str(tmp_path / "notes" / "run"), "--set", "epochs=1", "test_file="]) == 2
+    assert last_error_line(capsys) == f"error: a file is in the way where a folder is needed ({tmp_path / 'notes' / 'run'})"
+    assert main(["predict", str(run_dir), "--out", str(tmp_path / "notes" / "result.csv")]) == 2
+    assert last_error_line(capsys) == f"error: a file is in the way where a folder is needed ({tmp_path / 'notes'})"
+    assert files_in(tmp_path) == {"notes": b"mine"}
+
+
+def test_out_that_is_a_folder(run_dir, tmp_path, capsys):
+    (tmp_path / "submissions").mkdir()
+    assert main(["predict", str(run_dir), "--out", str(tmp_path / "submissions")]) == 2
+    assert last_error_line(capsys) == f"error: this is a folder; a file name is needed ({tmp_path / 'submissions'})"
+    assert [p.name for p in tmp_path.iterdir()] == ["submissions"] and not any((tmp_path / "submissions").iterdir())
+
+
+def test_full_disk_keeps_the_previous_result_csv(run_dir, full_disk, capsys):
+    before = files_in(run_dir)
+    assert main(["predict", str(run_dir)]) == 4
+    assert last_error_line(capsys) == f"error: no space left on the disk ({run_dir / 'result.csv'})"
+    assert files_in(run_dir) == before                      # result.csv as it was, no temporary left
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(run_dir, monkeypatch, capsys):
+    before = files_in(run_dir)
+    fail_writes(monkeypatch, KeyboardInterrupt())            # Ctrl-C while result.csv is written
+    assert main(["predict", str(run_dir)]) == 130
+    assert last_error_line(capsys) == "interrupted (Ctrl-C)"
+    assert files_in(run_dir) == before
+
+
+@pytest.mark.parametrize("error, message, code", [
+    (OSError(errno.EROFS, "Read-only file system", "/mnt/run"), "read-only file system (/mnt/run)", 4),
+    (OSError(errno.EIO, "Input/output error", "/mnt/run/x"), "input/output error (/mnt/run/x)", 4),
+    (OSError(errno.ENOTEMPTY, "Directory not empty", "a.partial", None, "a"), "directory not empty (a.partial → a)", 4),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "c.json"), "no such file or folder (c.json)", 2),
+    (FileNotFoundError("run: no config.json; is this a run folder made by 'train'?"),
+     "run: no config.json; is this a run folder made by 'train'?", 2),
+])
+def test_os_error_message(error, message, code):
+    assert os_error_message(error) == (message, code)

@@ -10,8 +10,8 @@
     python -m hw7qa check outputs/RUN/result.csv data/hw7_test.json
     python -m hw7qa demo                                # the whole pipeline offline on data/sample
 
-Every failure ends with one line on stderr, ``error: <what> (<path>)`` where a path is involved,
-and an exit code (``EXIT_CODES``).
+Expected failures print a message on stderr, not a traceback (an OSError as one line
+``error: <what> (<path>)``), and exit with one of ``EXIT_CODES``.
 """
 from __future__ import annotations
 

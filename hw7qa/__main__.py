@@ -30,7 +30,7 @@ from .train import TrainingError
 
 EXIT_CODES = """exit codes:
   0    done
-  1    a result.csv is not a valid submission (check, or the one predict / ensemble wrote)
+  1    a result.csv is not a valid submission (check, or the one train / predict / ensemble wrote)
   2    bad arguments or input: unknown setting, bad data file, missing file or run folder,
        a file where a folder is needed or the other way round
   3    training stopped (non-finite loss, GPU out of memory)
@@ -41,7 +41,7 @@ EXIT_CODES = """exit codes:
 OS_ERRORS = {
     errno.ENOENT: ("no such file or folder", 2),
     errno.ENOTDIR: ("a file is in the way where a folder is needed", 2),
-    errno.EEXIST: ("a file is in the way where a folder is needed", 2),  # what mkdir(exist_ok=True) meets
+    errno.EEXIST: ("a file is in the way where a folder is needed", 2),  # mkdir(exist_ok=True) on a file
     errno.EISDIR: ("this is a folder; a file name is needed", 2),
     errno.EACCES: ("permission denied", 4),
     errno.EPERM: ("operation not permitted", 4),

@@ -26,7 +26,7 @@ def test_predict_on_another_file_never_replaces_the_runs_submission(run_dir, tmp
     assert main(["predict", str(run_dir), "--file", str(other)]) == 0
     assert f"wrote {run_dir / 'result-other.csv'} ({len(test['questions']) - 1} answers)" in capsys.readouterr().out
     assert (run_dir / "result.csv").read_bytes() == submission
-    # the run's own test file, named or not, still goes to result.csv
+    # the run's own test file, also when given with --file, goes to result.csv
     (run_dir / "result.csv").unlink()
     assert main(["predict", str(run_dir), "--file", str(SAMPLE / "hw7_test.json")]) == 0
     assert (run_dir / "result.csv").read_bytes() == submission

@@ -3,15 +3,20 @@
     python -m hw7qa train --config configs/bert-base.json --set lr=3e-5 epochs=2
     python -m hw7qa train --resume outputs/RUN          # continue an interrupted run from its last checkpoint
     python -m hw7qa predict outputs/RUN                 # test_file of the run → outputs/RUN/result.csv
+    python -m hw7qa predict outputs/RUN --file other.json   # → outputs/RUN/result-other.csv
     python -m hw7qa evaluate outputs/RUN                # dev_file of the run → EM and F1
     python -m hw7qa ensemble outputs/RUN1 outputs/RUN2 --split dev   # members' and ensemble's EM/F1
     python -m hw7qa ensemble outputs/RUN1 outputs/RUN2 --split test  # → outputs/ensemble-<time>/result.csv
     python -m hw7qa check outputs/RUN/result.csv data/hw7_test.json
     python -m hw7qa demo                                # the whole pipeline offline on data/sample
+
+Expected failures print a message on stderr, not a traceback (an OSError as one line
+``error: <what> (<path>)``), and exit with one of ``EXIT_CODES``.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from accelerate import PartialState
@@ -19,12 +24,46 @@ from accelerate import PartialState
 from .config import load_config
 from .data import DataError, load_qa_file
 from .run import demo_config, ensemble_runs, evaluate_run, predict_test, resume_config, train_and_predict
-from .submission import check_result_csv
+from .submission import SubmissionError, check_result_csv
 from .train import TrainingError
 
 
+EXIT_CODES = """exit codes:
+  0    done
+  1    a result.csv is not a valid submission (check, or the one train / predict / ensemble wrote)
+  2    bad arguments or input: unknown setting, bad data file, missing file or run folder,
+       a file where a folder is needed or the other way round
+  3    training stopped (non-finite loss, GPU out of memory)
+  4    the system refused to read or write: permission denied, read-only or full disk
+  130  interrupted (Ctrl-C)"""
+
+# errno → what went wrong, in words, and the exit code (see EXIT_CODES)
+OS_ERRORS = {
+    errno.ENOENT: ("no such file or folder", 2),
+    errno.ENOTDIR: ("a file is in the way where a folder is needed", 2),
+    errno.EEXIST: ("a file is in the way where a folder is needed", 2),  # mkdir(exist_ok=True) on a file
+    errno.EISDIR: ("this is a folder; a file name is needed", 2),
+    errno.EACCES: ("permission denied", 4),
+    errno.EPERM: ("operation not permitted", 4),
+    errno.EROFS: ("read-only file system", 4),
+    errno.ENOSPC: ("no space left on the disk", 4),
+    errno.EDQUOT: ("disk quota exceeded", 4),
+}
+
+
+def os_error_message(e: OSError) -> tuple[str, int]:
+    """``(<what> (<path>), exit code)`` for an OSError. One without an errno carries its own
+    sentence (this package raises FileNotFoundError for a folder that is not a run)."""
+    if e.errno is None:
+        return str(e), 2 if isinstance(e, FileNotFoundError) else 4
+    what, code = OS_ERRORS.get(e.errno, ((e.strerror or errno.errorcode.get(e.errno, "")).lower(), 4))
+    paths = " → ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    return (f"{what} ({paths})" if paths else what), code
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hw7qa", description="HW7 Chinese extractive QA")
+    parser = argparse.ArgumentParser(prog="python -m hw7qa", description="HW7 Chinese extractive QA",
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="fine-tune; predicts the test file too when one is configured")
     p.add_argument("--config", help="a JSON preset, e.g. configs/bert-base.json")
@@ -41,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                        help="override inference settings, e.g. doc_stride=32")
         if name == "predict":
-            p.add_argument("--out", default="", help="CSV path (default: RUN/result.csv)")
+            p.add_argument("--out", default="", help="CSV path (default: RUN/result.csv for the run's own test "
+                           "file; RUN/result-<file stem>.csv for any other --file, so that the run's submission "
+                           "is never replaced)")
     p = sub.add_parser("ensemble", help="combine several runs' models (see hw7qa/ensemble.py)")
     p.add_argument("runs", nargs="+", help="two or more run folders made by train")
     p.add_argument("--split", choices=("dev", "test"), default="dev")
@@ -81,12 +122,22 @@ def main(argv: list[str] | None = None) -> int:
             if PartialState().is_main_process:
                 print("demo finished. The model is tiny and random: its answers are not meaningful; "
                       f"the run proves the installation works. See {run_dir}")
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except SubmissionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 3
+    except OSError as e:
+        message, code = os_error_message(e)
+        print(f"error: {message}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .data import QAData, Question
 from .decode import Prediction
+from .files import atomic_write
 from .metrics import char_f1, exact_match
 
 
@@ -88,9 +89,9 @@ def unknown_characters(tokenizer, texts: list[str]) -> set[str]:
 def write_dev_predictions(path: str | Path, data: QAData, predictions: list[Prediction],
                           unknown_chars: set[str] = frozenset()) -> dict[str, int]:
     """One JSON line per question (id, question, gold, predicted, score, window, em, f1, kind);
-    returns how many questions fall in each ``error_kind``."""
+    returns how many questions fall in each ``error_kind``. Written whole or not at all (``atomic_write``)."""
     counts: dict[str, int] = {}
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path, encoding="utf-8") as f:
         for q, p in zip(data.questions, predictions):
             kind = error_kind(p.answer, q.answer_text, unknown_chars)
             counts[kind] = counts.get(kind, 0) + 1

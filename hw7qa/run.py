@@ -20,9 +20,10 @@ from .data import QAData, load_qa_file
 from .decode import Prediction, decode_predictions, window_logits
 from .devices import accelerator_for, check_divisible, resolve_precision
 from .ensemble import ensemble_predictions
+from .files import atomic_write
 from .metrics import score
 from .report import unknown_characters, write_dev_predictions
-from .submission import check_result_csv, write_result_csv
+from .submission import SubmissionError, check_result_csv, write_result_csv
 from .windows import encode, eval_windows, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +63,13 @@ def run_tokenizer(run_dir: str | Path, cfg):
     return load_tokenizer(Path(run_dir) / "model", cfg.isolate_digits, cfg.isolate_cjk)
 
 
+def split_logits(starts: np.ndarray, ends: np.ndarray, lengths: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per window ``(starts[a:b], ends[a:b])``, window ``i`` being the next ``lengths[i]`` positions
+    of the concatenated arrays; views, so all windows together hold the two arrays once."""
+    cuts = np.cumsum([0] + lengths)
+    return [(starts[a:b], ends[a:b]) for a, b in zip(cuts, cuts[1:])]
+
+
 def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: str = "inference", tokenizer=None):
     """``(enc, windows, logits)`` of the run's model on ``data`` with ``cfg``'s windows.
 
@@ -81,37 +89,50 @@ def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: s
         with np.load(path) as saved:
             lengths = [len(w.input_ids) for w in windows]
             if saved["lengths"].tolist() == lengths:
-                cuts = np.cumsum([0] + lengths)
-                return enc, windows, [(saved["starts"][a:b], saved["ends"][a:b]) for a, b in zip(cuts, cuts[1:])]
+                # each access of an NpzFile key reads the whole array again: read once, hand out views
+                return enc, windows, split_logits(saved["starts"], saved["ends"], lengths)
     from .train import check_max_length, load_model
     model = load_model(str(run_dir / "model"))
     check_max_length(model.config, cfg.max_length)
     model.to(accelerator.device if accelerator else "cuda" if torch.cuda.is_available() else "cpu")
     logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, cfg.mixed_precision, desc, accelerator)
     if is_main(accelerator):
-        path.parent.mkdir(exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        with open(partial, "wb") as f:
+        with atomic_write(path, "wb") as f:
             np.savez(f, starts=np.concatenate([s for s, _ in logits]), ends=np.concatenate([e for _, e in logits]),
                      lengths=np.array([len(s) for s, _ in logits]))
-        partial.replace(path)
     return enc, windows, logits
 
 
 def predict_test(run_dir: str | Path, test_file: str = "", out: str = "", overrides: list[str] | None = None) -> Path:
-    """Answer ``test_file`` (default: the run's) with the run's model; write and check result.csv."""
+    """Answer ``test_file`` (default: the run's) with the run's model; write and check the CSV.
+
+    The CSV goes to ``out`` if given, else to ``result_path``: answering another file never
+    replaces the run's own ``result.csv``. Raises ``SubmissionError`` if the CSV fails its check.
+    """
     cfg = run_config(run_dir, overrides)
     data = load_qa_file(data_file_of(cfg, "test", test_file, run_dir))
     with inference_processes(cfg) as accelerator:
         predictions = decode_predictions(*run_logits(run_dir, cfg, data, accelerator, desc="test"), cfg.decoding)
-        return write_and_check(data, predictions, out or Path(run_dir) / "result.csv", accelerator)
+        return write_and_check(data, predictions, out or result_path(run_dir, cfg, test_file), accelerator)
+
+
+def result_path(run_dir: str | Path, cfg, test_file: str = "") -> Path:
+    """Where ``predict`` writes without ``--out``: ``<run>/result.csv`` for the run's own test_file
+    (``test_file`` empty or the same file), ``<run>/result-<file stem>.csv`` for any other file."""
+    if not test_file or (cfg.test_file and Path(test_file).resolve() == Path(cfg.test_file).resolve()):
+        return Path(run_dir) / "result.csv"
+    return Path(run_dir) / f"result-{Path(test_file).stem}.csv"
 
 
 def write_and_check(data: QAData, predictions: list[Prediction], path: str | Path, accelerator=None) -> Path:
+    """Write the answers as a result.csv at ``path`` and check it (main process only); raises
+    ``SubmissionError`` with every problem if the written file is not a valid submission."""
     if is_main(accelerator):
         path = write_result_csv(data, [p.answer for p in predictions], path)
+        print(f"wrote {path} ({len(predictions)} answers)")
         problems = check_result_csv(path, data)
-        print(f"wrote {path} ({len(predictions)} answers)" + ("" if not problems else "; PROBLEMS:\n  " + "\n  ".join(problems)))
+        if problems:
+            raise SubmissionError(path, problems)
     return Path(path)
 
 

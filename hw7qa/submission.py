@@ -2,43 +2,47 @@
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from pathlib import Path
 
 from .data import QAData
+from .files import atomic_write
 
 HEADER = ["ID", "Answer"]
+
+
+class SubmissionError(Exception):
+    """A written result.csv that fails ``check_result_csv``; the message lists every problem."""
+
+    def __init__(self, path: str | Path, problems: list[str]):
+        super().__init__(f"{path} is not a valid submission, {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+        self.path, self.problems = Path(path), problems
 
 
 def write_result_csv(data: QAData, answers: list[str], path: str | Path) -> Path:
     """Write ``ID,Answer`` rows in the test file's order, commas removed, UTF-8, atomically.
 
-    The file is written to a temporary name in the same folder and renamed, so an interrupted run
-    never leaves a half-written ``result.csv``.
+    See ``files.atomic_write``: an interrupted or failed write (a full disk, Ctrl-C) leaves the
+    previous ``result.csv`` as it was and no temporary file; one left by a killed process is
+    removed by the next write.
     """
     if len(answers) != len(data.questions):
         raise ValueError(f"{len(answers)} answers for {len(data.questions)} questions of {data.path}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(HEADER)
-            for q, answer in zip(data.questions, answers):
-                writer.writerow([q.id, answer.replace(",", "").replace("\n", " ")])
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path, encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(HEADER)
+        for q, answer in zip(data.questions, answers):
+            writer.writerow([q.id, answer.replace(",", "").replace("\n", " ")])
+    return Path(path)
 
 
 def check_result_csv(path: str | Path, data: QAData) -> list[str]:
-    """Everything wrong with ``path`` as a submission for ``data`` (an empty list means valid)."""
+    """Everything wrong with ``path`` as a submission for ``data`` (an empty list means valid).
+
+    Read as ``utf-8-sig``: a CSV saved by a Windows editor starts with a byte order mark that is
+    not part of the header.
+    """
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError) as e:
         return [f"{path}: cannot be read as UTF-8 text ({e})"]

@@ -86,3 +86,26 @@ def any_tokenizer(request, bert_tokenizer, sentencepiece_tokenizer):
         pytest.skip(f"no stand-in model at {STAND_IN} (build it with ../shared/tools/stand-in-model/build)")
     isolated = request.param == "stand-in-isolated"
     return load_tokenizer(STAND_IN, isolate_digits=isolated, isolate_cjk=isolated)
+
+
+def fail_writes(monkeypatch, error: BaseException) -> None:
+    """Make files that ``atomic_write`` opens raise ``error`` on their first write."""
+    import hw7qa.files
+    real_fdopen = os.fdopen
+
+    def write(data):
+        raise error
+
+    def fdopen(fd, *args, **kwargs):
+        f = real_fdopen(fd, *args, **kwargs)
+        f.write = write
+        return f
+    monkeypatch.setattr(hw7qa.files.os, "fdopen", fdopen)
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Files that ``atomic_write`` opens fail on their first write as on a full disk: ``OSError``
+    ENOSPC naming no file, which is what the operating system raises."""
+    import errno
+    fail_writes(monkeypatch, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from conftest import shared_path
-from hw7qa.data import DataError, concat_data, load_qa_file, save_hw7, validate
+from hw7qa.data import DataError, Question, concat_data, load_qa_file, save_hw7, validate
 
 
 def write(tmp_path, obj, name="f.json"):
@@ -64,6 +64,27 @@ def test_each_validation_error_names_file_question_and_problem(tmp_path, bad, me
         load_qa_file(path)
     text = str(err.value)
     assert str(path) in text and message in text and "7" in text
+
+
+def test_test_file_without_answer_keys_loads_but_not_for_training(tmp_path):
+    bare = {k: v for k, v in question().items() if not k.startswith("answer_")}
+    path = write(tmp_path, hw7([bare]))
+    assert load_qa_file(path).questions[0] == Question(0, "問?", 0)
+    with pytest.raises(DataError, match="question id 0: no answer, but this file is used for training or evaluation"):
+        load_qa_file(path, need_answers=True)
+
+
+def test_json_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_text(json.dumps(hw7([question()]), ensure_ascii=False), encoding="utf-8-sig")
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert load_qa_file(path, need_answers=True).questions == load_qa_file(write(tmp_path, hw7([question()]))).questions
+
+
+def test_ids_are_unique_as_result_csv_writes_them(tmp_path):
+    path = write(tmp_path, hw7([question(id=4), question(id="4")]))
+    with pytest.raises(DataError, match=r"question id '4': duplicate id \(written as 4 in result.csv, like id 4\)"):
+        load_qa_file(path)
 
 
 def test_duplicate_ids_and_empty_paragraph(tmp_path):

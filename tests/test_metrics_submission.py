@@ -1,4 +1,7 @@
 import csv
+import errno
+import os
+import tempfile
 
 import pytest
 
@@ -40,6 +43,35 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, sample_test):
     with pytest.raises(ValueError):
         write_result_csv(sample_test, ["only one"], path)
     assert path.read_text(encoding="utf-8") == "old"
+
+
+def test_a_killed_writes_temporary_is_removed_by_the_next_write(tmp_path, sample_test):
+    # what kill -9 during write_result_csv leaves: a hidden temporary beside result.csv
+    fd, stale = tempfile.mkstemp(dir=tmp_path, prefix=".result.csv.", suffix=".tmp")
+    os.write(fd, b"ID,Answer\n0,")
+    os.close(fd)
+    others = [".result.csv.bak", ".other.csv.abcd1234.tmp", "result-other.csv"]
+    for name in others:
+        (tmp_path / name).write_text("keep", encoding="utf-8")
+    write_result_csv(sample_test, ["甲"] * len(sample_test.questions), tmp_path / "result.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others + ["result.csv"])
+    assert all((tmp_path / name).read_text(encoding="utf-8") == "keep" for name in others)
+
+
+def test_full_disk_keeps_the_old_file_and_names_it(tmp_path, sample_test, full_disk):
+    path = tmp_path / "result.csv"
+    path.write_text("old", encoding="utf-8")
+    with pytest.raises(OSError) as err:
+        write_result_csv(sample_test, ["甲"] * len(sample_test.questions), path)
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
+    assert path.read_text(encoding="utf-8") == "old" and [p.name for p in tmp_path.iterdir()] == ["result.csv"]
+
+
+def test_check_accepts_a_csv_with_a_byte_order_mark(tmp_path, sample_test):
+    path = tmp_path / "excel.csv"
+    rows = ["ID,Answer"] + [f"{q.id},甲" for q in sample_test.questions]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8-sig")
+    assert check_result_csv(path, sample_test) == []
 
 
 def test_check_names_every_problem(tmp_path, sample_test):

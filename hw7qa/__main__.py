@@ -1,6 +1,6 @@
 """Command line: ``python -m hw7qa train|predict|evaluate|check|demo``.
 
-    python -m hw7qa train --config configs/bert-base.json --set lr=3e-5 epochs=2
+    python -m hw7qa train --config bert-base --set lr=3e-5 epochs=2   # a preset, or a JSON file
     python -m hw7qa train --resume outputs/RUN          # continue an interrupted run from its last checkpoint
     python -m hw7qa predict outputs/RUN                 # test_file of the run → outputs/RUN/result.csv
     python -m hw7qa predict outputs/RUN --file other.json   # → outputs/RUN/result-other.csv
@@ -8,7 +8,7 @@
     python -m hw7qa ensemble outputs/RUN1 outputs/RUN2 --split dev   # members' and ensemble's EM/F1
     python -m hw7qa ensemble outputs/RUN1 outputs/RUN2 --split test  # → outputs/ensemble-<time>/result.csv
     python -m hw7qa check outputs/RUN/result.csv data/hw7_test.json
-    python -m hw7qa demo                                # the whole pipeline offline on data/sample
+    python -m hw7qa demo                                # the whole pipeline offline on the shipped sample
 
 Expected failures print a message on stderr, not a traceback (an OSError as one line
 ``error: <what> (<path>)``), and exit with one of ``EXIT_CODES``.
@@ -19,13 +19,11 @@ import argparse
 import errno
 import sys
 
-from accelerate import PartialState
-
-from .config import load_config
+# Only what every command needs: torch, transformers and accelerate are imported by the commands
+# that use them (run_command), so that --help, check and a mistyped argument answer at once.
+from .config import TrainingError, load_config
 from .data import DataError, load_qa_file
-from .run import demo_config, ensemble_runs, evaluate_run, predict_test, resume_config, train_and_predict
 from .submission import SubmissionError, check_result_csv
-from .train import TrainingError
 
 
 EXIT_CODES = """exit codes:
@@ -61,12 +59,13 @@ def os_error_message(e: OSError) -> tuple[str, int]:
     return (f"{what} ({paths})" if paths else what), code
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hw7qa", description="HW7 Chinese extractive QA",
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hw7qa", description="HW7 Chinese extractive QA",
                                      epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="fine-tune; predicts the test file too when one is configured")
-    p.add_argument("--config", help="a JSON preset, e.g. configs/bert-base.json")
+    p.add_argument("--config", help="a preset's name (bert-base, macbert-base, macbert-large, small-model, "
+                   "sample-recipe, demo) or a JSON file")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
     p.add_argument("--resume", metavar="RUN", help="continue this run folder from its newest checkpoint "
                    "(with the run's own config.json; --set may change only eval_batch_size, save_every, "
@@ -96,32 +95,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("csv")
     p.add_argument("test_json")
     p = sub.add_parser("demo", help="the whole pipeline offline on data/sample with a tiny random model")
-    p.add_argument("--output-dir", default="", help="run folder (default: outputs/demo-<time>)")
+    p.add_argument("--output-dir", default="", help="run folder (default: outputs/tiny-random-bert-<time>)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Do what ``args`` asks; the exit code of a command that finished (see EXIT_CODES)."""
+    if args.command == "check":
+        problems = check_result_csv(args.csv, load_qa_file(args.test_json))
+        print("\n".join(problems) if problems else f"{args.csv}: valid ({args.test_json})")
+        return 1 if problems else 0
+    from .run import (demo_config, ensemble_runs, evaluate_run, predict_test, preset_path, resume_config,
+                      train_and_predict)
+    if args.command == "train" and args.resume:
+        if args.config:
+            raise ValueError("--resume uses the run's own config.json; leave out --config")
+        train_and_predict(resume_config(args.resume, args.set), resume=True)
+    elif args.command == "train":
+        train_and_predict(load_config(preset_path(args.config), args.set), overwrite=args.overwrite)
+    elif args.command == "predict":
+        predict_test(args.run, args.file, args.out, args.set)
+    elif args.command == "evaluate":
+        evaluate_run(args.run, args.file, args.set)
+    elif args.command == "ensemble":
+        ensemble_runs(args.runs, args.split, args.file, args.output_dir, args.method)
+    elif args.command == "demo":
+        from accelerate import PartialState
+        run_dir = train_and_predict(demo_config(args.output_dir, args.set))
+        if PartialState().is_main_process:
+            print("demo finished. The model is tiny and random: its answers are not meaningful; "
+                  f"the run proves the installation works. See {run_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     try:
-        if args.command == "train" and args.resume:
-            if args.config:
-                raise ValueError("--resume uses the run's own config.json; leave out --config")
-            train_and_predict(resume_config(args.resume, args.set), resume=True)
-        elif args.command == "train":
-            train_and_predict(load_config(args.config, args.set), overwrite=args.overwrite)
-        elif args.command == "predict":
-            predict_test(args.run, args.file, args.out, args.set)
-        elif args.command == "evaluate":
-            evaluate_run(args.run, args.file, args.set)
-        elif args.command == "ensemble":
-            ensemble_runs(args.runs, args.split, args.file, args.output_dir, args.method)
-        elif args.command == "check":
-            problems = check_result_csv(args.csv, load_qa_file(args.test_json))
-            print("\n".join(problems) if problems else f"{args.csv}: valid ({args.test_json})")
-            return 1 if problems else 0
-        elif args.command == "demo":
-            run_dir = train_and_predict(demo_config(args.output_dir, args.set))
-            if PartialState().is_main_process:
-                print("demo finished. The model is tiny and random: its answers are not meaningful; "
-                      f"the run proves the installation works. See {run_dir}")
+        return run_command(args)
     except SubmissionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -138,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted (Ctrl-C)", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -22,6 +22,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says which knobs to change. (Here, not in train.py, so that
+    the command line can catch it without importing torch.)"""
+
+
 TINY_MODEL = "tiny-random-bert"  # model_name that builds a small random BERT offline (demo, tests)
 
 # transformers.get_scheduler's names that need nothing but the warmup and total steps. "constant"

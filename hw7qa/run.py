@@ -26,7 +26,11 @@ from .report import unknown_characters, write_dev_predictions
 from .submission import SubmissionError, check_result_csv, write_result_csv
 from .windows import encode, eval_windows, load_tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = Path(__file__).resolve().parent
+# The presets and the demo's sample data: hw7qa/presets and hw7qa/sample in an installed package
+# (pyproject.toml maps them there), configs/ and data/sample/ in a checkout of the repository.
+PRESETS = PACKAGE / "presets" if (PACKAGE / "presets").is_dir() else PACKAGE.parent / "configs"
+SAMPLE = PACKAGE / "sample" if (PACKAGE / "sample").is_dir() else PACKAGE.parent / "data" / "sample"
 
 
 @contextlib.contextmanager
@@ -235,8 +239,21 @@ def resume_config(run_dir: str | Path, overrides: list[str] | dict | None = None
     return check_resume(saved, apply_overrides(saved, overrides or []), run_dir)
 
 
+def preset_path(name_or_path: str | None) -> Path | None:
+    """A JSON file as given, or the shipped preset of that name (``bert-base`` or ``bert-base.json``)."""
+    if not name_or_path or Path(name_or_path).is_file():
+        return Path(name_or_path) if name_or_path else None
+    preset = PRESETS / Path(name_or_path).with_suffix(".json").name
+    if preset.is_file() and Path(name_or_path).parent == Path("."):
+        return preset
+    names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.json")))
+    raise FileNotFoundError(f"{name_or_path}: no such file, and no preset of that name ({names})")
+
+
 def demo_config(output_dir: str = "", overrides: list[str] | None = None):
-    """configs/demo.json with its data paths made absolute, so the demo runs from any folder."""
-    cfg = load_config(ROOT / "configs" / "demo.json", overrides)
-    paths = {k: str(ROOT / getattr(cfg, k)) for k in ("train_file", "dev_file", "test_file") if getattr(cfg, k)}
+    """The demo preset with its data files pointed at the shipped sample, so that the demo runs
+    from any folder, installed or in a checkout."""
+    cfg = load_config(PRESETS / "demo.json", overrides)
+    paths = {k: str(SAMPLE / Path(getattr(cfg, k)).name) for k in ("train_file", "dev_file", "test_file")
+             if getattr(cfg, k)}
     return dataclasses.replace(cfg, **paths, output_dir=output_dir or cfg.output_dir)

@@ -39,16 +39,12 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding
 
 from . import tiny
-from .config import TINY_MODEL, Config, check_resume, load_config, read_json, save_config
+from .config import TINY_MODEL, Config, TrainingError, check_resume, load_config, read_json, save_config
 from .data import QAData, concat_data, load_qa_file
 from .decode import predict_encoded
 from .devices import accelerator_for, check_divisible
 from .metrics import score
 from .windows import Encoded, encode, features, load_tokenizer, train_windows
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message says which knobs to change."""
 
 
 # ---------------------------------------------------------------- model and tokenizer

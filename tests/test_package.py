@@ -1,0 +1,65 @@
+"""The package as users install it: a wheel, installed outside the checkout, runs the demo with
+the presets and sample data it ships; the command line answers at once where it needs no model."""
+import subprocess
+import sys
+import venv
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """A virtual environment, outside the checkout, with the wheel of this checkout installed. It
+    sees this interpreter's packages (torch & co. are not installed twice) but not the checkout."""
+    root = tmp_path_factory.mktemp("package")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(root / "wheel")], check=True, capture_output=True)
+    venv.create(root / "env", system_site_packages=True, with_pip=False)
+    python = root / "env" / "bin" / "python"
+    [wheel] = (root / "wheel").glob("hw7qa-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+                   check=True, capture_output=True)
+    return root, python
+
+
+def run_in(folder, *command):
+    return subprocess.run([str(c) for c in command], cwd=folder, capture_output=True, text=True, timeout=600)
+
+
+def test_the_installed_wheel_runs_the_demo_outside_the_checkout(installed):
+    root, python = installed
+    (root / "work").mkdir()
+    where = run_in(root / "work", python, "-c", "import hw7qa; print(hw7qa.__file__)")
+    assert str(root / "env") in where.stdout                          # the installed copy, not the checkout
+    done = run_in(root / "work", root / "env" / "bin" / "hw7qa", "demo", "--output-dir", "run", "--set", "epochs=2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "demo finished" in done.stdout
+    rows = (root / "work" / "run" / "result.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0] == "ID,Answer" and len(rows) == 14                 # the 13 questions of the shipped sample
+    preset = run_in(root / "work", python, "-m", "hw7qa", "train", "--config", "no-such-preset")
+    assert preset.returncode == 2 and "bert-base, demo, macbert-base" in preset.stderr
+
+
+PROBE = """
+import sys
+try:
+    from hw7qa.__main__ import main
+    code = main(sys.argv[1:])
+except SystemExit as e:                     # argparse: --help and argument errors
+    code = e.code
+print("IMPORTED", sorted(m for m in ("torch", "transformers", "accelerate") if m in sys.modules))
+sys.exit(code)
+"""
+
+
+def test_commands_that_need_no_model_do_not_import_torch(tmp_path):
+    """--help, check and a mistyped argument answer at once: torch alone takes seconds to import."""
+    (tmp_path / "result.csv").write_text("ID,Answer\n", encoding="utf-8")
+    test_file = ROOT / "data" / "sample" / "hw7_test.json"
+    for args, code in ((["check", tmp_path / "result.csv", test_file], 1), (["train", "--sett", "x"], 2),
+                       (["--help"], 0)):
+        done = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], cwd=ROOT, capture_output=True,
+                              text=True)
+        assert done.returncode == code and "IMPORTED []" in done.stdout, (args, done.stdout, done.stderr)

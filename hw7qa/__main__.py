@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
+from pathlib import Path
 
 # Only what every command needs: torch, transformers and accelerate are imported by the commands
 # that use them (run_command), so that --help, check and a mistyped argument answer at once.
 from .config import TrainingError, load_config
 from .data import DataError, load_qa_file
+from .kaggle import KaggleError
 from .submission import SubmissionError, check_result_csv
 
 
@@ -33,6 +35,7 @@ EXIT_CODES = """exit codes:
        a file where a folder is needed or the other way round
   3    training stopped (non-finite loss, GPU out of memory)
   4    the system refused to read or write: permission denied, read-only or full disk
+  5    the kaggle command is missing or refused (credentials, rules not accepted)
   130  interrupted (Ctrl-C)"""
 
 # errno → what went wrong, in words, and the exit code (see EXIT_CODES)
@@ -94,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a result.csv against a test JSON")
     p.add_argument("csv")
     p.add_argument("test_json")
+    p = sub.add_parser("submit", help="check a run's result.csv, then submit it to Kaggle (the kaggle command)")
+    p.add_argument("run", help="a run folder (its result.csv, checked against its test_file), or a CSV file")
+    p.add_argument("-m", "--message", default="", help="the submission's description (default: the run's name)")
+    p.add_argument("--test-file", default="", help="the test JSON to check against (default: the run's test_file)")
+    p = sub.add_parser("download", help="the competition's JSON files from Kaggle into a folder")
+    p.add_argument("--dir", default="data", help="where they go (default: data)")
     p = sub.add_parser("demo", help="the whole pipeline offline on data/sample with a tiny random model")
     p.add_argument("--output-dir", default="", help="run folder (default: outputs/tiny-random-bert-<time>)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
@@ -106,6 +115,8 @@ def run_command(args: argparse.Namespace) -> int:
         problems = check_result_csv(args.csv, load_qa_file(args.test_json))
         print("\n".join(problems) if problems else f"{args.csv}: valid ({args.test_json})")
         return 1 if problems else 0
+    if args.command in ("submit", "download"):
+        return kaggle_command(args)
     from .run import (demo_config, ensemble_runs, evaluate_run, predict_test, preset_path, resume_config,
                       train_and_predict)
     if args.command == "train" and args.resume:
@@ -129,6 +140,20 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def kaggle_command(args: argparse.Namespace) -> int:
+    from . import kaggle
+    if args.command == "download":
+        print("\n".join(str(p) for p in kaggle.download(args.dir)))
+        return 0
+    run = Path(args.run)
+    csv_path = run / "result.csv" if run.is_dir() else run
+    test_file = args.test_file or (load_config(run / "config.json").test_file if run.is_dir() else "")
+    if not test_file:
+        raise ValueError("which test file does this CSV answer? give --test-file")
+    print(kaggle.submit(csv_path, load_qa_file(test_file), args.message or f"hw7qa {run.resolve().name}").strip())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -147,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         message, code = os_error_message(e)
         print(f"error: {message}", file=sys.stderr)
         return code
+    except KaggleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 5
     except KeyboardInterrupt:
         print("\ninterrupted (Ctrl-C)", file=sys.stderr)
         return 130

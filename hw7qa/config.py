@@ -35,7 +35,8 @@ LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "const
                 "inverse_sqrt")
 CHOICES = {"train_windows": ("random", "center", "all"),
            "mixed_precision": ("auto", "fp16", "bf16", "no"),
-           "lr_schedule": LR_SCHEDULES}
+           "lr_schedule": LR_SCHEDULES,
+           "log_with": ("none", "tensorboard", "wandb")}
 AT_LEAST_1 = ("max_length", "max_question_tokens", "doc_stride", "epochs", "batch_size", "grad_accum",
               "max_skipped_steps", "log_every", "eval_batch_size", "n_best", "max_answer_length")
 AT_LEAST_0 = ("max_paragraph_tokens", "eval_every", "save_every", "keep_checkpoints", "seed",
@@ -43,8 +44,8 @@ AT_LEAST_0 = ("max_paragraph_tokens", "eval_every", "save_every", "keep_checkpoi
 
 # Settings a resumed run may change: they do not shape the trained model. Every other field is
 # frozen in the run (see ``check_resume``).
-FREE_ON_RESUME = ("eval_batch_size", "save_every", "keep_checkpoints", "log_every", "max_skipped_steps",
-                  "test_file", "output_dir")
+FREE_ON_RESUME = ("eval_batch_size", "save_every", "keep_checkpoints", "log_every", "log_with",
+                  "max_skipped_steps", "test_file", "output_dir")
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class Config:
     max_skipped_steps: int = 20      # stop after this many optimizer steps in a row with a non-finite loss/gradients
     eval_every: int = 0              # evaluate on dev every N optimizer steps (0: at epoch ends only)
     log_every: int = 20              # append loss and lr to metrics.jsonl every N optimizer steps
+    log_with: str = "none"           # also to a tracker: tensorboard (<run>/tensorboard) | wandb | none
     save_every: int = 500            # checkpoint every N optimizer steps (0: at epoch ends only); see --resume
     keep_checkpoints: int = 1        # newest checkpoints kept in <run>/checkpoints (0: no checkpoints at all)
     final_fit: bool = False          # train on train_file + dev_file, no dev evaluation (the final submission)

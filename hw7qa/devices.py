@@ -41,19 +41,39 @@ def reset_accelerate_state() -> None:
 
 
 @contextlib.contextmanager
-def accelerator_for(precision: str = "no", grad_accum: int = 1):
+def accelerator_for(precision: str = "no", grad_accum: int = 1, log_with: str = "none", project_dir=None):
     """A new ``Accelerator`` that gives every batch's windows to the processes in equal parts
-    (``split_batches``: ``batch_size`` is the total over all processes), released on exit."""
+    (``split_batches``: ``batch_size`` is the total over all processes), released on exit.
+
+    ``log_with`` (``tensorboard``, ``wandb`` or ``none``) names accelerate's tracker; TensorBoard
+    writes below ``project_dir``. On exit the trackers are finished (not ``end_training``, which
+    would also end the process group that later calls still need).
+    """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
     reset_accelerate_state()
     accelerator = Accelerator(mixed_precision=resolve_precision(precision), gradient_accumulation_steps=grad_accum,
-                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+                              dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              log_with=None if log_with == "none" else log_with,
+                              project_dir=None if project_dir is None else str(project_dir))
     try:
         yield accelerator
     finally:
+        for tracker in accelerator.trackers:
+            tracker.finish()
         accelerator.free_memory()
         reset_accelerate_state()
+
+
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def check_tracker(log_with: str) -> None:
+    """accelerate silently drops a tracker whose package is missing: refuse it before the run starts."""
+    import importlib.util
+    packages = TRACKER_PACKAGES.get(log_with, ())
+    if packages and not any(importlib.util.find_spec(name) for name in packages):
+        raise ValueError(f"log_with={log_with} needs the {packages[0]} package: pip install {packages[0]}")
 
 
 def check_divisible(cfg, num_processes: int) -> None:

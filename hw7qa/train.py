@@ -42,7 +42,7 @@ from . import tiny
 from .config import TINY_MODEL, Config, TrainingError, check_resume, load_config, read_json, save_config
 from .data import QAData, concat_data, load_qa_file
 from .decode import predict_encoded
-from .devices import accelerator_for, check_divisible
+from .devices import accelerator_for, check_divisible, check_tracker
 from .metrics import score
 from .windows import Encoded, encode, features, load_tokenizer, train_windows
 
@@ -503,6 +503,9 @@ def is_better(scores: dict, state: TrainState) -> bool:
 
 # ---------------------------------------------------------------- the loop
 
+# accelerate's trackers: TensorBoard writes to <run>/tensorboard; Weights & Biases to the project hw7qa
+TRACKER_PROJECT = {"tensorboard": "tensorboard", "wandb": "hw7qa"}
+
 @dataclass
 class Run:
     """One training run: settings, the prepared objects, the state, and the device-side counters."""
@@ -534,8 +537,14 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     ``overwrite=True`` lets a new run replace the run in ``cfg.output_dir``; without it a new run
     refuses an existing one.
     """
-    with accelerator_for(cfg.mixed_precision, cfg.grad_accum) as accelerator:
-        run = start_run(cfg, accelerator, resume, overwrite)
+    from accelerate import PartialState
+    processes = PartialState()        # the processes of accelerate launch (or this one): no Accelerator yet
+    check_divisible(cfg, processes.num_processes)
+    check_tracker(cfg.log_with)
+    inputs = load_inputs(cfg)         # bad data, model or max_length stop the run before anything is written
+    run_dir, checkpoint = decided_on_main(processes, lambda: prepare_run_dir(cfg, resume, overwrite))
+    with accelerator_for(cfg.mixed_precision, cfg.grad_accum, cfg.log_with, run_dir) as accelerator:
+        run = start_run(cfg, accelerator, inputs, run_dir, checkpoint)
         fit(run)
         accelerator.wait_for_everyone()
         accelerator.print(f"best model: {run.run_dir / 'model'}" + (
@@ -544,28 +553,34 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
         return run.run_dir
 
 
-def load_training_data(cfg: Config) -> tuple[QAData, QAData | None]:
+@dataclass
+class Inputs:
+    """What a run starts from, loaded and checked before its folder is touched."""
+    train_data: QAData
+    dev_data: QAData | None
+    model: torch.nn.Module
+    tokenizer: object
+
+
+def load_inputs(cfg: Config) -> Inputs:
     train_data = load_qa_file(cfg.train_file, need_answers=True)
     dev_data = load_qa_file(cfg.dev_file, need_answers=True) if cfg.dev_file else None
     if cfg.final_fit:
-        return concat_data(train_data, dev_data), None
-    return train_data, dev_data
-
-
-def start_run(cfg: Config, accelerator, resume: bool, overwrite: bool) -> Run:
-    """Check everything that can fail before writing anything, then the run folder, then the
-    prepared model, optimizer, schedule and loader, and the state (from a checkpoint if resuming)."""
-    check_divisible(cfg, accelerator.num_processes)
-    train_data, dev_data = load_training_data(cfg)
+        train_data, dev_data = concat_data(train_data, dev_data), None
     model, tokenizer = load_model_and_tokenizer(cfg, train_data)
     check_max_length(model.config, cfg.max_length)
-    run_dir, checkpoint = decided_on_main(accelerator, lambda: prepare_run_dir(cfg, resume, overwrite))
+    return Inputs(train_data, dev_data, model, tokenizer)
+
+
+def start_run(cfg: Config, accelerator, inputs: Inputs, run_dir: Path, checkpoint: Path | None) -> Run:
+    """The prepared model, optimizer, schedule and loader, and the state (from ``checkpoint`` if
+    resuming); the tracker of ``log_with`` started."""
     accelerator.print(f"run folder: {run_dir}  device: {accelerator.device}  processes: "
                       f"{accelerator.num_processes}  precision: {accelerator.mixed_precision}")
-
-    dataset = EpochWindows(encode(train_data, tokenizer, cfg.windows), cfg.train_windows, cfg.seed)
+    model, tokenizer = inputs.model, inputs.tokenizer
+    dataset = EpochWindows(encode(inputs.train_data, tokenizer, cfg.windows), cfg.train_windows, cfg.seed)
     dataset.start_epoch(0)
-    report_training_data(cfg, accelerator, run_dir, train_data, len(dataset), checkpoint)
+    report_training_data(cfg, accelerator, run_dir, inputs.train_data, len(dataset), checkpoint)
     if cfg.gradient_checkpointing:   # renamed in transformers 5; the old name goes in 6
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
@@ -584,10 +599,12 @@ def start_run(cfg: Config, accelerator, resume: bool, overwrite: bool) -> Run:
     optimizer = make_optimizer(model, cfg, accelerator.device)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
-    dev_enc = encode(dev_data, tokenizer, cfg.windows) if dev_data else None
+    dev_enc = encode(inputs.dev_data, tokenizer, cfg.windows) if inputs.dev_data else None
+    if cfg.log_with != "none":
+        accelerator.init_trackers(TRACKER_PROJECT[cfg.log_with], config=dataclasses.asdict(cfg))
     run = Run(cfg, accelerator, run_dir, model, tokenizer, optimizer, scheduler, loader, dataset, batches,
-              dev_data, dev_enc, steps_per_epoch, total_steps, TrainState(micro_batch=micro_batch,
-                                                                          grad_accum=grad_accum))
+              inputs.dev_data, dev_enc, steps_per_epoch, total_steps, TrainState(micro_batch=micro_batch,
+                                                                                 grad_accum=grad_accum))
     restore(run, checkpoint)
     return run
 
@@ -728,6 +745,8 @@ def log(run: Run, epoch_position: float) -> None:
     if n and run.accelerator.is_main_process:
         log_metrics(run.run_dir, {"step": run.state.step, "epoch": round(epoch_position, 4), "loss": loss_sum / n,
                                   "lr": lr})
+    if n:
+        run.accelerator.log({"train/loss": loss_sum / n, "train/lr": lr}, step=run.state.step)
     run.loss_sum.zero_()
     run.loss_n.zero_()
 
@@ -741,6 +760,7 @@ def evaluate(run: Run, epoch_position: float) -> None:
     improved = is_better(scores, state)
     accelerator.print(f"step {state.step} (epoch {epoch_position:.2f}): dev EM {scores['em']:.4f} F1 "
                       f"{scores['f1']:.4f}" + ("  (best so far, saved)" if improved else ""))
+    accelerator.log({"dev/em": scores["em"], "dev/f1": scores["f1"]}, step=state.step)
     if accelerator.is_main_process:
         log_metrics(run.run_dir, {"step": state.step, "epoch": round(epoch_position, 4), "dev_em": scores["em"],
                                   "dev_f1": scores["f1"]})

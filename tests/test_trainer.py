@@ -302,3 +302,28 @@ def test_auto_batch_gives_up_with_a_message_when_nothing_fits(tmp_path, monkeypa
     oom_above(monkeypatch, 0)
     assert main(["demo", "--output-dir", str(tmp_path / "run"), "--set", "test_file="]) == 3
     assert "not even 1 windows of up to 128 tokens per forward pass fit in memory" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- trackers
+
+def test_tensorboard_gets_what_metrics_jsonl_gets(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = train(demo_config(str(tmp_path / "run"), {**QUICK, "log_with": "tensorboard"}))
+    [events] = (run / "tensorboard").glob("events.out.tfevents.*")
+    board = EventAccumulator(str(events))
+    board.Reload()
+    records = read_metrics(run)
+    for tag, key in (("train/loss", "loss"), ("train/lr", "lr"), ("dev/em", "dev_em"), ("dev/f1", "dev_f1")):
+        logged = [r for r in records if key in r]
+        scalars = board.Scalars(tag)                         # float32 values
+        assert [e.step for e in scalars] == [r["step"] for r in logged], tag
+        assert [e.value for e in scalars] == pytest.approx([r[key] for r in logged], rel=1e-6, abs=1e-9), tag
+
+
+def test_a_tracker_whose_package_is_missing_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
+    import hw7qa.devices
+    monkeypatch.setitem(hw7qa.devices.TRACKER_PACKAGES, "wandb", ("no_such_package_here",))
+    assert main(["demo", "--output-dir", str(tmp_path / "run"), "--set", "log_with=wandb"]) == 2
+    assert "log_with=wandb needs the no_such_package_here package" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -263,7 +263,7 @@ def micro_batches(batch_size: int, num_processes: int) -> list[int]:
 def step_fits(model, batch: dict, accelerator, reserve_bytes: int) -> bool:
     """Whether one forward and backward pass of ``batch`` fits in memory while ``reserve_bytes`` stay
     taken (the optimizer's moments, not allocated yet). Errors other than out-of-memory are raised."""
-    from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
+    from accelerate.utils.memory import release_memory, should_reduce_batch_size
     try:
         held = torch.empty(reserve_bytes, dtype=torch.uint8, device=accelerator.device)
         with accelerator.autocast():
@@ -276,7 +276,7 @@ def step_fits(model, batch: dict, accelerator, reserve_bytes: int) -> bool:
         return False
     finally:
         model.zero_grad(set_to_none=True)
-        clear_device_cache(garbage_collection=True)
+        release_memory()    # collects garbage and empties the device's cache
 
 
 def fit_micro_batch(cfg: Config, model, dataset: EpochWindows, collate, accelerator) -> int:

@@ -78,7 +78,7 @@ class Config:
     # --- windows (see windows.py; cfg.windows) ---
     max_length: int = 384            # tokens per window, special tokens included
     max_question_tokens: int = 64    # longer questions are cut (the sample code used 40)
-    doc_stride: int = 128            # tokens a window advances; smaller = more overlap
+    doc_stride: int = 128            # paragraph tokens a window advances (not HF's stride, the overlap); smaller = more overlap
     max_paragraph_tokens: int = 0    # cap on paragraph tokens per window (0: fill max_length; sample code: 150)
     train_windows: str = "random"    # random | center (the sample code) | all
     isolate_digits: bool = False     # split numbers into digits, so an answer may end inside "1900"

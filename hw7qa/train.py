@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding
 
@@ -541,6 +542,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     processes = PartialState()        # the processes of accelerate launch (or this one): no Accelerator yet
     check_divisible(cfg, processes.num_processes)
     check_tracker(cfg.log_with)
+    set_seed(cfg.seed)                # the new QA head's weights and dropout: python, numpy, torch, cuda
     inputs = load_inputs(cfg)         # bad data, model or max_length stop the run before anything is written
     run_dir, checkpoint = decided_on_main(processes, lambda: prepare_run_dir(cfg, resume, overwrite))
     with accelerator_for(cfg.mixed_precision, cfg.grad_accum, cfg.log_with, run_dir) as accelerator:

@@ -327,3 +327,21 @@ def test_a_tracker_whose_package_is_missing_is_refused_before_the_run(tmp_path, 
     assert main(["demo", "--output-dir", str(tmp_path / "run"), "--set", "log_with=wandb"]) == 2
     assert "log_with=wandb needs the no_such_package_here package" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_seed_decides_the_new_qa_head_and_dropout(tmp_path, sample_train):
+    """A pretrained encoder without a QA head (as every hub model): the head is initialised at random,
+    which must come from cfg.seed, not from whatever ran before in the process."""
+    from transformers import BertConfig, BertModel
+    tokenizer = build_tiny_tokenizer(sample_train.paragraphs + [q.question_text for q in sample_train.questions],
+                                     directory=tmp_path / "encoder")
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=128)).save_pretrained(tmp_path / "encoder")
+    knobs = {**QUICK, "epochs": 1, "model_name": str(tmp_path / "encoder")}
+    first = train(demo_config(str(tmp_path / "a"), knobs))
+    torch.rand(100)                                         # the process's RNG moves on
+    again = train(demo_config(str(tmp_path / "b"), knobs))
+    other = train(demo_config(str(tmp_path / "c"), {**knobs, "seed": 1}))
+    weights = [load_file(run / "model" / "model.safetensors") for run in (first, again, other)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not torch.equal(weights[0]["qa_outputs.weight"], weights[2]["qa_outputs.weight"])

@@ -296,7 +296,9 @@ def plan_run(cfg: Config, reuse: bool, overwrite: bool) -> str:
     ValueError saying why neither is allowed."""
     run_dir = Path(cfg.output_dir)
     if not (run_dir / "config.json").is_file():
-        return "train"          # train() itself refuses a non-empty folder that holds no run
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            raise ValueError(f"{run_dir} is not empty and holds no run: empty it or choose another --runs")
+        return "train"
     if reuse:
         changed = differing_settings(load_config(run_dir / "config.json"), cfg)
         if not changed:

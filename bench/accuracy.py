@@ -199,7 +199,7 @@ def markdown_tables(summary: dict, runs: list[dict]) -> str:
     conf = round(100 * summary.get("confidence", 0.95))
     lines = [f"| recipe | seeds | dev EM (mean ± sd) | EM range | dev F1 (mean ± sd) | F1 range "
              f"| ΔEM vs {summary['baseline']} [{conf}% CI] | ΔF1 [{conf}% CI] | decoding-oracle EM "
-             f"| empty answers | training windows | training min |",
+             f"| empty answers (mean) | training windows | training min (mean) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     windows = {r["recipe"]: r.get("train_windows", "") for r in runs}
     for row, e in summary["rows"].items():
@@ -393,8 +393,9 @@ def environment(device: str) -> dict:
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
-def write_results(out: Path, setup: dict, runs: list[dict], summary: dict) -> str:
-    """``out`` (JSON: setup, summary, then one line per run) and ``out`` with ``.md`` (the tables); the tables."""
+def write_results(out: Path, setup: dict, question_ids: list, runs: list[dict], summary: dict) -> str:
+    """``out`` (JSON: setup, the dev question ids in the order of every run's per-question lists,
+    summary, then one line per run) and ``out`` with ``.md`` (the tables); the markdown."""
     def clean(x):       # NaN (the sd of one seed) is no JSON
         if isinstance(x, float) and math.isnan(x):
             return None
@@ -406,6 +407,7 @@ def write_results(out: Path, setup: dict, runs: list[dict], summary: dict) -> st
     body = ",\n".join(json.dumps(clean(r), ensure_ascii=False) for r in runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("{\n" + f'"setup": {json.dumps(clean(setup), ensure_ascii=False, indent=1)},\n'
+                   f'"question_ids": {json.dumps(question_ids, ensure_ascii=False)},\n'
                    f'"summary": {json.dumps(clean(summary), ensure_ascii=False, indent=1)},\n'
                    f'"runs": [\n{body}\n]\n}}\n', encoding="utf-8")
     env = setup["environment"]
@@ -414,10 +416,27 @@ def write_results(out: Path, setup: dict, runs: list[dict], summary: dict) -> st
               f"questions); epochs {setup['epochs']}; seeds {','.join(map(str, setup['seeds']))}; device "
               f"{env['gpu'] or 'CPU'} ({env['cpu_cores']} cores); torch {env['torch']}, transformers "
               f"{env['transformers']}, accelerate {env['accelerate']}; {env['date']}\n\n"
-              f"`{setup['command']}`\n\n")
+              f"`{setup['command']}`\n\n" + (f"Summary recomputed from the saved runs: `{setup['summarized_by']}`\n\n"
+                                               if setup.get("summarized_by") else ""))
     tables = markdown_tables(summary, runs)
     out.with_suffix(".md").write_text(header + tables, encoding="utf-8")
     return header + tables
+
+
+def summarize_file(path: Path, baseline: str, n_boot: int, confidence: float) -> None:
+    """Recompute the summary and the tables of a saved result file from its runs' per-question scores."""
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    setup, runs = saved["setup"], saved["runs"]
+    question_ids = saved.get("question_ids", setup.pop("question_ids", None))
+    rows = list(dict.fromkeys(r["recipe"] for r in runs))
+    if baseline and baseline not in rows:
+        sys.exit(f"--baseline {baseline!r} is none of the rows: {', '.join(rows)}")
+    for r in runs:          # null in JSON: no training time recorded
+        r["train_minutes"] = math.nan if r["train_minutes"] is None else r["train_minutes"]
+    setup["summarized_by"] = "python " + " ".join(sys.argv)
+    summary = summarize_runs(runs, baseline or setup.get("rows", rows)[0], n_boot, confidence)
+    print(write_results(path, setup, question_ids, runs, summary))
+    print(f"rewritten: {path} and {path.with_suffix('.md')}")
 
 
 def main() -> None:
@@ -442,7 +461,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="for evaluation")
     parser.add_argument("--n-boot", type=int, default=5000, help="bootstrap replicates")
     parser.add_argument("--confidence", type=float, default=0.95)
+    parser.add_argument("--summarize", metavar="JSON", help="train nothing: recompute the summary and tables of a "
+                        "saved result file (e.g. with another --baseline, --n-boot or --confidence), rewriting it")
     args = parser.parse_args()
+    if args.summarize:
+        summarize_file(Path(args.summarize), args.baseline, args.n_boot, args.confidence)
+        return
 
     try:
         seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
@@ -488,16 +512,17 @@ def main() -> None:
 
     setup = {"command": "python " + " ".join(sys.argv), "model": args.model, "train": args.train,
              "train_limit": args.train_limit, "train_file_used": train_file, "dev": args.dev,
-             "dev_questions": n_dev, "question_ids": [q.id for q in dev.questions[:n_dev]],
+             "dev_questions": n_dev,
              "epochs": args.epochs, "seeds": seeds, "recipes": recipes, "rows": rows,
              "set": args.set, "environment": environment(args.device)}
     out = Path(args.out)
+    question_ids = [q.id for q in dev.questions[:n_dev]]
     runs: list[dict] = []
 
     def collect(results: list[dict]) -> None:
         runs.extend(results)
         summary = summarize_runs(runs, baseline, args.n_boot, args.confidence)
-        write_results(out, setup, runs, summary)
+        write_results(out, setup, question_ids, runs, summary)
 
     if args.jobs <= 1:
         for task in tasks:
@@ -511,7 +536,7 @@ def main() -> None:
             for results in pool.map(run_task, tasks):     # in task order: partial results stay paired
                 collect(results)
     summary = summarize_runs(runs, baseline, args.n_boot, args.confidence)
-    print("\n" + write_results(out, setup, runs, summary))
+    print("\n" + write_results(out, setup, question_ids, runs, summary))
     print(f"written: {out} and {out.with_suffix('.md')}")
 
 

@@ -1,31 +1,53 @@
-"""Accuracy, side by side: the course sample recipe against the project's, same model, data and seed.
+"""Accuracy, side by side and over seeds: the course sample recipe against the project's, same model and data.
 
-    python bench/accuracy.py                          # stand-in model, DRCD test → 2021 HW7 dev
-    python bench/accuracy.py --dev-limit 1000 --recipes sample,project
-    python bench/accuracy.py --model DIR_OR_HUB_NAME --train T.json --dev D.json --recipes project,bert-base
-    python bench/accuracy.py --reuse                  # evaluate the models of an earlier run again
+    python bench/accuracy.py                          # stand-in model, DRCD test → 2021 HW7 dev, seed 0
+    python bench/accuracy.py --seeds 0,1,2 --dev-limit 1000 --recipes sample,project
+    python bench/accuracy.py --seeds 0-4 --model DIR_OR_HUB_NAME --train T.json --dev D.json --recipes project,bert-base
+    python bench/accuracy.py --seeds 0,1,2 --reuse    # evaluate the models of an earlier run again
+    python bench/accuracy.py --seeds 0-4 --jobs 4     # on a GPU: 4 runs at once, each in its own process
 
-Each recipe is trained once (``hw7qa.train.train``, no dev evaluation during training) and then
-decoded on the dev questions. Recipes:
+Every (recipe, seed) is one training run (``hw7qa.train.train``, no dev evaluation during training)
+into ``--runs``/<recipe>-seed<N>, then decoded on the dev questions (on the GPU when there is one, at
+the recipe's ``mixed_precision``). Before each run the global RNGs (python, numpy, torch) are seeded
+with the run's seed, so the QA head's initialisation and the dropout masks depend on the seed too,
+not only the training windows and their order (which ``cfg.seed`` drives). Runs go seed by seed
+(every recipe of seed 0, then of seed 1, ...), so an interrupted benchmark leaves paired results.
+With ``--jobs 1`` (default) they run one after the other in this process (``train()`` is
+re-entrant); with ``--jobs N`` each run is a fresh process, N at a time.
+
+Recipes:
 
 - ``sample``: the course sample code — configs/sample-recipe.json (40-token questions, 150-token
   windows advancing 150, centred training window, lr 1e-4 constant, fp32) — decoded the way the
   sample's ``evaluate()`` decodes (``sample_decode`` below). Its row "sample+project-decoding"
-  decodes the same model with the project's decoding and the project's inference windows.
+  decodes the same models with the project's decoding and the project's inference windows.
 - ``project``: the project's recipe for small models, configs/small-model.json.
 - any other name: configs/<name>.json.
 
-Every recipe gets the same model, data, seed, epochs and batch size (``--batch-size``, unless the
+Every recipe gets the same model, data, seeds, epochs and batch size (``--batch-size``, unless the
 recipe is ``project`` or a preset that sets its own). The decoding-oracle EM puts the maximum
 logit on the gold tokens and decodes: what the windows and decoding alone lose.
-A table is printed and written to ``--out`` (JSON).
+
+Per row: mean, standard deviation and range over seeds of EM and F1 (``spread``), and the paired
+difference against ``--baseline`` (default: the first row) with a bootstrap confidence interval over
+seeds × questions (``paired_bootstrap``). Written to ``--out`` (JSON: the setup, every run's scores,
+settings and per-question answers, EM and F1, and the summary) and, beside it, the tables in
+markdown (``--out`` with ``.md``), which are also printed.
+
+An existing run folder is never replaced silently: ``--reuse`` evaluates a finished run's model/
+again (and continues an unfinished one from its last checkpoint) when the folder's settings are the
+benchmark's; ``--overwrite`` retrains it; with neither the benchmark stops before training anything.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import gc
 import json
+import math
 import os
+import platform
 import random
 import sys
 import time
@@ -37,16 +59,164 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-from hw7qa.config import load_config  # noqa: E402
+from hw7qa.config import FREE_ON_RESUME, Config, load_config  # noqa: E402
 from hw7qa.data import QAData, load_qa_file  # noqa: E402
-from hw7qa.decode import decode_predictions, oracle_logits, window_logits  # noqa: E402
-from hw7qa.metrics import score  # noqa: E402
-from hw7qa.train import load_model, train  # noqa: E402
-from hw7qa.windows import encode, eval_windows, load_tokenizer, train_windows  # noqa: E402
+from hw7qa.metrics import char_f1, exact_match  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 STAND_IN = Path.home() / ".cache/stand-in/multilingual-e5-small"
+PRESETS = {"sample": "sample-recipe", "project": "small-model"}
+FINISHED = "bench_train_minutes.json"     # written into a run folder once train() has returned
 
+
+# ---------------------------------------------------------------- statistics (pure)
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` → [0, 1, 2]; ranges are inclusive: ``"0-4"`` → [0, 1, 2, 3, 4], ``"0-2,7"`` →
+    [0, 1, 2, 7]. Order is kept; a seed given twice, a negative or empty item is a ValueError."""
+    seeds: list[int] = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            if "-" in item[1:]:
+                first, last = (int(part) for part in item.split("-", 1))
+                if last < first:
+                    raise ValueError
+                seeds += range(first, last + 1)
+            else:
+                seeds.append(int(item))
+        except ValueError:
+            raise ValueError(f"--seeds: {item!r} is not a seed (N) or a range (N-M)") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: seeds must be distinct and not negative")
+    return seeds
+
+
+def spread(values) -> dict:
+    """Mean, standard deviation and range of ``values`` (one number per seed).
+
+    Returns ``{"n", "mean", "sd", "min", "max"}``: ``mean`` = Σx / n; ``sd`` the sample standard
+    deviation √(Σ(x − mean)² / (n − 1)) (Bessel's n − 1, numpy ``ddof=1``), NaN when n = 1;
+    ``min`` and ``max`` the range. Raises ValueError for no values.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError("spread needs a non-empty list of numbers")
+    return {"n": int(x.size), "mean": float(x.mean()), "sd": float(x.std(ddof=1)) if x.size > 1 else math.nan,
+            "min": float(x.min()), "max": float(x.max())}
+
+
+def paired_bootstrap(scores, baseline, n_boot: int = 5000, confidence: float = 0.95, seed: int = 0,
+                     chunk: int = 250) -> dict:
+    """The paired difference ``mean(scores) − mean(baseline)`` and its percentile bootstrap interval
+    over seeds × questions.
+
+    ``scores`` and ``baseline`` are (seeds × questions) arrays of per-question scores (EM 0/1, or F1),
+    row s of both from the same seed, column q of both from the same question. With
+    D = scores − baseline (k seeds × n questions) the difference is the mean of D. One bootstrap
+    replicate draws k rows (seeds) with replacement and, independently, n columns (questions) with
+    replacement, the same draws for both recipes (that is the pairing), and takes the mean of D over
+    the drawn rows × columns, counted with multiplicity. The interval is the (1 − confidence)/2 and
+    (1 + confidence)/2 quantiles of ``n_boot`` replicates (numpy's default linear interpolation).
+    The seed draws and the question draws come from two generators spawned from
+    ``numpy.random.SeedSequence(seed)``: the same inputs always give the same interval.
+    ``chunk`` replicates are drawn at a time (memory only: any chunk gives the same draws).
+
+    Returns ``{"diff", "low", "high", "confidence", "n_boot", "seed", "n_seeds", "n_questions"}``.
+    With one seed only questions are resampled; with few seeds the interval is on the narrow side
+    (a bootstrap over k values sees (k − 1)/k of their variance).
+    """
+    a, b = np.asarray(scores, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2 or a.size == 0:
+        raise ValueError(f"paired_bootstrap needs two equal (seeds × questions) arrays, got {a.shape} and {b.shape}")
+    if not 0 < confidence < 1 or n_boot < 1:
+        raise ValueError("confidence must be in (0, 1) and n_boot at least 1")
+    d = a - b
+    k, n = d.shape
+    seed_rng, question_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    replicates = np.empty(n_boot)
+    for start in range(0, n_boot, chunk):
+        m = min(chunk, n_boot - start)
+        seed_counts = seed_rng.multinomial(k, np.full(k, 1 / k), size=m).astype(np.float64)
+        question_counts = question_rng.multinomial(n, np.full(n, 1 / n), size=m).astype(np.float64)
+        replicates[start:start + m] = ((seed_counts @ d) * question_counts).sum(axis=1) / (k * n)
+    low, high = np.quantile(replicates, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return {"diff": float(d.mean()), "low": float(low), "high": float(high), "confidence": confidence,
+            "n_boot": n_boot, "seed": seed, "n_seeds": k, "n_questions": n}
+
+
+def summarize_runs(runs: list[dict], baseline: str | None = None, n_boot: int = 5000, confidence: float = 0.95,
+                   seed: int = 0) -> dict:
+    """Per row (``run["recipe"]``, in order of first appearance): ``spread`` over its seeds of EM, F1,
+    decoding-oracle EM, empty answers and training minutes, and, for EM and F1, ``paired_bootstrap``
+    against the ``baseline`` row (default: the first row) over the seeds both rows have (none while
+    the baseline has no run yet: a benchmark in progress). A run is a
+    dict with ``recipe``, ``seed``, ``em``, ``f1``, ``oracle_em``, ``empty_answers``, ``train_minutes``
+    and ``per_question`` (``{"em": [...], "f1": [...]}``, the same questions in the same order in
+    every run)."""
+    rows = list(dict.fromkeys(r["recipe"] for r in runs))
+    if not rows:
+        return {"baseline": baseline, "rows": {}}
+    baseline = baseline or rows[0]
+    by_row = {row: {r["seed"]: r for r in runs if r["recipe"] == row} for row in rows}
+    out = {"baseline": baseline, "confidence": confidence, "n_boot": n_boot, "bootstrap_seed": seed, "rows": {}}
+    for row in rows:
+        seeds = sorted(by_row[row])
+        mine = [by_row[row][s] for s in seeds]
+        entry = {"seeds": seeds}
+        for key in ("em", "f1", "oracle_em", "empty_answers", "train_minutes"):
+            entry[key] = spread([r[key] for r in mine])
+        shared = [s for s in seeds if s in by_row.get(baseline, {})]
+        if shared:
+            entry["vs_baseline"] = {metric: paired_bootstrap(
+                [by_row[row][s]["per_question"][metric] for s in shared],
+                [by_row[baseline][s]["per_question"][metric] for s in shared], n_boot, confidence, seed)
+                for metric in ("em", "f1")}
+            entry["vs_baseline"]["seeds"] = shared
+        out["rows"][row] = entry
+    return out
+
+
+def _mean_sd(s: dict, digits: int = 4) -> str:
+    return f"{s['mean']:.{digits}f}" + ("" if math.isnan(s["sd"]) else f" ± {s['sd']:.{digits}f}")
+
+
+def _range(s: dict, digits: int = 3) -> str:
+    return f"{s['min']:.{digits}f}–{s['max']:.{digits}f}"
+
+
+def _diff(d: dict | None, is_baseline: bool) -> str:
+    if is_baseline:
+        return "(baseline)"
+    if d is None:
+        return "—"
+    return f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+
+
+def markdown_tables(summary: dict, runs: list[dict]) -> str:
+    """The summary table (one line per row: mean ± sd over seeds, range, paired difference to the
+    baseline with its interval) and the per-run table, in markdown."""
+    conf = round(100 * summary.get("confidence", 0.95))
+    lines = [f"| recipe | seeds | dev EM (mean ± sd) | EM range | dev F1 (mean ± sd) | F1 range "
+             f"| ΔEM vs {summary['baseline']} [{conf}% CI] | ΔF1 [{conf}% CI] | decoding-oracle EM "
+             f"| empty answers (mean) | training windows | training min (mean) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    windows = {r["recipe"]: r.get("train_windows", "") for r in runs}
+    for row, e in summary["rows"].items():
+        vs, base = e.get("vs_baseline", {}), row == summary["baseline"]
+        lines.append(f"| {row} | {len(e['seeds'])} | {_mean_sd(e['em'])} | {_range(e['em'])} | {_mean_sd(e['f1'])} "
+                     f"| {_range(e['f1'])} | {_diff(vs.get('em'), base)} | {_diff(vs.get('f1'), base)} "
+                     f"| {_mean_sd(e['oracle_em'], 3)} | {e['empty_answers']['mean']:g} | {windows[row]} "
+                     f"| {e['train_minutes']['mean']:.1f} |")
+    lines += ["", "| recipe | seed | dev EM | dev F1 | decoding-oracle EM | empty answers | training min | eval min |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(runs, key=lambda r: (list(summary["rows"]).index(r["recipe"]), r["seed"])):
+        lines.append(f"| {r['recipe']} | {r['seed']} | {r['em']:.4f} | {r['f1']:.4f} | {r['oracle_em']:.4f} "
+                     f"| {r['empty_answers']} | {r['train_minutes']:.1f} | {r['eval_minutes']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- decoding and evaluation
 
 def sample_decode(enc, windows, logits, tokenizer) -> list[str]:
     """What the course sample's ``evaluate()`` does: per window the argmax of start and the argmax of
@@ -65,10 +235,23 @@ def sample_decode(enc, windows, logits, tokenizer) -> list[str]:
     return answers
 
 
-def evaluate(cfg, model_dir, dev, sample_decoding=False):
-    """Dev EM/F1 and decoding-oracle EM of the model in ``model_dir`` with ``cfg``'s windows."""
+def eval_device(choice: str = "auto"):
+    import torch
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def evaluate(cfg, model_dir, dev, sample_decoding=False, model=None, device="auto"):
+    """Dev EM/F1 (and per question), decoding-oracle EM and empty answers of the model in ``model_dir``
+    with ``cfg``'s windows and decoding, its forward passes on ``device`` (``auto``: the GPU if there
+    is one) under autocast at ``cfg.mixed_precision``. ``model``: the already loaded model of
+    ``model_dir`` (moved to ``device`` here)."""
+    from hw7qa.decode import decode_predictions, oracle_logits, window_logits
+    from hw7qa.train import load_model
+    from hw7qa.windows import encode, eval_windows, load_tokenizer
     tokenizer = load_tokenizer(model_dir, cfg.isolate_digits, cfg.isolate_cjk)
-    model = load_model(str(model_dir))
+    model = (model if model is not None else load_model(str(model_dir))).to(eval_device(device))
     enc = encode(dev, tokenizer, cfg.windows)
     windows = eval_windows(enc)
     logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, cfg.mixed_precision, desc="dev")
@@ -79,77 +262,282 @@ def evaluate(cfg, model_dir, dev, sample_decoding=False):
             return sample_decode(enc, windows, logits_, tokenizer)
         return [p.answer for p in decode_predictions(enc, windows, logits_, cfg.decoding)]
     predicted = answers(logits)
-    result = score(predicted, gold)
-    result["oracle_em"] = score(answers(oracle_logits(enc, windows)), gold)["em"]
-    result["empty_answers"] = sum(not a for a in predicted)
-    result["eval_windows"] = len(windows)
-    return result
+    em = [exact_match(p, g) for p, g in zip(predicted, gold)]
+    f1 = [char_f1(p, g) for p, g in zip(predicted, gold)]
+    oracle = answers(oracle_logits(enc, windows))
+    return {"em": float(np.mean(em)), "f1": float(np.mean(f1)),
+            "oracle_em": float(np.mean([exact_match(p, g) for p, g in zip(oracle, gold)])),
+            "empty_answers": sum(not a for a in predicted), "eval_windows": len(windows),
+            "per_question": {"em": [int(x) for x in em], "f1": f1, "answer": predicted}}
+
+
+# ---------------------------------------------------------------- runs
+
+def differing_settings(saved: Config, wanted: Config) -> list[str]:
+    """The settings (other than ``FREE_ON_RESUME``) in which a run folder's config differs from ``wanted``."""
+    return [f"{f.name}={getattr(saved, f.name)!r} (benchmark: {getattr(wanted, f.name)!r})"
+            for f in dataclasses.fields(Config)
+            if f.name not in FREE_ON_RESUME and getattr(saved, f.name) != getattr(wanted, f.name)]
+
+
+def run_finished(run_dir: Path, cfg: Config) -> bool:
+    """Whether ``train()`` finished in ``run_dir``: the benchmark's marker, or (runs of other tools)
+    a model/ and a checkpoint at the end of the last epoch."""
+    if (run_dir / FINISHED).is_file():
+        return True
+    from hw7qa.train import list_checkpoints, read_trainer_state
+    checkpoints = list_checkpoints(run_dir)
+    return (run_dir / "model").is_dir() and bool(checkpoints) and \
+        read_trainer_state(checkpoints[-1]).epoch >= cfg.epochs
+
+
+def plan_run(cfg: Config, reuse: bool, overwrite: bool) -> str:
+    """What to do with ``cfg.output_dir``: ``train``, ``overwrite``, ``reuse`` or ``resume``; a
+    ValueError saying why neither is allowed."""
+    run_dir = Path(cfg.output_dir)
+    if not (run_dir / "config.json").is_file():
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            raise ValueError(f"{run_dir} is not empty and holds no run: empty it or choose another --runs")
+        return "train"
+    if reuse:
+        changed = differing_settings(load_config(run_dir / "config.json"), cfg)
+        if not changed:
+            return "reuse" if run_finished(run_dir, cfg) else "resume"
+        if not overwrite:
+            raise ValueError(f"{run_dir} holds a run with other settings ({'; '.join(changed)}): --overwrite "
+                             f"retrains it, or choose another --runs")
+    if overwrite:
+        return "overwrite"
+    raise ValueError(f"{run_dir} already holds a run: --reuse evaluates it again, --overwrite retrains it, "
+                     f"or choose another --runs")
+
+
+def seed_everything(seed: int) -> None:
+    """python's, numpy's and torch's global RNGs (CPU and every GPU) from ``seed``."""
+    import torch
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def run_task(task: dict) -> list[dict]:
+    """Train (or reuse) one (recipe, seed) and evaluate it with each of its decodings; one result per
+    decoding. Runs in this process or in a worker process (``--jobs``): everything it needs is in ``task``."""
+    from hw7qa.train import load_model, train
+    from hw7qa.windows import encode, load_tokenizer, train_windows
+    cfg: Config = task["cfg"]
+    run_dir, action = Path(cfg.output_dir), task["action"]
+    marker = run_dir / FINISHED
+    if action == "reuse":
+        minutes = json.loads(marker.read_text())["minutes"] if marker.exists() else math.nan
+        print(f"{task['recipe']} seed {cfg.seed}: reusing the model trained in {run_dir}", flush=True)
+    else:
+        seed_everything(cfg.seed)
+        started = time.time()
+        run_dir = train(cfg, resume=action == "resume", overwrite=action == "overwrite")
+        minutes = (time.time() - started) / 60
+        marker.write_text(json.dumps({"minutes": minutes, "resumed": action == "resume"}))
+    dev = load_qa_file(task["dev"], need_answers=True)
+    if task["dev_limit"]:
+        dev = QAData(dev.path, dev.questions[:task["dev_limit"]], dev.paragraphs)
+    tokenizer = load_tokenizer(run_dir / "model", cfg.isolate_digits, cfg.isolate_cjk)
+    n_windows = len(train_windows(encode(load_qa_file(cfg.train_file), tokenizer, cfg.windows), cfg.train_windows,
+                                  random.Random(0)))
+    model = load_model(str(run_dir / "model"))
+    results = []
+    for name, eval_cfg, sample_decoding in task["decodings"]:
+        started = time.time()
+        result = evaluate(eval_cfg, run_dir / "model", dev, sample_decoding, model=model, device=task["device"])
+        results.append({"recipe": name, "trained_as": task["recipe"], "seed": cfg.seed, "run_dir": str(run_dir),
+                        "train_windows": n_windows, "train_minutes": minutes,
+                        "eval_minutes": (time.time() - started) / 60, "eval_device": str(eval_device(task["device"])),
+                        **result, "dev_questions": len(dev.questions), "config": dataclasses.asdict(eval_cfg)})
+        print(f"{name} seed {cfg.seed}: EM {result['em']:.4f} F1 {result['f1']:.4f} oracle EM "
+              f"{result['oracle_em']:.4f} empty {result['empty_answers']}", flush=True)
+    del model
+    gc.collect()
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return results
+
+
+def subset_file(path: str, limit: int, folder: Path) -> str:
+    """The first ``limit`` questions of the QA file at ``path`` (with the paragraphs they use), as an
+    HW7 JSON file in ``folder``; its path. Written only if missing or different."""
+    data = load_qa_file(path, need_answers=True)
+    questions = data.questions[:limit]
+    used = sorted({q.paragraph_id for q in questions})
+    new_id = {old: new for new, old in enumerate(used)}
+    raw = {"questions": [{"id": q.id, "paragraph_id": new_id[q.paragraph_id], "question_text": q.question_text,
+                          "answer_text": q.answer_text, "answer_start": q.answer_start, "answer_end": q.answer_end}
+                         for q in questions],
+           "paragraphs": [data.paragraphs[i] for i in used]}
+    text = json.dumps(raw, ensure_ascii=False) + "\n"
+    out = folder / f"{Path(path).stem}-first{limit}.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not out.is_file() or out.read_text(encoding="utf-8") != text:
+        out.write_text(text, encoding="utf-8")
+    return str(out)
+
+
+def environment(device: str) -> dict:
+    import accelerate
+    import torch
+    import transformers
+    dev = eval_device(device)
+    return {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+            "cpu_cores": os.cpu_count(), "platform": platform.platform(),
+            "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def write_results(out: Path, setup: dict, question_ids: list, runs: list[dict], summary: dict) -> str:
+    """``out`` (JSON: setup, the dev question ids in the order of every run's per-question lists,
+    summary, then one line per run) and ``out`` with ``.md`` (the tables); the markdown."""
+    def clean(x):       # NaN (the sd of one seed) is no JSON
+        if isinstance(x, float) and math.isnan(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+    body = ",\n".join(json.dumps(clean(r), ensure_ascii=False) for r in runs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("{\n" + f'"setup": {json.dumps(clean(setup), ensure_ascii=False, indent=1)},\n'
+                   f'"question_ids": {json.dumps(question_ids, ensure_ascii=False)},\n'
+                   f'"summary": {json.dumps(clean(summary), ensure_ascii=False, indent=1)},\n'
+                   f'"runs": [\n{body}\n]\n}}\n', encoding="utf-8")
+    env = setup["environment"]
+    limit = f" (first {setup['train_limit']} questions)" if setup.get("train_limit") else ""
+    header = (f"model {setup['model']}; train {setup['train']}{limit}; dev {setup['dev']} ({setup['dev_questions']} "
+              f"questions); epochs {setup['epochs']}; seeds {','.join(map(str, setup['seeds']))}; device "
+              f"{env['gpu'] or 'CPU'} ({env['cpu_cores']} cores); torch {env['torch']}, transformers "
+              f"{env['transformers']}, accelerate {env['accelerate']}; {env['date']}\n\n"
+              f"`{setup['command']}`\n\n" + (f"Summary recomputed from the saved runs: `{setup['summarized_by']}`\n\n"
+                                               if setup.get("summarized_by") else ""))
+    tables = markdown_tables(summary, runs)
+    out.with_suffix(".md").write_text(header + tables, encoding="utf-8")
+    return header + tables
+
+
+def summarize_file(path: Path, baseline: str, n_boot: int, confidence: float) -> None:
+    """Recompute the summary and the tables of a saved result file from its runs' per-question scores."""
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    setup, runs = saved["setup"], saved["runs"]
+    question_ids = saved.get("question_ids", setup.pop("question_ids", None))
+    rows = list(dict.fromkeys(r["recipe"] for r in runs))
+    if baseline and baseline not in rows:
+        sys.exit(f"--baseline {baseline!r} is none of the rows: {', '.join(rows)}")
+    for r in runs:          # null in JSON: no training time recorded
+        r["train_minutes"] = math.nan if r["train_minutes"] is None else r["train_minutes"]
+    setup["summarized_by"] = "python " + " ".join(sys.argv)
+    summary = summarize_runs(runs, baseline or setup.get("rows", rows)[0], n_boot, confidence)
+    print(write_results(path, setup, question_ids, runs, summary))
+    print(f"rewritten: {path} and {path.with_suffix('.md')}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.environ.get("HW7QA_STAND_IN", str(STAND_IN)))
     parser.add_argument("--train", default=str(SHARED / "data/drcd/DRCD_test.json"))
+    parser.add_argument("--train-limit", type=int, default=0, help="first N training questions only (0: all)")
     parser.add_argument("--dev", default=str(SHARED / "data/hw7-2021/hw7_dev.json"))
     parser.add_argument("--dev-limit", type=int, default=0, help="first N dev questions only (0: all)")
     parser.add_argument("--recipes", default="sample,project")
+    parser.add_argument("--baseline", default="", help="the row the others are compared with (default: the first)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="", help="e.g. 0,1,2 or 0-4 (default: --seed)")
+    parser.add_argument("--seed", type=int, default=0, help="the one seed when --seeds is not given")
     parser.add_argument("--runs", default=str(ROOT / "outputs" / "bench-accuracy"), help="run folders")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "accuracy.json"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "accuracy.json"), help="JSON; the tables go beside it (.md)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every recipe")
     parser.add_argument("--reuse", action="store_true", help="evaluate models already trained in --runs")
+    parser.add_argument("--overwrite", action="store_true", help="retrain runs whose folders hold another run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (1: in this one)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="for evaluation")
+    parser.add_argument("--n-boot", type=int, default=5000, help="bootstrap replicates")
+    parser.add_argument("--confidence", type=float, default=0.95)
+    parser.add_argument("--summarize", metavar="JSON", help="train nothing: recompute the summary and tables of a "
+                        "saved result file (e.g. with another --baseline, --n-boot or --confidence), rewriting it")
     args = parser.parse_args()
+    if args.summarize:
+        summarize_file(Path(args.summarize), args.baseline, args.n_boot, args.confidence)
+        return
 
+    try:
+        seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
+    except ValueError as e:
+        sys.exit(str(e))
+    reserved = [item for item in args.set if item.split("=", 1)[0] in ("seed", "output_dir")]
+    if reserved:
+        sys.exit(f"--set {reserved[0]}: the benchmark sets seed (--seeds) and output_dir (--runs) itself")
     if not Path(args.model).exists() and args.model == str(STAND_IN):
         sys.exit(f"no model at {args.model}: build the stand-in with ../shared/tools/stand-in-model/build")
+    train_file = subset_file(args.train, args.train_limit, Path(args.runs)) if args.train_limit else args.train
     dev = load_qa_file(args.dev, need_answers=True)
-    if args.dev_limit:
-        dev = QAData(dev.path, dev.questions[:args.dev_limit], dev.paragraphs)
+    n_dev = min(args.dev_limit, len(dev.questions)) if args.dev_limit else len(dev.questions)
     project_cfg = load_config(ROOT / "configs" / "small-model.json")
-    rows = []
-    for recipe in args.recipes.split(","):
-        preset = {"sample": "sample-recipe", "project": "small-model"}.get(recipe, recipe)
-        common = {"model_name": args.model, "train_file": args.train, "dev_file": "", "test_file": "",
-                  "epochs": args.epochs, "seed": args.seed, "output_dir": f"{args.runs}/{recipe}"}
-        if recipe == "sample":
-            common["batch_size"] = args.batch_size
-        cfg = load_config(ROOT / "configs" / f"{preset}.json", [f"{k}={v}" for k, v in common.items()] + args.set)
-        run_dir = Path(cfg.output_dir)
-        timing = run_dir / "bench_train_minutes.json"
-        if args.reuse and (run_dir / "model").is_dir():
-            minutes = json.loads(timing.read_text())["minutes"] if timing.exists() else float("nan")
-            print(f"{recipe}: reusing the model trained in {run_dir}", flush=True)
-        else:
-            started = time.time()
-            run_dir = train(cfg)
-            minutes = (time.time() - started) / 60
-            timing.write_text(json.dumps({"minutes": minutes}))
-        tokenizer = load_tokenizer(run_dir / "model", cfg.isolate_digits, cfg.isolate_cjk)
-        train_enc = encode(load_qa_file(args.train), tokenizer, cfg.windows)
-        n_windows = len(train_windows(train_enc, cfg.train_windows, random.Random(0)))
-        decodings = [(recipe, cfg, recipe == "sample")]
-        if recipe == "sample":   # the same model, decoded the project's way with the project's windows
-            decodings.append(("sample+project-decoding", dataclasses.replace(
-                project_cfg, isolate_cjk=cfg.isolate_cjk, isolate_digits=cfg.isolate_digits), False))
-        for name, eval_cfg, sample_decoding in decodings:
-            started = time.time()
-            result = evaluate(eval_cfg, run_dir / "model", dev, sample_decoding)
-            row = {"recipe": name, "train_windows": n_windows, "train_minutes": round(minutes, 1),
-                   "eval_minutes": round((time.time() - started) / 60, 1), **result,
-                   "dev_questions": len(dev.questions), "config": dataclasses.asdict(eval_cfg)}
-            rows.append(row)
-            print(f"{name}: EM {row['em']:.4f} F1 {row['f1']:.4f} oracle EM {row['oracle_em']:.4f}", flush=True)
-            Path(args.out).write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    recipes = args.recipes.split(",")
 
-    print(f"\nmodel {args.model}; train {args.train}; dev {args.dev} ({len(dev.questions)} questions); "
-          f"epochs {args.epochs}; seed {args.seed}\n")
-    print("| recipe | training windows | training min | dev EM | dev F1 | decoding-oracle EM | empty answers |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['recipe']} | {r['train_windows']} | {r['train_minutes']} | {r['em']:.4f} | {r['f1']:.4f} "
-              f"| {r['oracle_em']:.4f} | {r['empty_answers']} |")
+    tasks, problems = [], []
+    for seed in seeds:                        # seed by seed: a cut-off benchmark still has pairs
+        for recipe in recipes:
+            common = {"model_name": args.model, "train_file": train_file, "dev_file": "", "test_file": "",
+                      "epochs": args.epochs, "seed": seed, "output_dir": f"{args.runs}/{recipe}-seed{seed}"}
+            if recipe == "sample":
+                common["batch_size"] = args.batch_size
+            try:
+                cfg = load_config(ROOT / "configs" / f"{PRESETS.get(recipe, recipe)}.json",
+                                  [f"{k}={v}" for k, v in common.items()] + args.set)
+                action = plan_run(cfg, args.reuse, args.overwrite)
+            except (ValueError, FileNotFoundError) as e:
+                problems.append(f"{recipe} seed {seed}: {e}")
+                continue
+            decodings = [(recipe, cfg, recipe == "sample")]
+            if recipe == "sample":   # the same model, decoded the project's way with the project's windows
+                decodings.append(("sample+project-decoding", dataclasses.replace(
+                    project_cfg, isolate_cjk=cfg.isolate_cjk, isolate_digits=cfg.isolate_digits), False))
+            tasks.append({"recipe": recipe, "cfg": cfg, "action": action, "decodings": decodings, "dev": args.dev,
+                          "dev_limit": args.dev_limit, "device": args.device})
+    if problems:
+        sys.exit("nothing was trained:\n  " + "\n  ".join(problems))
+    rows = list(dict.fromkeys(name for t in tasks for name, _, _ in t["decodings"]))
+    if args.baseline and args.baseline not in rows:
+        sys.exit(f"--baseline {args.baseline!r} is none of the rows: {', '.join(rows)}")
+    baseline = args.baseline or rows[0]
+
+    setup = {"command": "python " + " ".join(sys.argv), "model": args.model, "train": args.train,
+             "train_limit": args.train_limit, "train_file_used": train_file, "dev": args.dev,
+             "dev_questions": n_dev,
+             "epochs": args.epochs, "seeds": seeds, "recipes": recipes, "rows": rows,
+             "set": args.set, "environment": environment(args.device)}
+    out = Path(args.out)
+    question_ids = [q.id for q in dev.questions[:n_dev]]
+    runs: list[dict] = []
+
+    def collect(results: list[dict]) -> None:
+        runs.extend(results)
+        summary = summarize_runs(runs, baseline, args.n_boot, args.confidence)
+        write_results(out, setup, question_ids, runs, summary)
+
+    if args.jobs <= 1:
+        for task in tasks:
+            collect(run_task(task))
+    else:
+        import concurrent.futures
+        import multiprocessing
+        extra = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                    **extra) as pool:
+            for results in pool.map(run_task, tasks):     # in task order: partial results stay paired
+                collect(results)
+    summary = summarize_runs(runs, baseline, args.n_boot, args.confidence)
+    print("\n" + write_results(out, setup, question_ids, runs, summary))
+    print(f"written: {out} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,165 @@
+"""The statistics of bench/accuracy.py: spread over seeds and the paired bootstrap over seeds × questions."""
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+PATH = Path(__file__).resolve().parent.parent / "bench" / "accuracy.py"
+spec = importlib.util.spec_from_file_location("bench_accuracy", PATH)
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def bernoulli(p, seeds, questions, seed):
+    return (np.random.default_rng(seed).random((seeds, questions)) < p).astype(float)
+
+
+# ---------------------------------------------------------------- parse_seeds
+
+def test_parse_seeds_lists_and_ranges():
+    assert bench.parse_seeds("0,1,2") == [0, 1, 2]
+    assert bench.parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert bench.parse_seeds("3, 0-1,7") == [3, 0, 1, 7]
+
+
+@pytest.mark.parametrize("text", ["", "a", "0,0", "2-1", "0-1,1", "-1", "1,"])
+def test_parse_seeds_refuses_bad_lists(text):
+    with pytest.raises(ValueError):
+        bench.parse_seeds(text)
+
+
+# ---------------------------------------------------------------- spread
+
+def test_spread_is_mean_sample_sd_and_range():
+    s = bench.spread([0.30, 0.36, 0.33])
+    assert s["n"] == 3
+    assert s["mean"] == pytest.approx(0.33)
+    assert s["sd"] == pytest.approx(0.03)          # √((0.03² + 0.03² + 0) / 2)
+    assert (s["min"], s["max"]) == (0.30, 0.36)
+
+
+def test_spread_of_one_value_has_no_sd():
+    s = bench.spread([0.4])
+    assert s["mean"] == 0.4 and math.isnan(s["sd"]) and s["min"] == s["max"] == 0.4
+
+
+def test_spread_of_nothing_is_an_error():
+    with pytest.raises(ValueError):
+        bench.spread([])
+
+
+# ---------------------------------------------------------------- paired_bootstrap
+
+def test_known_difference_without_noise_gives_exactly_that_interval():
+    baseline = np.random.default_rng(1).integers(0, 7, size=(3, 200)) / 8     # F1-like, exact in binary
+    result = bench.paired_bootstrap(baseline + 0.125, baseline, n_boot=500)
+    assert result["diff"] == result["low"] == result["high"] == 0.125
+    assert (result["n_seeds"], result["n_questions"]) == (3, 200)
+
+
+def test_identical_recipes_give_zero():
+    a = bernoulli(0.4, 3, 300, seed=2)
+    result = bench.paired_bootstrap(a, a.copy(), n_boot=500)
+    assert result["diff"] == result["low"] == result["high"] == 0.0
+
+
+def test_recipes_of_equal_accuracy_give_an_interval_holding_zero():
+    result = bench.paired_bootstrap(bernoulli(0.4, 3, 1000, seed=3), bernoulli(0.4, 3, 1000, seed=4), n_boot=2000)
+    assert result["low"] < 0 < result["high"]
+
+
+def test_a_real_difference_is_found():
+    result = bench.paired_bootstrap(bernoulli(0.5, 3, 2000, seed=5), bernoulli(0.4, 3, 2000, seed=6), n_boot=2000)
+    assert 0 < result["low"] < result["diff"] < result["high"]
+    assert result["diff"] == pytest.approx(0.1, abs=0.02)
+
+
+def test_the_interval_narrows_with_more_questions():
+    def width(n):
+        r = bench.paired_bootstrap(bernoulli(0.45, 3, n, seed=7), bernoulli(0.4, 3, n, seed=8), n_boot=2000)
+        return r["high"] - r["low"]
+    widths = [width(n) for n in (250, 1000, 4000)]
+    assert widths[0] > widths[1] > widths[2] and widths[2] < widths[0] / 2.5
+
+
+def test_seeds_are_resampled_too():
+    """Per-seed offsets with no question noise: resampling questions alone would give a zero width."""
+    offsets = np.array([[0.0], [0.125], [0.25]])
+    result = bench.paired_bootstrap(np.zeros((3, 100)) + offsets, np.zeros((3, 100)), n_boot=2000)
+    assert result["diff"] == 0.125
+    assert 0.0 <= result["low"] < 0.125 < result["high"] <= 0.25
+
+
+def test_the_same_inputs_give_the_same_interval_and_chunks_change_nothing():
+    a, b = bernoulli(0.5, 3, 300, seed=9), bernoulli(0.45, 3, 300, seed=10)
+    first = bench.paired_bootstrap(a, b, n_boot=1000)
+    assert bench.paired_bootstrap(a, b, n_boot=1000) == first
+    assert bench.paired_bootstrap(a, b, n_boot=1000, chunk=7) == first
+    assert bench.paired_bootstrap(a, b, n_boot=1000, seed=1) != first
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 40), st.integers(0, 2 ** 16))
+def test_swapping_the_recipes_mirrors_the_interval(k, n, seed):
+    a, b = bernoulli(0.5, k, n, seed), bernoulli(0.5, k, n, seed + 1)
+    forward, backward = bench.paired_bootstrap(a, b, n_boot=200), bench.paired_bootstrap(b, a, n_boot=200)
+    assert backward["diff"] == pytest.approx(-forward["diff"], abs=1e-12)
+    assert backward["low"] == pytest.approx(-forward["high"], abs=1e-12)
+    assert backward["high"] == pytest.approx(-forward["low"], abs=1e-12)
+    assert forward["low"] <= forward["high"]
+
+
+def test_mismatched_shapes_are_an_error():
+    with pytest.raises(ValueError):
+        bench.paired_bootstrap(np.zeros((3, 10)), np.zeros((2, 10)))
+    with pytest.raises(ValueError):
+        bench.paired_bootstrap(np.zeros(10), np.zeros(10))
+
+
+# ---------------------------------------------------------------- summarize_runs and the tables
+
+def fake_runs():
+    runs = []
+    for seed in (0, 1, 2):
+        for recipe, p in (("sample", 0.3), ("project", 0.45)):
+            em = bernoulli(p, 1, 200, seed=10 * seed + len(recipe))[0]
+            runs.append({"recipe": recipe, "seed": seed, "em": em.mean(), "f1": em.mean(), "oracle_em": 1.0,
+                         "empty_answers": 0, "train_minutes": 1.0, "eval_minutes": 0.5, "train_windows": 200,
+                         "per_question": {"em": em.tolist(), "f1": em.tolist()}})
+    return runs
+
+
+def test_summary_per_row_and_against_the_first_row():
+    runs = fake_runs()
+    summary = bench.summarize_runs(runs, n_boot=500)
+    assert summary["baseline"] == "sample" and list(summary["rows"]) == ["sample", "project"]
+    project = summary["rows"]["project"]
+    assert project["seeds"] == [0, 1, 2]
+    assert project["em"]["mean"] == pytest.approx(np.mean([r["em"] for r in runs if r["recipe"] == "project"]))
+    diff = project["vs_baseline"]["em"]
+    assert diff["diff"] == pytest.approx(project["em"]["mean"] - summary["rows"]["sample"]["em"]["mean"])
+    assert diff["low"] > 0
+    base = summary["rows"]["sample"]["vs_baseline"]["em"]
+    assert base["diff"] == base["low"] == base["high"] == 0.0
+    table = bench.markdown_tables(summary, runs)
+    assert "| project | 3 |" in table and "(baseline)" in table and table.count("\n| sample | ") == 1 + 3   # summary + one per seed
+
+
+def test_summary_pairs_only_the_seeds_both_rows_have():
+    runs = [r for r in fake_runs() if not (r["recipe"] == "project" and r["seed"] == 2)]
+    summary = bench.summarize_runs(runs, baseline="project", n_boot=100)
+    assert summary["rows"]["sample"]["vs_baseline"]["seeds"] == [0, 1]
+    assert summary["rows"]["sample"]["vs_baseline"]["em"]["n_seeds"] == 2
+
+
+def test_summary_of_a_benchmark_whose_baseline_has_not_run_yet():
+    runs = [r for r in fake_runs() if r["recipe"] == "sample"]
+    summary = bench.summarize_runs(runs, baseline="project", n_boot=100)
+    assert summary["baseline"] == "project" and "vs_baseline" not in summary["rows"]["sample"]
+    assert "| sample | 3 |" in bench.markdown_tables(summary, runs)

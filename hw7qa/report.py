@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .data import QAData, Question
@@ -89,14 +90,16 @@ def unknown_characters(tokenizer, texts: list[str]) -> set[str]:
 def write_dev_predictions(path: str | Path, data: QAData, predictions: list[Prediction],
                           unknown_chars: set[str] = frozenset()) -> dict[str, int]:
     """One JSON line per question (id, question, gold, predicted, score, window, em, f1, kind);
-    returns how many questions fall in each ``error_kind``. Written whole or not at all (``atomic_write``)."""
+    returns how many questions fall in each ``error_kind``. Written whole or not at all (``atomic_write``).
+    ``score`` is null where no span was found (strict JSON has no -Infinity)."""
     counts: dict[str, int] = {}
     with atomic_write(path, encoding="utf-8") as f:
         for q, p in zip(data.questions, predictions):
             kind = error_kind(p.answer, q.answer_text, unknown_chars)
             counts[kind] = counts.get(kind, 0) + 1
             f.write(json.dumps({"id": q.id, "question": q.question_text, "gold": q.answer_text,
-                                "predicted": p.answer, "score": p.score, "window": p.window,
+                                "predicted": p.answer, "score": p.score if math.isfinite(p.score) else None,
+                                "window": p.window,
                                 "em": exact_match(p.answer, q.answer_text), "f1": char_f1(p.answer, q.answer_text),
                                 "kind": kind}, ensure_ascii=False) + "\n")
     return counts

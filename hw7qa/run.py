@@ -110,22 +110,23 @@ def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: s
 def predict_test(run_dir: str | Path, test_file: str = "", out: str = "", overrides: list[str] | None = None) -> Path:
     """Answer ``test_file`` (default: the run's) with the run's model; write and check the CSV.
 
-    The CSV goes to ``out`` if given, else to ``result_path``: answering another file never
+    The CSV goes to ``out`` if given, else to ``output_path``: answering another file never
     replaces the run's own ``result.csv``. Raises ``SubmissionError`` if the CSV fails its check.
     """
     cfg = run_config(run_dir, overrides)
     data = load_qa_file(data_file_of(cfg, "test", test_file, run_dir))
     with inference_processes(cfg) as accelerator:
         predictions = decode_predictions(*run_logits(run_dir, cfg, data, accelerator, desc="test"), cfg.decoding)
-        return write_and_check(data, predictions, out or result_path(run_dir, cfg, test_file), accelerator)
+        return write_and_check(data, predictions, out or output_path(run_dir, "result.csv", cfg.test_file, test_file), accelerator)
 
 
-def result_path(run_dir: str | Path, cfg, test_file: str = "") -> Path:
-    """Where ``predict`` writes without ``--out``: ``<run>/result.csv`` for the run's own test_file
-    (``test_file`` empty or the same file), ``<run>/result-<file stem>.csv`` for any other file."""
-    if not test_file or (cfg.test_file and Path(test_file).resolve() == Path(cfg.test_file).resolve()):
-        return Path(run_dir) / "result.csv"
-    return Path(run_dir) / f"result-{Path(test_file).stem}.csv"
+def output_path(run_dir: str | Path, name: str, own_file: str, given_file: str = "") -> Path:
+    """Where predict (``result.csv``) and evaluate (``dev_predictions.jsonl``) write without ``--out``:
+    ``<run>/<name>`` for the run's own file (``given_file`` empty or the same file, paths resolved),
+    ``<run>/<name's stem>-<file stem><suffix>`` for any other, so it never replaces the run's own."""
+    if not given_file or (own_file and Path(given_file).resolve() == Path(own_file).resolve()):
+        return Path(run_dir) / name
+    return Path(run_dir) / f"{Path(name).stem}-{Path(given_file).stem}{Path(name).suffix}"
 
 
 def write_and_check(data: QAData, predictions: list[Prediction], path: str | Path, accelerator=None) -> Path:
@@ -144,7 +145,8 @@ def evaluate_run(run_dir: str | Path, dev_file: str = "", overrides: list[str] |
                  ) -> tuple[dict, list[Prediction]]:
     """Dev EM and F1 of the run's model on ``dev_file`` (default: the run's), and its predictions.
 
-    Also writes ``<run>/dev_predictions.jsonl`` and prints how the wrong answers are wrong.
+    Also writes ``<run>/dev_predictions.jsonl`` (``dev_predictions-<file stem>.jsonl`` for another file,
+    see ``output_path``) and prints how the wrong answers are wrong.
     """
     cfg = run_config(run_dir, overrides)
     data = load_qa_file(data_file_of(cfg, "dev", dev_file, run_dir), need_answers=True)
@@ -152,7 +154,8 @@ def evaluate_run(run_dir: str | Path, dev_file: str = "", overrides: list[str] |
     with inference_processes(cfg) as accelerator:
         enc, windows, logits = run_logits(run_dir, cfg, data, accelerator, desc="dev", tokenizer=tokenizer)
         predictions = decode_predictions(enc, windows, logits, cfg.decoding)
-        scores = report_dev(data, predictions, tokenizer, Path(run_dir) / "dev_predictions.jsonl", accelerator)
+        path = output_path(run_dir, "dev_predictions.jsonl", cfg.dev_file, dev_file)
+        scores = report_dev(data, predictions, tokenizer, path, accelerator)
     return scores, predictions
 
 

@@ -120,3 +120,16 @@ def test_ctrl_c_prints_one_line_and_exits_130(run_dir, monkeypatch, capsys):
 ])
 def test_os_error_message(error, message, code):
     assert os_error_message(error) == (message, code)
+
+
+def test_evaluate_on_another_file_keeps_the_runs_own_dev_predictions(tmp_path):
+    from hw7qa.run import demo_config
+    from hw7qa.train import train
+    run = train(demo_config(str(tmp_path / "run"), {"epochs": 1, "test_file": ""}))
+    assert main(["evaluate", str(run)]) == 0
+    own = (run / "dev_predictions.jsonl").read_bytes()
+    other = tmp_path / "extra.json"
+    other.write_bytes((SAMPLE / "hw7_train.json").read_bytes())
+    assert main(["evaluate", str(run), "--file", str(other)]) == 0
+    assert (run / "dev_predictions.jsonl").read_bytes() == own
+    assert len((run / "dev_predictions-extra.jsonl").read_text(encoding="utf-8").splitlines()) == 38

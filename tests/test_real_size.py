@@ -43,7 +43,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("command, file, written", [
     ("predict", "data/hw7-2021/hw7_test.json", "result-hw7_test.csv"),
-    ("evaluate", "data/hw7-2021/hw7_dev.json", "dev_predictions.jsonl"),
+    ("evaluate", "data/hw7-2021/hw7_dev.json", "dev_predictions-hw7_dev.jsonl"),
 ])
 def test_second_call_reads_the_cache_in_bounded_memory_and_writes_the_same(run_dir, command, file, written):
     # large batches: fewer forward passes of the tiny model (the logits, and so the cache, are the same)

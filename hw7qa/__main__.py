@@ -132,9 +132,9 @@ def run_command(args: argparse.Namespace) -> int:
     elif args.command == "ensemble":
         ensemble_runs(args.runs, args.split, args.file, args.output_dir, args.method)
     elif args.command == "demo":
-        from accelerate import PartialState
+        from .devices import processes
         run_dir = train_and_predict(demo_config(args.output_dir, args.set))
-        if PartialState().is_main_process:
+        if processes().is_main_process:
             print("demo finished. The model is tiny and random: its answers are not meaningful; "
                   f"the run proves the installation works. See {run_dir}")
     return 0

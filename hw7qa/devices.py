@@ -33,6 +33,15 @@ def inference_autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def processes():
+    """The processes ``accelerate launch`` started (or this one alone), set up as an ``Accelerator``
+    would set them up: ``ACCELERATE_USE_CPU`` (``--cpu``, or the tests' CPU processes) keeps them on
+    the CPU; without it a bare ``PartialState()`` on a machine without a GPU ignores the others."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def reset_accelerate_state() -> None:
     """Forget the precision and accumulation settings of the last ``Accelerator`` (not the processes)."""
     from accelerate.state import AcceleratorState, GradientState

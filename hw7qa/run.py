@@ -18,7 +18,7 @@ import torch
 from .config import apply_overrides, check_resume, load_config
 from .data import QAData, load_qa_file
 from .decode import Prediction, decode_predictions, window_logits
-from .devices import accelerator_for, check_divisible, resolve_precision
+from .devices import accelerator_for, check_divisible, processes, resolve_precision
 from .ensemble import ensemble_predictions
 from .files import atomic_write
 from .metrics import score
@@ -38,8 +38,7 @@ def inference_processes(cfg):
     """An ``Accelerator`` when started by ``accelerate launch`` with several processes (each then
     runs an equal part of every batch of ``eval_batch_size`` windows), else None: inference runs in
     this process alone."""
-    from accelerate import PartialState
-    if PartialState().num_processes == 1:
+    if processes().num_processes == 1:
         yield None
         return
     with accelerator_for(cfg.mixed_precision) as accelerator:

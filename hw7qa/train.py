@@ -43,7 +43,7 @@ from . import tiny
 from .config import TINY_MODEL, Config, TrainingError, check_resume, load_config, read_json, save_config
 from .data import QAData, concat_data, load_qa_file
 from .decode import predict_encoded
-from .devices import accelerator_for, check_divisible, check_tracker
+from .devices import accelerator_for, check_divisible, check_tracker, processes
 from .metrics import score
 from .windows import Encoded, encode, features, load_tokenizer, train_windows
 
@@ -538,13 +538,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     ``overwrite=True`` lets a new run replace the run in ``cfg.output_dir``; without it a new run
     refuses an existing one.
     """
-    from accelerate import PartialState
-    processes = PartialState()        # the processes of accelerate launch (or this one): no Accelerator yet
-    check_divisible(cfg, processes.num_processes)
+    started = processes()             # the processes of accelerate launch (or this one): no Accelerator yet
+    check_divisible(cfg, started.num_processes)
     check_tracker(cfg.log_with)
     set_seed(cfg.seed)                # the new QA head's weights and dropout: python, numpy, torch, cuda
     inputs = load_inputs(cfg)         # bad data, model or max_length stop the run before anything is written
-    run_dir, checkpoint = decided_on_main(processes, lambda: prepare_run_dir(cfg, resume, overwrite))
+    run_dir, checkpoint = decided_on_main(started, lambda: prepare_run_dir(cfg, resume, overwrite))
     with accelerator_for(cfg.mixed_precision, cfg.grad_accum, cfg.log_with, run_dir) as accelerator:
         run = start_run(cfg, accelerator, inputs, run_dir, checkpoint)
         fit(run)

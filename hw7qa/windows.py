@@ -15,8 +15,12 @@ so consecutive windows always touch or overlap and every token of the paragraph 
 """
 from __future__ import annotations
 
+import itertools
 import random
+import re
 from dataclasses import dataclass
+
+import numpy as np
 
 from .config import WindowSpec
 from .data import QAData
@@ -114,12 +118,8 @@ def encode(data: QAData, tokenizer, spec: WindowSpec) -> Encoded:
     para = tokenizer(data.paragraphs, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     quest = tokenizer([q.question_text.strip() for q in data.questions], add_special_tokens=False, verbose=False)
     question_ids = [ids[:spec.max_question_tokens] for ids in quest["input_ids"]]
-    offsets = [[trim_offsets(text, s, e) for s, e in offs]
-               for text, offs in zip(data.paragraphs, para["offset_mapping"])]
-    answer_tokens = [None if q.answer_start is None else
-                     char_span_to_tokens(offsets[q.paragraph_id], q.answer_start, q.answer_end)
-                     for q in data.questions]
-    return Encoded(data, question_ids, para["input_ids"], offsets, answer_tokens, template, spec)
+    offsets = [trimmed_offsets(text, offs) for text, offs in zip(data.paragraphs, para["offset_mapping"])]
+    return Encoded(data, question_ids, para["input_ids"], offsets, answer_tokens(data, offsets), template, spec)
 
 
 def trim_offsets(text: str, start: int, end: int) -> tuple[int, int]:
@@ -135,23 +135,53 @@ def trim_offsets(text: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
-def char_span_to_tokens(offsets: list[tuple[int, int]], start_char: int, end_char: int) -> tuple[int, int] | None:
+def trimmed_offsets(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``trim_offsets`` of every token of ``text``. Only a token that starts or ends on whitespace
+    can change, so only those are trimmed (most paragraphs have no whitespace at all). The regular
+    expression ``\\s`` matches exactly the characters for which ``str.isspace`` is true."""
+    spaces = {match.start() for match in re.finditer(r"\s", text)}
+    if not spaces:
+        return list(offsets)
+    return [trim_offsets(text, s, e) if s in spaces or e - 1 in spaces else (s, e) for s, e in offsets]
+
+
+def answer_tokens(data: QAData, offsets: list[list[tuple[int, int]]]) -> list[tuple[int, int] | None]:
+    """``char_span_to_tokens`` of every question's answer (None where the answer is not given),
+    each paragraph's offsets turned into one numpy array for all of its questions."""
+    as_array: dict[int, np.ndarray] = {}
+    spans = []
+    for q in data.questions:
+        if q.answer_start is None:
+            spans.append(None)
+            continue
+        if q.paragraph_id not in as_array:
+            pairs = offsets[q.paragraph_id]
+            as_array[q.paragraph_id] = np.fromiter(itertools.chain.from_iterable(pairs), dtype=np.int64,
+                                                   count=2 * len(pairs)).reshape(-1, 2)
+        spans.append(char_span_to_tokens(as_array[q.paragraph_id], q.answer_start, q.answer_end))
+    return spans
+
+
+def char_span_to_tokens(offsets, start_char: int, end_char: int) -> tuple[int, int] | None:
     """Token span ``(first, last)`` (inclusive) covering characters ``start_char..end_char`` (inclusive).
 
     ``first`` is the last token that starts at or before ``start_char`` and ends after it (so when
     two tokens share a character, as sentencepiece's lone "▁" does with the next one, the later,
     real token is chosen); ``last`` is the first token from the left that ends after ``end_char``
     and starts at or before it. Characters that no token covers (spaces, zero-width characters)
-    are skipped inwards. Returns None if no token lies inside the span.
+    are skipped inwards. Returns None if no token lies inside the span. ``offsets``: ``(start, end)``
+    pairs, as a list or an ``(n, 2)`` array.
     """
-    overlap = [i for i, (s, e) in enumerate(offsets) if s < e and s <= end_char and e > start_char]
-    if not overlap:
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    overlap = np.flatnonzero((starts < ends) & (starts <= end_char) & (ends > start_char))
+    if overlap.size == 0:
         return None
-    holding_start = [i for i in overlap if offsets[i][0] <= start_char]
-    first = holding_start[-1] if holding_start else overlap[0]
-    holding_end = [i for i in overlap if i >= first and offsets[i][1] > end_char]
-    last = holding_end[0] if holding_end else overlap[-1]
-    return (first, last) if last >= first else None
+    holding_start = overlap[starts[overlap] <= start_char]
+    first = holding_start[-1] if holding_start.size else overlap[0]
+    holding_end = overlap[(overlap >= first) & (ends[overlap] > end_char)]
+    last = holding_end[0] if holding_end.size else overlap[-1]
+    return (int(first), int(last)) if last >= first else None
 
 
 def question_budget(enc: Encoded, qi: int) -> int:

@@ -1,4 +1,5 @@
 import random
+import re
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -6,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from hw7qa.data import QAData, Question
 from hw7qa.config import WindowSpec
 from hw7qa.windows import (char_span_to_tokens, encode, eval_windows, learn_template, train_window_start,
-                           train_windows, window_starts)
+                           train_windows, trim_offsets, trimmed_offsets, window_starts)
 
 
 def covered_characters(enc, windows, qi):
@@ -156,3 +157,17 @@ def test_offsets_never_put_spaces_at_the_edges_of_an_answer(any_tokenizer):
     for q, (s, e) in zip(data.questions, enc.answer_tokens):
         text = paragraph[enc.paragraph_offsets[0][s][0]:enc.paragraph_offsets[0][e][1]]
         assert text == text.strip() and q.answer_text in text, (q.answer_text, text)
+
+
+def test_the_whitespace_pattern_is_str_isspace():
+    every_character = "".join(map(chr, range(0x110000)))
+    assert [m.start() for m in re.finditer(r"\s", every_character)] == [
+        i for i, c in enumerate(every_character) if c.isspace()]
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet="甲乙 \u3000\n\xa0a", max_size=20), data=st.data())
+def test_trimmed_offsets_trim_every_token(text, data):
+    bound = st.integers(0, len(text))
+    offsets = [tuple(sorted(pair)) for pair in data.draw(st.lists(st.tuples(bound, bound), max_size=10))]
+    assert trimmed_offsets(text, offsets) == [trim_offsets(text, s, e) for s, e in offsets]

@@ -7,20 +7,20 @@ window the top ``n_best`` starts × top ``n_best`` ends *inside the paragraph pa
 ``start_logit + end_logit``; the best span over all windows of a question wins. The answer is the
 original paragraph sliced by the tokens' character offsets, never ``tokenizer.decode``, so rare
 characters ([UNK]), upper case and spaces come back exactly as written.
+
+Batches are gathered from the ``Windows`` table in one step each, with no list per window.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import DataCollatorWithPadding
 
 from .config import DecodeSpec
 from .devices import inference_autocast
-from .windows import Encoded, Window, encode, eval_windows, features
+from .windows import Encoded, Window, Windows, encode, eval_windows
 
 QUOTE_PAIRS = ("「」", "『』", "《》", "“”", "()", "（）")
 
@@ -34,31 +34,55 @@ class Prediction:
     char_end: int
 
 
-def pad_windows(batch: list[dict], pad_token_id: int, pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
-    """Right-pad a batch of ``features`` dicts (lists of ints, plus ints such as ``window_index``)
-    into int64 tensors, the length rounded up to a multiple of ``pad_to_multiple_of``.
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``array`` as a tensor on ``device``, the copy queued without waiting for it.
 
-    What ``DataCollatorWithPadding`` does for right-padding tokenizers, faster (numpy instead of
-    ``torch.tensor`` on nested lists): at inference the collator was the largest cost outside the
-    forward passes (bench/speed.py --overhead-only).
+    From pinned memory the copy to a GPU is asynchronous; from ordinary (pageable) memory the
+    driver may first wait for the GPU to finish its queued work, which would end the overlap in
+    ``window_logits``. On the CPU the tensor shares the array's memory.
     """
-    longest = max(len(f["input_ids"]) for f in batch)
-    length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    out = {}
-    for key, value in batch[0].items():
-        if isinstance(value, list):
-            array = np.full((len(batch), length), pad_token_id if key == "input_ids" else 0, dtype=np.int64)
-            for row, f in enumerate(batch):
-                array[row, :len(f[key])] = f[key]
-        else:
-            array = np.array([f[key] for f in batch], dtype=np.int64)
-        out[key] = torch.from_numpy(array)
+    tensor = torch.from_numpy(array)
+    if device.type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def logits_to_host(result) -> tuple[torch.Tensor, torch.Event | None]:
+    """A forward pass's start and end logits as one float32 ``(2, batch, length)`` CPU tensor,
+    and an event to wait on before reading it (None on the CPU: nothing to wait for).
+
+    On a GPU the copy is only queued behind the forward pass (``non_blocking``, into pinned
+    memory) and the event is done once it has landed.
+    """
+    logits = torch.stack((result.start_logits, result.end_logits)).float()
+    host = logits.to("cpu", non_blocking=True)
+    if logits.device.type == "cpu":
+        return host, None
+    landed = torch.Event(device=logits.device)
+    landed.record()
+    return host, landed
+
+
+def unpack_logits(rows: np.ndarray, host: torch.Tensor, landed, length: np.ndarray, pad_left: bool
+                  ) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """``(window, start logits, end logits)`` of each of ``rows``, cut to the window's length (from
+    the right end of the row when padding is on the left), once ``landed`` (from ``logits_to_host``)
+    is done. The batch is copied once out of the (pinned) transfer memory; each window's arrays are
+    views of that copy."""
+    if landed is not None:
+        landed.synchronize()
+    batch = host.numpy().copy()
+    out = []
+    for row, (i, n) in enumerate(zip(rows.tolist(), length[rows].tolist())):
+        first = batch.shape[2] - n if pad_left else 0
+        out.append((i, batch[0, row, first:first + n], batch[1, row, first:first + n]))
     return out
 
 
-def window_logits(model, tokenizer, windows: list[Window], batch_size: int, precision: str = "no",
+def window_logits(model, tokenizer, windows: Windows, batch_size: int, precision: str = "no",
                   desc: str = "inference", accelerator=None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Start and end logits (float32, one array per window, unpadded) in the order of ``windows``.
+    """Start and end logits (float32, one array per window, unpadded) in the order of ``windows``
+    (a ``Windows`` table, as ``eval_windows`` makes it).
 
     Windows are sorted by length so batches are padded as little as possible; no gradients; the
     forward pass runs under autocast at ``precision`` (a ``Config.mixed_precision`` value: ``auto``
@@ -67,30 +91,34 @@ def window_logits(model, tokenizer, windows: list[Window], batch_size: int, prec
     and every process gets all logits back (``gather_object``). No DataLoader is handed to the
     accelerator, so evaluating during training adds nothing to what it holds. ``model`` must be
     the unwrapped model (``accelerator.unwrap_model``), not the DDP wrapper.
+
+    On a GPU the CPU work overlaps the forward passes: batch k's logits are only collected after
+    batch k+1 has been collated and queued (see the loop).
     """
-    if tokenizer.padding_side == "right":
-        collate = functools.partial(pad_windows, pad_token_id=tokenizer.pad_token_id)
-    else:
-        collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    order = sorted(range(len(windows)), key=lambda i: len(windows[i].input_ids), reverse=True)
+    order = np.argsort(-windows.length, kind="stable")      # longest first; equal lengths in window order
     share = -(-batch_size // world)
     batches = [order[b:b + batch_size][rank * share:(rank + 1) * share] for b in range(0, len(order), batch_size)]
-    feats = features(windows)
+    batches = [rows for rows in batches if len(rows)]        # the last batch may have no windows left for this process
+    padding = dict(pad_token_id=tokenizer.pad_token_id, pad_type_id=tokenizer.pad_token_type_id,
+                   pad_left=tokenizer.padding_side == "left")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    mine = []
+    mine, previous = [], None
     with torch.inference_mode(), inference_autocast(precision, device):
-        for batch_ids in tqdm(batches, desc=desc, unit="batch", leave=False, disable=rank != 0):
-            if not batch_ids:      # the last batch may have no windows left for this process
-                continue
-            batch = {k: v.to(device) for k, v in collate([feats[i] for i in batch_ids]).items()}
-            result = model(**batch)
-            starts, ends = result.start_logits.float().cpu().numpy(), result.end_logits.float().cpu().numpy()
-            for row, i in enumerate(batch_ids):
-                n = len(windows[i].input_ids)
-                mine.append((i, starts[row, :n].copy(), ends[row, :n].copy()))
+        for rows in tqdm(batches, desc=desc, unit="batch", leave=False, disable=rank != 0):
+            inputs = {k: to_device(v, device) for k, v in windows.model_inputs(rows, **padding).items()}
+            # On a GPU, model() only queues the forward pass and returns. So the previous batch's
+            # logits are unpacked, and the next batch collated, while this batch runs; waiting for
+            # this batch's own logits here would leave the GPU idle during that CPU work. On the
+            # CPU the forward pass is done when model() returns, and the order changes nothing.
+            this = (rows, *logits_to_host(model(**inputs)))
+            if previous is not None:
+                mine += unpack_logits(*previous, windows.length, padding["pad_left"])
+            previous = this
+        if previous is not None:
+            mine += unpack_logits(*previous, windows.length, padding["pad_left"])
     model.train(was_training)
     if world > 1:
         from accelerate.utils import gather_object

@@ -96,7 +96,8 @@ def forward_only(model, tokenizer, windows, batch_size, device) -> float:
     order = np.argsort(-windows.length, kind="stable")
     padding = dict(pad_token_id=tokenizer.pad_token_id, pad_type_id=tokenizer.pad_token_type_id,
                    pad_left=tokenizer.padding_side == "left")
-    batches = [{k: torch.from_numpy(v).to(device) for k, v in windows.model_inputs(order[b:b + batch_size], **padding).items()}
+    batches = [{k: torch.from_numpy(v).to(device)
+                for k, v in windows.model_inputs(order[b:b + batch_size], **padding).items()}
                for b in range(0, len(order), batch_size)]
     sync(device)
     started = time.perf_counter()

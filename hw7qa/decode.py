@@ -8,7 +8,10 @@ window the top ``n_best`` starts × top ``n_best`` ends *inside the paragraph pa
 original paragraph sliced by the tokens' character offsets, never ``tokenizer.decode``, so rare
 characters ([UNK]), upper case and spaces come back exactly as written.
 
-Batches are gathered from the ``Windows`` table in one step each, with no list per window.
+Both sides work on whole arrays, not window by window: batches are gathered from the ``Windows``
+table, and the best span of every window is found for thousands of windows at once
+(``window_best_spans``); only the rare question whose best span is whitespace, or has no valid
+top-k pair at all, is decoded one span at a time (``walk_spans``).
 """
 from __future__ import annotations
 
@@ -20,9 +23,10 @@ from tqdm.auto import tqdm
 
 from .config import DecodeSpec
 from .devices import inference_autocast
-from .windows import Encoded, Window, Windows, encode, eval_windows
+from .windows import Encoded, Windows, encode, eval_windows
 
 QUOTE_PAIRS = ("「」", "『』", "《》", "“”", "()", "（）")
+CHUNK_WINDOWS = 4096   # windows decoded at once: the n_best × n_best pair arrays of a chunk stay a few MB
 
 
 @dataclass(frozen=True)
@@ -129,18 +133,46 @@ def window_logits(model, tokenizer, windows: Windows, batch_size: int, precision
     return out
 
 
+def top_positions(logits: np.ndarray, n_valid: np.ndarray, k: int) -> np.ndarray:
+    """Per row of ``logits``, the positions of its ``k`` highest values among the first
+    ``n_valid[row]``, in ascending order of position; -1 fills a row with fewer than ``k``.
+
+    Values tied with the k-th highest are taken from the left, so the choice never depends on the
+    sorting algorithm; NaN counts as -inf. ``k`` must not exceed the row length.
+    """
+    logits = np.where(np.isnan(logits), -np.inf, logits)
+    width = logits.shape[1]
+    kth = np.partition(logits, width - k, axis=1)[:, width - k:width - k + 1]   # each row's k-th highest value
+    position = np.arange(width)
+    valid = position < n_valid[:, None]
+    above, tied = valid & (logits > kth), valid & (logits == kth)
+    room = k - np.count_nonzero(above, axis=1)[:, None]        # how many of the tied values still fit
+    chosen = above | (tied & (np.cumsum(tied, axis=1) <= room))
+    chosen |= ~valid & (position < k)     # a row with fewer than k valid positions: fill it up to k ...
+    columns = np.nonzero(chosen)[1].reshape(len(logits), k)    # ... so every row has k, in ascending order
+    return np.where(columns < n_valid[:, None], columns, -1)   # ... and mark the filling invalid
+
+
+def highest(logits: np.ndarray, k: int) -> np.ndarray:
+    """``top_positions`` of one row with no invalid positions, the simple way: a stable sort keeps
+    tied values in position order, so the leftmost of them come first."""
+    ranked = np.argsort(-np.where(np.isnan(logits), -np.inf, logits), kind="stable")
+    return np.sort(ranked[:k])
+
+
 def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, context_start: int, n_context: int,
                n_best: int, max_answer_length: int) -> list[tuple[float, int, int]]:
     """Valid spans of one window, best first, as ``(score, start, end)`` window positions (inclusive).
 
     Only positions ``context_start .. context_start + n_context - 1`` (the paragraph) are considered;
     of those the ``n_best`` highest starts and ends are paired, keeping ``start <= end`` and
-    ``end - start + 1 <= max_answer_length``. Returns [] if no pair is valid.
+    ``end - start + 1 <= max_answer_length``. Returns [] if no pair is valid. Which ``n_best``
+    logits are highest is decided as in ``top_positions`` (ties from the left, NaN as -inf).
     """
     lo, hi = context_start, context_start + n_context
     k = min(n_best, n_context)
-    starts = lo + np.argpartition(-start_logits[lo:hi], k - 1)[:k]
-    ends = lo + np.argpartition(-end_logits[lo:hi], k - 1)[:k]
+    starts = lo + highest(start_logits[lo:hi], k)
+    ends = lo + highest(end_logits[lo:hi], k)
     scores = start_logits[starts][:, None] + end_logits[ends][None, :]
     length = ends[None, :] - starts[:, None] + 1
     valid = (length >= 1) & (length <= max_answer_length)
@@ -148,6 +180,69 @@ def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, context_start: 
     score, start, end = scores[rows, cols], starts[rows], ends[cols]
     order = np.lexsort((-end, -start, -score))   # best score first; ties: later start, then later end
     return list(zip(score[order].tolist(), start[order].tolist(), end[order].tolist()))
+
+
+def context_logits(windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]], rows: range
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end logits of the paragraph part of windows ``rows``, one row each, padded with
+    -inf to the longest paragraph part: column j is window position ``context_start + j``."""
+    n_context = windows.token_end[rows] - windows.token_start[rows]
+    column = np.arange(n_context.max(initial=0))
+    inside = column < n_context[:, None]
+    packed = []
+    for side in (0, 1):
+        arrays = [logits[i][side] for i in rows]
+        lengths = np.array([len(a) for a in arrays])
+        first = np.cumsum(lengths) - lengths                # where each window's logits start once concatenated
+        where = np.where(inside, (first + windows.context_start[rows])[:, None] + column, 0)
+        packed.append(np.where(inside, np.concatenate(arrays)[where], -np.inf))
+    return packed[0], packed[1]
+
+
+def window_best_spans(windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]], spec: DecodeSpec
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The first span ``best_spans`` gives for each window, for all windows at once:
+    ``(score, start, end, found)``, positions in the window, ``found`` False where no top-k pair
+    of the window is valid (its other entries are then meaningless)."""
+    n = len(windows)
+    score, start, end, found = np.zeros(n, np.float64), np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, bool)
+    for lo in range(0, n, CHUNK_WINDOWS):
+        rows = range(lo, min(lo + CHUNK_WINDOWS, n))
+        start_logits, end_logits = context_logits(windows, logits, rows)
+        k = min(spec.n_best, start_logits.shape[1])
+        if k == 0:       # no window of the chunk has a paragraph token
+            continue
+        n_context = windows.token_end[rows] - windows.token_start[rows]
+        starts, ends = top_positions(start_logits, n_context, k), top_positions(end_logits, n_context, k)
+        pair_score = (np.take_along_axis(start_logits, np.maximum(starts, 0), 1)[:, :, None]
+                      + np.take_along_axis(end_logits, np.maximum(ends, 0), 1)[:, None, :]).reshape(len(rows), k * k)
+        length = (ends[:, None, :] - starts[:, :, None] + 1).reshape(len(rows), k * k)
+        valid = ((starts >= 0)[:, :, None] & (ends >= 0)[:, None, :]).reshape(len(rows), k * k)
+        valid &= (length >= 1) & (length <= spec.max_answer_length)
+        top = np.where(valid, pair_score, -np.inf).max(axis=1, keepdims=True)
+        hits = valid & (pair_score == top)
+        # pairs run through starts, then ends, in ascending positions: the last hit is the best
+        # pair with the later start, then the later end, as ``best_spans`` breaks ties
+        pick = k * k - 1 - np.argmax(hits[:, ::-1], axis=1)
+        context_start = windows.context_start[rows]
+        score[rows] = top[:, 0]
+        start[rows] = context_start + starts[np.arange(len(rows)), pick // k]
+        end[rows] = context_start + ends[np.arange(len(rows)), pick % k]
+        found[rows] = hits.any(axis=1)
+    return score, start, end, found
+
+
+def best_window_per_question(question_index: np.ndarray, score: np.ndarray, found: np.ndarray,
+                             n_questions: int) -> np.ndarray:
+    """For each question, the window whose best span scores highest (the first such window on
+    ties), among the windows with ``found``; -1 for a question with none."""
+    rows = np.flatnonzero(found)
+    rows = rows[np.lexsort((rows, -score[rows], question_index[rows]))]   # by question, best score first
+    question = question_index[rows]
+    first = np.r_[True, question[1:] != question[:-1]] if len(rows) else np.zeros(0, bool)
+    best = np.full(n_questions, -1, dtype=np.int64)
+    best[question[first]] = rows[first]
+    return best
 
 
 def exhaustive_best_span(start_logits: np.ndarray, end_logits: np.ndarray, context_start: int,
@@ -186,7 +281,41 @@ def balance_quotes(paragraph: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
-def decode_predictions(enc: Encoded, windows: list[Window], logits: list[tuple[np.ndarray, np.ndarray]],
+def window_spans(windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]], wi: int, spec: DecodeSpec,
+                 search: str) -> list[tuple[float, int, int]]:
+    """The spans of window ``wi``, best first: its ``best_spans`` (``search="top-k"``) or its one
+    ``exhaustive_best_span`` (``"exhaustive"``); none for a window without paragraph tokens."""
+    (start_logits, end_logits), context_start = logits[wi], int(windows.context_start[wi])
+    n_context = int(windows.token_end[wi] - windows.token_start[wi])
+    if n_context == 0:
+        return []
+    if search == "top-k":
+        return best_spans(start_logits, end_logits, context_start, n_context, spec.n_best, spec.max_answer_length)
+    return [exhaustive_best_span(start_logits, end_logits, context_start, n_context, spec.max_answer_length)]
+
+
+def walk_spans(enc: Encoded, windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]], qi: int,
+               spec: DecodeSpec, search: str) -> tuple[float, int, int, int] | None:
+    """The best span of question ``qi`` found one span at a time: ``(score, window, char_start,
+    char_end)``, or None if every span is whitespace.
+
+    Each window's spans (``window_spans``) are walked best first, whitespace-only ones skipped; a
+    window's first other span replaces the best so far if it scores higher.
+    """
+    paragraph = enc.data.paragraph(enc.data.questions[qi])
+    best = None
+    for wi in np.flatnonzero(windows.question_index == qi).tolist():
+        for score, s, e in window_spans(windows, logits, wi, spec, search):
+            if best is not None and score <= best[0]:
+                break
+            char_start, char_end = windows.char_span(enc, wi, s, e)
+            if paragraph[char_start:char_end].strip():
+                best = (score, wi, char_start, char_end)
+                break
+    return best
+
+
+def decode_predictions(enc: Encoded, windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]],
                        spec: DecodeSpec = DecodeSpec()) -> list[Prediction]:
     """One ``Prediction`` per question of ``enc.data``: the best span over all its windows, with
     ``spec``'s ``n_best`` and ``max_answer_length`` (``best_spans``) and, if ``balance_quotes``, its
@@ -194,44 +323,36 @@ def decode_predictions(enc: Encoded, windows: list[Window], logits: list[tuple[n
 
     A span whose text is only whitespace is skipped. If no window of a question has a valid
     top-k pair, every start/end of every window is searched, so the answer is empty only if the
-    question's paragraph has no tokens at all.
+    question's paragraph has no tokens at all. Ties go to the earlier window, then (within a
+    window) to the later start and end.
+
+    The best span of every window is found for all windows at once, and the question's answer is
+    the best of its windows' (``best_window_per_question``): what ``walk_spans`` would find,
+    unless that span is whitespace. Only then is the question walked span by span.
     """
-    by_question: list[list[int]] = [[] for _ in enc.data.questions]
-    for wi, w in enumerate(windows):
-        by_question[w.question_index].append(wi)
+    score, start, end, found = window_best_spans(windows, logits, spec)
+    best_window = best_window_per_question(windows.question_index, score, found, len(enc.data.questions))
     predictions = []
-    for qi, window_ids in enumerate(by_question):
+    for qi, wi in enumerate(best_window.tolist()):
         paragraph = enc.data.paragraph(enc.data.questions[qi])
-        best = None  # (score, window, char_start, char_end)
-        for search in ("top-k", "exhaustive"):
-            for wi in window_ids:
-                w, (s_logits, e_logits) = windows[wi], logits[wi]
-                n_context = w.token_end - w.token_start
-                if n_context == 0:
-                    continue
-                spans = (best_spans(s_logits, e_logits, w.context_start, n_context, spec.n_best, spec.max_answer_length)
-                         if search == "top-k" else
-                         [exhaustive_best_span(s_logits, e_logits, w.context_start, n_context, spec.max_answer_length)])
-                for score, s, e in spans:
-                    if best is not None and score <= best[0]:
-                        break
-                    char_start, char_end = w.char_span(enc, s, e)
-                    if paragraph[char_start:char_end].strip():
-                        best = (score, wi, char_start, char_end)
-                        break
-            if best is not None:
-                break
+        best = None
+        if wi >= 0:        # some window has a valid top-k pair
+            best = (float(score[wi]), wi, *windows.char_span(enc, wi, int(start[wi]), int(end[wi])))
+            if not paragraph[best[2]:best[3]].strip():
+                best = walk_spans(enc, windows, logits, qi, spec, "top-k")
+        if best is None:
+            best = walk_spans(enc, windows, logits, qi, spec, "exhaustive")
         if best is None:
             predictions.append(Prediction("", float("-inf"), -1, 0, 0))
             continue
-        score, wi, char_start, char_end = best
+        best_score, wi, char_start, char_end = best
         if spec.balance_quotes:
             char_start, char_end = balance_quotes(paragraph, char_start, char_end)
-        predictions.append(Prediction(paragraph[char_start:char_end], score, wi, char_start, char_end))
+        predictions.append(Prediction(paragraph[char_start:char_end], best_score, wi, char_start, char_end))
     return predictions
 
 
-def oracle_logits(enc: Encoded, windows: list[Window]) -> list[tuple[np.ndarray, np.ndarray]]:
+def oracle_logits(enc: Encoded, windows: Windows) -> list[tuple[np.ndarray, np.ndarray]]:
     """Logits of a perfect model: 10 on the gold start and end token of every window holding the
     whole answer, 0 elsewhere. Decoding these measures what the windows and decoding alone lose."""
     logits = []

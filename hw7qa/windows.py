@@ -194,7 +194,8 @@ def char_span_to_tokens(offsets, start_char: int, end_char: int) -> tuple[int, i
 
 def question_budgets(enc: Encoded) -> np.ndarray:
     """How many paragraph tokens fit in a window of each question (at most ``max_paragraph_tokens`` if set)."""
-    room = enc.spec.max_length - np.array([len(ids) for ids in enc.question_ids], dtype=np.int64) - enc.template.n_special
+    question_length = np.array([len(ids) for ids in enc.question_ids], dtype=np.int64)
+    room = enc.spec.max_length - question_length - enc.template.n_special
     cap = enc.spec.max_paragraph_tokens
     return np.minimum(room, cap) if cap else room
 
@@ -282,7 +283,8 @@ class Windows(Sequence):
         return len(self.length)
 
     def __getitem__(self, i: int) -> Window:
-        i = range(len(self))[operator.index(i)]   # negative indices count from the end; IndexError past it ends a for loop
+        # negative indices count from the end; an IndexError past it ends a for loop
+        i = range(len(self))[operator.index(i)]
         tokens = slice(self.first[i], self.first[i] + self.length[i])
         has_labels = self.start_position is not None
         return Window(int(self.question_index[i]), int(self.token_start[i]), int(self.token_end[i]),

@@ -146,4 +146,5 @@ def test_window_logits_are_each_windows_own_in_window_order(bert_tokenizer, samp
     logits = window_logits(EchoQA(), bert_tokenizer, windows, batch_size)
     assert len(logits) == len(windows) > 64 and len(set(windows.length.tolist())) > 1
     for w, (start, end) in zip(windows, logits):
-        assert start.dtype == np.float32 and start.tolist() == w.input_ids and end.tolist() == list(range(len(w.input_ids)))
+        assert start.dtype == np.float32 and start.tolist() == w.input_ids
+        assert end.tolist() == list(range(len(w.input_ids)))

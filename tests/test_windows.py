@@ -182,15 +182,18 @@ def reference_window(enc, qi, token_start):
     answer = enc.answer_tokens[qi]
     if answer is not None and token_start <= answer[0] and answer[1] < token_end:
         start, end = context_start + answer[0] - token_start, context_start + answer[1] - token_start
-    return (qi, token_start, token_end, context_start, t.prefix + q_ids + t.middle + p_ids + t.suffix, types), (start, end)
+    input_ids = t.prefix + q_ids + t.middle + p_ids + t.suffix
+    return (qi, token_start, token_end, context_start, input_ids, types), (start, end)
 
 
-@pytest.mark.parametrize("spec", [WindowSpec(64, 16, doc_stride=12), WindowSpec(48, 8, doc_stride=100, max_paragraph_tokens=20)])
+@pytest.mark.parametrize("spec", [WindowSpec(64, 16, doc_stride=12),
+                                  WindowSpec(48, 8, doc_stride=100, max_paragraph_tokens=20)])
 def test_the_window_table_holds_the_windows_built_one_by_one(any_tokenizer, sample_train, spec):
     enc = encode(sample_train, any_tokenizer, spec)
     windows = eval_windows(enc)
-    expected = [reference_window(enc, qi, s)[0] for qi, q in enumerate(enc.data.questions)
-                for s in window_starts(len(enc.paragraph_ids[q.paragraph_id]), reference_budget(enc, qi), spec.doc_stride)]
+    n_tokens = [len(enc.paragraph_ids[q.paragraph_id]) for q in enc.data.questions]
+    expected = [reference_window(enc, qi, s)[0] for qi, n in enumerate(n_tokens)
+                for s in window_starts(n, reference_budget(enc, qi), spec.doc_stride)]
     assert [dataclasses.astuple(w) for w in windows] == [fields + (None, None) for fields in expected]
     assert windows.length.tolist() == [len(e[4]) for e in expected] and windows[-1] == windows[len(windows) - 1]
     for policy in ("random", "center", "all"):

@@ -123,8 +123,10 @@ def encode(data: QAData, tokenizer, spec: WindowSpec) -> Encoded:
     template = learn_template(tokenizer)
     if spec.max_length - spec.max_question_tokens - template.n_special < 8:
         raise ValueError(f"max_length {spec.max_length} leaves fewer than 8 paragraph tokens")
-    para = tokenizer(data.paragraphs, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    quest = tokenizer([q.question_text.strip() for q in data.questions], add_special_tokens=False, verbose=False)
+    # only ids and offsets: every list asked for is converted from Rust for every text
+    lean = dict(add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, verbose=False)
+    para = tokenizer(data.paragraphs, return_offsets_mapping=True, **lean)
+    quest = tokenizer([q.question_text.strip() for q in data.questions], **lean)
     question_ids = [ids[:spec.max_question_tokens] for ids in quest["input_ids"]]
     offsets = [trimmed_offsets(text, offs) for text, offs in zip(data.paragraphs, para["offset_mapping"])]
     return Encoded(data, question_ids, para["input_ids"], offsets, answer_tokens(data, offsets), template, spec)

@@ -351,15 +351,18 @@ def cut_windows(enc: Encoded, question_index, token_start) -> Windows:
     paragraph = np.array([q.paragraph_id for q in enc.data.questions], dtype=np.int64)[question_index]
     token_end = np.minimum(token_start + question_budgets(enc)[question_index], paragraph_length[paragraph])
     n_question = question_length[question_index]
-    a, m, z = len(t.prefix), len(t.middle), len(t.suffix)
+    n_prefix, n_middle, n_suffix = len(t.prefix), len(t.middle), len(t.suffix)
     # the pool: prefix, middle, suffix, then every question's ids, then every paragraph's ids
     pool = np.concatenate([np.asarray(part, dtype=np.int32) for part in (t.prefix, t.middle, t.suffix)]
                           + [question_flat, paragraph_flat])
-    questions_at, paragraphs_at = a + m + z, a + m + z + len(question_flat)
-    same = np.ones_like(question_index)
-    run_start = np.stack([0 * same, questions_at + question_first[question_index], a * same,
-                          paragraphs_at + paragraph_first[paragraph] + token_start, (a + m) * same], axis=1)
-    run_length = np.stack([a * same, n_question, m * same, token_end - token_start, z * same], axis=1)
+    questions_at = n_prefix + n_middle + n_suffix
+    paragraphs_at = questions_at + len(question_flat)
+    every = np.ones_like(question_index)      # times a constant: that constant for every window
+    run_start = np.stack([0 * every, questions_at + question_first[question_index], n_prefix * every,
+                          paragraphs_at + paragraph_first[paragraph] + token_start, (n_prefix + n_middle) * every],
+                         axis=1)
+    run_length = np.stack([n_prefix * every, n_question, n_middle * every, token_end - token_start,
+                           n_suffix * every], axis=1)
     index = run_index(run_start.ravel(), run_length.ravel())
     type_ids = None
     if t.type_ids is not None:
@@ -368,7 +371,7 @@ def cut_windows(enc: Encoded, question_index, token_start) -> Windows:
                                    + [np.full(len(question_flat), question_type, dtype=np.int32),
                                       np.full(len(paragraph_flat), paragraph_type, dtype=np.int32)])
         type_ids = type_pool[index]
-    return Windows(question_index, token_start, token_end, a + n_question + m, run_length.sum(axis=1),
+    return Windows(question_index, token_start, token_end, n_prefix + n_question + n_middle, run_length.sum(axis=1),
                    pool[index], type_ids)
 
 

@@ -299,8 +299,9 @@ def walk_spans(enc: Encoded, windows: Windows, logits: list[tuple[np.ndarray, np
     """The best span of question ``qi`` found one span at a time: ``(score, window, char_start,
     char_end)``, or None if every span is whitespace.
 
-    Each window's spans (``window_spans``) are walked best first, whitespace-only ones skipped; a
-    window's first other span replaces the best so far if it scores higher.
+    Each window's spans (``window_spans``) are walked best first, whitespace-only ones skipped; the
+    first other span of a window replaces the best so far only if it scores higher, so ties go to
+    the earlier window.
     """
     paragraph = enc.data.paragraph(enc.data.questions[qi])
     best = None

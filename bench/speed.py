@@ -20,8 +20,10 @@ model runs in half precision (bf16 where supported, else fp16). Rows:
 
 ``--overhead-only`` measures what (b) loses, on any machine and on the whole dev file: each stage of
 the project's ``predict`` with a model that costs nothing (``NullQA``: zero logits), i.e.
-tokenising, windows, collating, copying logits back and decoding. The forward passes of a real model cannot hide this
-time (it runs between them), so on any device (b) is at most forward / (forward + this overhead).
+tokenising, windows, collating, copying logits back and decoding. On a GPU, collating the next
+batch and unpacking the last one's logits run while a batch's forward pass does (``window_logits``);
+tokenising, cutting windows and decoding happen before and after all forward passes, so (b) is
+at most forward / (forward + those three).
 """
 from __future__ import annotations
 
@@ -91,10 +93,11 @@ def sample_loop(model, enc, windows, seq_len, device) -> float:
 
 def forward_only(model, tokenizer, windows, batch_size, device) -> float:
     """The forward passes alone, on batches collated beforehand exactly as ``window_logits`` makes them."""
-    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
-    order = sorted(range(len(windows)), key=lambda i: len(windows[i].input_ids), reverse=True)
-    feats = features(windows)
-    batches = [{k: v.to(device) for k, v in collate([feats[i] for i in order[b:b + batch_size]]).items()}
+    order = np.argsort(-windows.length, kind="stable")
+    padding = dict(pad_token_id=tokenizer.pad_token_id, pad_type_id=tokenizer.pad_token_type_id,
+                   pad_left=tokenizer.padding_side == "left")
+    batches = [{k: torch.from_numpy(v).to(device)
+                for k, v in windows.model_inputs(order[b:b + batch_size], **padding).items()}
                for b in range(0, len(order), batch_size)]
     sync(device)
     started = time.perf_counter()

@@ -12,11 +12,23 @@ of one encoded pair, see ``PairTemplate``), never hard-coded, so BERT vocabulari
 Windows of one question hold at most ``budget = max_length - len(question) - specials``
 paragraph tokens and start every ``doc_stride`` tokens (``doc_stride`` is capped at ``budget``,
 so consecutive windows always touch or overlap and every token of the paragraph is in some window).
+
+All windows of a file are cut at once into a ``Windows`` table (numpy arrays, one row per window,
+no Python object per window): inference batches and decodes straight from its arrays, and
+``windows[i]`` gives window ``i`` as a ``Window`` (lists) for code that wants one.
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import operator
 import random
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
 
 from .config import WindowSpec
 from .data import QAData
@@ -111,15 +123,13 @@ def encode(data: QAData, tokenizer, spec: WindowSpec) -> Encoded:
     template = learn_template(tokenizer)
     if spec.max_length - spec.max_question_tokens - template.n_special < 8:
         raise ValueError(f"max_length {spec.max_length} leaves fewer than 8 paragraph tokens")
-    para = tokenizer(data.paragraphs, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    quest = tokenizer([q.question_text.strip() for q in data.questions], add_special_tokens=False, verbose=False)
+    # only ids and offsets: every list asked for is converted from Rust for every text
+    lean = dict(add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, verbose=False)
+    para = tokenizer(data.paragraphs, return_offsets_mapping=True, **lean)
+    quest = tokenizer([q.question_text.strip() for q in data.questions], **lean)
     question_ids = [ids[:spec.max_question_tokens] for ids in quest["input_ids"]]
-    offsets = [[trim_offsets(text, s, e) for s, e in offs]
-               for text, offs in zip(data.paragraphs, para["offset_mapping"])]
-    answer_tokens = [None if q.answer_start is None else
-                     char_span_to_tokens(offsets[q.paragraph_id], q.answer_start, q.answer_end)
-                     for q in data.questions]
-    return Encoded(data, question_ids, para["input_ids"], offsets, answer_tokens, template, spec)
+    offsets = [trimmed_offsets(text, offs) for text, offs in zip(data.paragraphs, para["offset_mapping"])]
+    return Encoded(data, question_ids, para["input_ids"], offsets, answer_tokens(data, offsets), template, spec)
 
 
 def trim_offsets(text: str, start: int, end: int) -> tuple[int, int]:
@@ -135,30 +145,61 @@ def trim_offsets(text: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
-def char_span_to_tokens(offsets: list[tuple[int, int]], start_char: int, end_char: int) -> tuple[int, int] | None:
+def trimmed_offsets(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``trim_offsets`` of every token of ``text``. Only a token that starts or ends on whitespace
+    can change, so only those are trimmed (most paragraphs have no whitespace at all). The regular
+    expression ``\\s`` matches exactly the characters for which ``str.isspace`` is true."""
+    spaces = {match.start() for match in re.finditer(r"\s", text)}
+    if not spaces:
+        return list(offsets)
+    return [trim_offsets(text, s, e) if s in spaces or e - 1 in spaces else (s, e) for s, e in offsets]
+
+
+def answer_tokens(data: QAData, offsets: list[list[tuple[int, int]]]) -> list[tuple[int, int] | None]:
+    """``char_span_to_tokens`` of every question's answer (None where the answer is not given),
+    each paragraph's offsets turned into one numpy array for all of its questions."""
+    as_array: dict[int, np.ndarray] = {}
+    spans = []
+    for q in data.questions:
+        if q.answer_start is None:
+            spans.append(None)
+            continue
+        if q.paragraph_id not in as_array:
+            pairs = offsets[q.paragraph_id]
+            as_array[q.paragraph_id] = np.fromiter(itertools.chain.from_iterable(pairs), dtype=np.int64,
+                                                   count=2 * len(pairs)).reshape(-1, 2)
+        spans.append(char_span_to_tokens(as_array[q.paragraph_id], q.answer_start, q.answer_end))
+    return spans
+
+
+def char_span_to_tokens(offsets, start_char: int, end_char: int) -> tuple[int, int] | None:
     """Token span ``(first, last)`` (inclusive) covering characters ``start_char..end_char`` (inclusive).
 
     ``first`` is the last token that starts at or before ``start_char`` and ends after it (so when
     two tokens share a character, as sentencepiece's lone "▁" does with the next one, the later,
     real token is chosen); ``last`` is the first token from the left that ends after ``end_char``
     and starts at or before it. Characters that no token covers (spaces, zero-width characters)
-    are skipped inwards. Returns None if no token lies inside the span.
+    are skipped inwards. Returns None if no token lies inside the span. ``offsets``: ``(start, end)``
+    pairs, as a list or an ``(n, 2)`` array.
     """
-    overlap = [i for i, (s, e) in enumerate(offsets) if s < e and s <= end_char and e > start_char]
-    if not overlap:
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    overlap = np.flatnonzero((starts < ends) & (starts <= end_char) & (ends > start_char))
+    if overlap.size == 0:
         return None
-    holding_start = [i for i in overlap if offsets[i][0] <= start_char]
-    first = holding_start[-1] if holding_start else overlap[0]
-    holding_end = [i for i in overlap if i >= first and offsets[i][1] > end_char]
-    last = holding_end[0] if holding_end else overlap[-1]
-    return (first, last) if last >= first else None
+    holding_start = overlap[starts[overlap] <= start_char]
+    first = holding_start[-1] if holding_start.size else overlap[0]
+    holding_end = overlap[(overlap >= first) & (ends[overlap] > end_char)]
+    last = holding_end[0] if holding_end.size else overlap[-1]
+    return (int(first), int(last)) if last >= first else None
 
 
-def question_budget(enc: Encoded, qi: int) -> int:
-    """How many paragraph tokens fit in a window of question ``qi`` (at most ``max_paragraph_tokens`` if set)."""
-    room = enc.spec.max_length - len(enc.question_ids[qi]) - enc.template.n_special
+def question_budgets(enc: Encoded) -> np.ndarray:
+    """How many paragraph tokens fit in a window of each question (at most ``max_paragraph_tokens`` if set)."""
+    question_length = np.array([len(ids) for ids in enc.question_ids], dtype=np.int64)
+    room = enc.spec.max_length - question_length - enc.template.n_special
     cap = enc.spec.max_paragraph_tokens
-    return min(room, cap) if cap else room
+    return np.minimum(room, cap) if cap else room
 
 
 def window_starts(n_tokens: int, budget: int, doc_stride: int) -> list[int]:
@@ -166,11 +207,18 @@ def window_starts(n_tokens: int, budget: int, doc_stride: int) -> list[int]:
 
     ``doc_stride`` is capped at ``budget`` so that no token falls between two windows.
     """
-    stride = min(doc_stride, budget)
-    starts = [0]
-    while starts[-1] + budget < n_tokens:
-        starts.append(starts[-1] + stride)
-    return starts
+    return window_grid([n_tokens], [budget], doc_stride)[1].tolist()
+
+
+def window_grid(n_tokens, budget, doc_stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """``window_starts`` of many paragraphs at once, as ``(row, start)`` of every window, row by row:
+    paragraph ``i`` has ``n_tokens[i]`` tokens and ``budget[i]`` of them fit in a window."""
+    n_tokens, budget = np.asarray(n_tokens, dtype=np.int64), np.asarray(budget, dtype=np.int64)
+    stride = np.minimum(doc_stride, budget)
+    count = 1 + np.maximum(0, -(-(n_tokens - budget) // stride))   # windows until one reaches the end
+    row = np.repeat(np.arange(len(count)), count)
+    nth = np.arange(len(row)) - np.repeat(np.cumsum(count) - count, count)   # 0, 1, 2, ... within each row
+    return row, nth * stride[row]
 
 
 def train_window_start(policy: str, n_tokens: int, budget: int, answer: tuple[int, int],
@@ -209,36 +257,146 @@ class Window:
                 offsets[self.token_start + position_end - self.context_start][1])
 
 
-def build_window(enc: Encoded, qi: int, token_start: int, with_label: bool = False) -> Window:
-    """The window of question ``qi`` whose paragraph part starts at token ``token_start``."""
+@dataclass(frozen=True, eq=False)
+class Windows(Sequence):
+    """Windows as a table: parallel numpy arrays with one row per window, so that inference can
+    batch and decode thousands of windows without a Python object per window.
+
+    ``windows[i]`` is row ``i`` as a ``Window`` (its lists built on demand), so a ``Windows`` can be
+    used wherever a list of ``Window`` is read. Window ``i``'s input ids are
+    ``ids[first[i]:first[i] + length[i]]``, and its token type ids sit at the same places of ``type_ids``.
+    """
+    question_index: np.ndarray          # these four per window, as in ``Window``
+    token_start: np.ndarray
+    token_end: np.ndarray
+    context_start: np.ndarray
+    length: np.ndarray                  # len(input_ids) of each window
+    ids: np.ndarray                     # the input ids of every window, one window after the other
+    type_ids: np.ndarray | None         # the token type ids, laid out as ``ids``; None if the model takes none
+    start_position: np.ndarray | None = None   # training labels, as in ``Window``
+    end_position: np.ndarray | None = None
+
+    @cached_property
+    def first(self) -> np.ndarray:
+        """Where each window's tokens start in ``ids``."""
+        return np.cumsum(self.length) - self.length
+
+    def __len__(self) -> int:
+        return len(self.length)
+
+    def __getitem__(self, i: int) -> Window:
+        # negative indices count from the end; an IndexError past it ends a for loop
+        i = range(len(self))[operator.index(i)]
+        tokens = slice(self.first[i], self.first[i] + self.length[i])
+        has_labels = self.start_position is not None
+        return Window(int(self.question_index[i]), int(self.token_start[i]), int(self.token_end[i]),
+                      int(self.context_start[i]), self.ids[tokens].tolist(),
+                      None if self.type_ids is None else self.type_ids[tokens].tolist(),
+                      int(self.start_position[i]) if has_labels else None,
+                      int(self.end_position[i]) if has_labels else None)
+
+    def char_span(self, enc: Encoded, i: int, position_start: int, position_end: int) -> tuple[int, int]:
+        """``Window.char_span`` of window ``i``, read from the arrays."""
+        offsets = enc.paragraph_offsets[enc.data.questions[self.question_index[i]].paragraph_id]
+        first_token = self.token_start[i] - self.context_start[i]
+        return offsets[first_token + position_start][0], offsets[first_token + position_end][1]
+
+    def model_inputs(self, rows: np.ndarray, pad_token_id: int, pad_type_id: int = 0, pad_left: bool = False,
+                     pad_to_multiple_of: int = 8) -> dict[str, np.ndarray]:
+        """Windows ``rows`` padded into int64 arrays ``input_ids``, ``attention_mask`` and (if the
+        windows have them) ``token_type_ids``: what ``DataCollatorWithPadding(tokenizer,
+        pad_to_multiple_of=8)`` makes of their ``features``, gathered from ``ids`` in one step
+        instead of one list per window. ``pad_left``: padding before the tokens (tokenizers whose
+        ``padding_side`` is left)."""
+        length = self.length[rows]
+        width = -(-int(length.max(initial=0)) // pad_to_multiple_of) * pad_to_multiple_of
+        position = np.arange(width)[None, :] - ((width - length)[:, None] if pad_left else 0)
+        real = (position >= 0) & (position < length[:, None])
+        where = np.where(real, self.first[rows][:, None] + position, 0)
+        inputs = {"input_ids": np.where(real, self.ids[where], pad_token_id).astype(np.int64),
+                  "attention_mask": real.astype(np.int64)}
+        if self.type_ids is not None:
+            inputs["token_type_ids"] = np.where(real, self.type_ids[where], pad_type_id).astype(np.int64)
+        return inputs
+
+
+def run_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Positions ``starts[0] .. starts[0] + lengths[0] - 1``, then those of the next run, and so on:
+    ``pool[run_index(starts, lengths)]`` is ``np.concatenate([pool[s:s + n] for s, n in zip(starts, lengths)])``
+    without the Python loop."""
+    ends = np.cumsum(lengths)
+    return np.arange(ends[-1] if len(ends) else 0) + np.repeat(starts - (ends - lengths), lengths)
+
+
+def flatten(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``lists`` as one int32 array, with where each list starts in it and how long it is."""
+    lengths = np.array([len(x) for x in lists], dtype=np.int64)
+    flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=int(lengths.sum()))
+    return flat, np.cumsum(lengths) - lengths, lengths
+
+
+def cut_windows(enc: Encoded, question_index, token_start) -> Windows:
+    """Window ``i`` is the window of question ``question_index[i]`` whose paragraph part starts at
+    paragraph token ``token_start[i]``, all cut at once.
+
+    Every window is five runs of one token pool — the template's prefix, the question, the
+    template's middle, the paragraph slice, the template's suffix — so its ids (and token types)
+    are gathered from the pool with ``run_index``.
+    """
     t = enc.template
-    q_ids = enc.question_ids[qi]
-    p_all = enc.paragraph_ids[enc.data.questions[qi].paragraph_id]
-    token_end = min(token_start + question_budget(enc, qi), len(p_all))
-    p_ids = p_all[token_start:token_end]
-    input_ids = t.prefix + q_ids + t.middle + p_ids + t.suffix
-    context_start = len(t.prefix) + len(q_ids) + len(t.middle)
-    types = None
+    question_index = np.asarray(question_index, dtype=np.int64)
+    token_start = np.asarray(token_start, dtype=np.int64)
+    question_flat, question_first, question_length = flatten(enc.question_ids)
+    paragraph_flat, paragraph_first, paragraph_length = flatten(enc.paragraph_ids)
+    paragraph = np.array([q.paragraph_id for q in enc.data.questions], dtype=np.int64)[question_index]
+    token_end = np.minimum(token_start + question_budgets(enc)[question_index], paragraph_length[paragraph])
+    n_question = question_length[question_index]
+    n_prefix, n_middle, n_suffix = len(t.prefix), len(t.middle), len(t.suffix)
+    # the pool: prefix, middle, suffix, then every question's ids, then every paragraph's ids
+    pool = np.concatenate([np.asarray(part, dtype=np.int32) for part in (t.prefix, t.middle, t.suffix)]
+                          + [question_flat, paragraph_flat])
+    questions_at = n_prefix + n_middle + n_suffix
+    paragraphs_at = questions_at + len(question_flat)
+    every = np.ones_like(question_index)      # times a constant: that constant for every window
+    run_start = np.stack([0 * every, questions_at + question_first[question_index], n_prefix * every,
+                          paragraphs_at + paragraph_first[paragraph] + token_start, (n_prefix + n_middle) * every],
+                         axis=1)
+    run_length = np.stack([n_prefix * every, n_question, n_middle * every, token_end - token_start,
+                           n_suffix * every], axis=1)
+    index = run_index(run_start.ravel(), run_length.ravel())
+    type_ids = None
     if t.type_ids is not None:
-        pre, q_type, mid, p_type, suf = t.type_ids
-        types = pre + [q_type] * len(q_ids) + mid + [p_type] * len(p_ids) + suf
-    start = end = None
-    if with_label:
-        start = end = t.cls_index
-        answer = enc.answer_tokens[qi]
-        if answer is not None and token_start <= answer[0] and answer[1] < token_end:
-            start = context_start + answer[0] - token_start
-            end = context_start + answer[1] - token_start
-    return Window(qi, token_start, token_end, context_start, input_ids, types, start, end)
+        pre, question_type, mid, paragraph_type, suf = t.type_ids
+        type_pool = np.concatenate([np.asarray(part, dtype=np.int32) for part in (pre, mid, suf)]
+                                   + [np.full(len(question_flat), question_type, dtype=np.int32),
+                                      np.full(len(paragraph_flat), paragraph_type, dtype=np.int32)])
+        type_ids = type_pool[index]
+    return Windows(question_index, token_start, token_end, n_prefix + n_question + n_middle, run_length.sum(axis=1),
+                   pool[index], type_ids)
 
 
-def eval_windows(enc: Encoded) -> list[Window]:
+def labelled(enc: Encoded, windows: Windows) -> Windows:
+    """``windows`` with training labels: the positions of the answer's first and last token where
+    the window holds the whole answer, the "no answer" position (``cls_index``) elsewhere."""
+    answers = np.array([(-1, -1) if a is None else a for a in enc.answer_tokens], dtype=np.int64).reshape(-1, 2)
+    first, last = answers[windows.question_index].T
+    holds = (first >= 0) & (windows.token_start <= first) & (last < windows.token_end)
+    shift = windows.context_start - windows.token_start
+    no_answer = enc.template.cls_index
+    return dataclasses.replace(windows, start_position=np.where(holds, first + shift, no_answer),
+                               end_position=np.where(holds, last + shift, no_answer))
+
+
+def paragraph_lengths(enc: Encoded) -> list[int]:
+    """How many tokens the paragraph of each question has."""
+    return [len(enc.paragraph_ids[q.paragraph_id]) for q in enc.data.questions]
+
+
+def eval_windows(enc: Encoded) -> Windows:
     """Every window of every question, in question order (for inference, or policy ``all``),
     starting every ``enc.spec.doc_stride`` tokens."""
-    return [build_window(enc, qi, s)
-            for qi, q in enumerate(enc.data.questions)
-            for s in window_starts(len(enc.paragraph_ids[q.paragraph_id]), question_budget(enc, qi),
-                                   enc.spec.doc_stride)]
+    question_index, token_start = window_grid(paragraph_lengths(enc), question_budgets(enc), enc.spec.doc_stride)
+    return cut_windows(enc, question_index, token_start)
 
 
 def train_windows(enc: Encoded, policy: str, rng: random.Random) -> list[Window]:
@@ -248,20 +406,17 @@ def train_windows(enc: Encoded, policy: str, rng: random.Random) -> list[Window]
     answer is unknown in tokens or longer than a window are left out). ``all``: every window of the
     ``eval_windows`` grid; those without the whole answer point at the "no answer" position.
     """
-    windows = []
-    for qi, q in enumerate(enc.data.questions):
-        n_tokens = len(enc.paragraph_ids[q.paragraph_id])
-        budget = question_budget(enc, qi)
-        if policy == "all":
-            windows += [build_window(enc, qi, s, with_label=True)
-                        for s in window_starts(n_tokens, budget, enc.spec.doc_stride)]
-            continue
+    if policy == "all":
+        return list(labelled(enc, eval_windows(enc)))
+    question_index, token_start = [], []
+    for qi, (n_tokens, budget) in enumerate(zip(paragraph_lengths(enc), question_budgets(enc).tolist())):
         if enc.answer_tokens[qi] is None:
             continue
         start = train_window_start(policy, n_tokens, budget, enc.answer_tokens[qi], rng)
         if start is not None:
-            windows.append(build_window(enc, qi, start, with_label=True))
-    return windows
+            question_index.append(qi)
+            token_start.append(start)
+    return list(labelled(enc, cut_windows(enc, question_index, token_start)))
 
 
 def features(windows: list[Window], with_labels: bool = False) -> list[dict]:
@@ -283,9 +438,9 @@ def describe_windows(enc: Encoded, qi: int) -> list[dict]:
     q = enc.data.questions[qi]
     offsets = enc.paragraph_offsets[q.paragraph_id]
     answer = enc.answer_tokens[qi]
+    starts = window_starts(len(offsets), int(question_budgets(enc)[qi]), enc.spec.doc_stride)
     rows = []
-    for k, start in enumerate(window_starts(len(offsets), question_budget(enc, qi), enc.spec.doc_stride)):
-        w = build_window(enc, qi, start)
+    for k, w in enumerate(cut_windows(enc, [qi] * len(starts), starts)):
         rows.append({"window": k, "tokens": f"{w.token_start}-{w.token_end - 1}",
                      "characters": f"{offsets[w.token_start][0]}-{offsets[w.token_end - 1][1] - 1}",
                      "holds_answer": bool(answer and w.token_start <= answer[0] and answer[1] < w.token_end)})

@@ -1,9 +1,12 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
 
 from conftest import shared_path
 from hw7qa.data import QAData, Question, load_qa_file
-from hw7qa.decode import balance_quotes, best_spans, decode_predictions, oracle_logits
+from hw7qa.decode import balance_quotes, best_spans, decode_predictions, oracle_logits, window_logits
 from hw7qa.config import DecodeSpec, WindowSpec
 from hw7qa.windows import encode, eval_windows, load_tokenizer
 
@@ -105,16 +108,43 @@ def test_balance_quotes_never_empties_a_span():
 
 
 
-def test_pad_windows_matches_the_transformers_collator(any_tokenizer):
-    import torch
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_model_inputs_match_the_transformers_collator(any_tokenizer, side, monkeypatch):
     from transformers import DataCollatorWithPadding
 
-    from hw7qa.decode import pad_windows
     from hw7qa.windows import features
+    monkeypatch.setattr(any_tokenizer, "padding_side", side)
     data = QAData("x", [Question(0, "甚麼是甲?", 0), Question(1, "乙", 1)], ["甲乙丙丁" * 30, "短的 paragraph 1990年"])
-    feats = [{**f, "window_index": i} for i, f in enumerate(features(eval_windows(encode(data, any_tokenizer, WindowSpec(64, 16, doc_stride=20)))))]
-    ours = pad_windows(feats, any_tokenizer.pad_token_id)
-    theirs = DataCollatorWithPadding(any_tokenizer, pad_to_multiple_of=8)(feats)
-    assert ours.keys() == theirs.keys() and len(feats) > 2
+    windows = eval_windows(encode(data, any_tokenizer, WindowSpec(64, 16, doc_stride=20)))
+    rows = np.array([len(windows) - 1, 0, 1])               # any rows, in any order
+    ours = windows.model_inputs(rows, any_tokenizer.pad_token_id, any_tokenizer.pad_token_type_id, side == "left")
+    theirs = DataCollatorWithPadding(any_tokenizer, pad_to_multiple_of=8)(features([windows[i] for i in rows]))
+    assert ours.keys() == theirs.keys() and len(windows) >= 3
+    assert len({len(windows[i].input_ids) for i in rows}) > 1  # some padding to do
     for key in ours:
-        assert torch.equal(ours[key], theirs[key]), key
+        assert ours[key].dtype == np.int64 and np.array_equal(ours[key], theirs[key].numpy()), key
+
+
+class EchoQA(torch.nn.Module):
+    """A "model" whose start logits are the input ids and end logits the position of each token in
+    its window, so every logit says which window and position it came from."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask, **_):
+        position = (attention_mask.cumsum(dim=1) - 1) * attention_mask
+        return SimpleNamespace(start_logits=input_ids.float(), end_logits=position.float())
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_window_logits_are_each_windows_own_in_window_order(bert_tokenizer, sample_dev, batch_size, side, monkeypatch):
+    monkeypatch.setattr(bert_tokenizer, "padding_side", side)
+    windows = eval_windows(encode(sample_dev, bert_tokenizer, WindowSpec(64, 16, doc_stride=12)))
+    logits = window_logits(EchoQA(), bert_tokenizer, windows, batch_size)
+    assert len(logits) == len(windows) > 64 and len(set(windows.length.tolist())) > 1
+    for w, (start, end) in zip(windows, logits):
+        assert start.dtype == np.float32 and start.tolist() == w.input_ids
+        assert end.tolist() == list(range(len(w.input_ids)))

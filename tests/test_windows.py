@@ -1,12 +1,15 @@
+import dataclasses
 import random
+import re
 
+import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from hw7qa.data import QAData, Question
 from hw7qa.config import WindowSpec
-from hw7qa.windows import (char_span_to_tokens, encode, eval_windows, learn_template, train_window_start,
-                           train_windows, window_starts)
+from hw7qa.windows import (char_span_to_tokens, encode, eval_windows, learn_template, run_index, train_window_start,
+                           train_windows, trim_offsets, trimmed_offsets, window_grid, window_starts)
 
 
 def covered_characters(enc, windows, qi):
@@ -156,3 +159,80 @@ def test_offsets_never_put_spaces_at_the_edges_of_an_answer(any_tokenizer):
     for q, (s, e) in zip(data.questions, enc.answer_tokens):
         text = paragraph[enc.paragraph_offsets[0][s][0]:enc.paragraph_offsets[0][e][1]]
         assert text == text.strip() and q.answer_text in text, (q.answer_text, text)
+
+
+def reference_budget(enc, qi):
+    budget = enc.spec.max_length - len(enc.question_ids[qi]) - enc.template.n_special
+    return min(budget, enc.spec.max_paragraph_tokens) if enc.spec.max_paragraph_tokens else budget
+
+
+def reference_window(enc, qi, token_start):
+    """One window built from lists, as windows were built before ``cut_windows``: (fields, label)."""
+    t = enc.template
+    q_ids = enc.question_ids[qi]
+    p_all = enc.paragraph_ids[enc.data.questions[qi].paragraph_id]
+    token_end = min(token_start + reference_budget(enc, qi), len(p_all))
+    p_ids = p_all[token_start:token_end]
+    context_start = len(t.prefix) + len(q_ids) + len(t.middle)
+    types = None
+    if t.type_ids is not None:
+        pre, q_type, mid, p_type, suf = t.type_ids
+        types = pre + [q_type] * len(q_ids) + mid + [p_type] * len(p_ids) + suf
+    start = end = t.cls_index
+    answer = enc.answer_tokens[qi]
+    if answer is not None and token_start <= answer[0] and answer[1] < token_end:
+        start, end = context_start + answer[0] - token_start, context_start + answer[1] - token_start
+    input_ids = t.prefix + q_ids + t.middle + p_ids + t.suffix
+    return (qi, token_start, token_end, context_start, input_ids, types), (start, end)
+
+
+@pytest.mark.parametrize("spec", [WindowSpec(64, 16, doc_stride=12),
+                                  WindowSpec(48, 8, doc_stride=100, max_paragraph_tokens=20)])
+def test_the_window_table_holds_the_windows_built_one_by_one(any_tokenizer, sample_train, spec):
+    enc = encode(sample_train, any_tokenizer, spec)
+    windows = eval_windows(enc)
+    n_tokens = [len(enc.paragraph_ids[q.paragraph_id]) for q in enc.data.questions]
+    expected = [reference_window(enc, qi, s)[0] for qi, n in enumerate(n_tokens)
+                for s in window_starts(n, reference_budget(enc, qi), spec.doc_stride)]
+    assert [dataclasses.astuple(w) for w in windows] == [fields + (None, None) for fields in expected]
+    assert windows.length.tolist() == [len(e[4]) for e in expected] and windows[-1] == windows[len(windows) - 1]
+    for policy in ("random", "center", "all"):
+        for w in train_windows(enc, policy, random.Random(0)):
+            fields, label = reference_window(enc, w.question_index, w.token_start)
+            assert dataclasses.astuple(w) == fields + label
+
+
+@settings(max_examples=200, deadline=None)
+@given(n_tokens=st.lists(st.integers(0, 300), min_size=1, max_size=8), budget=st.integers(1, 80),
+       stride=st.integers(1, 100))
+def test_window_grid_is_the_grid_of_each_paragraph(n_tokens, budget, stride):
+    def loop(n):        # the rule as first written
+        starts = [0]
+        while starts[-1] + budget < n:
+            starts.append(starts[-1] + min(stride, budget))
+        return starts
+    row, start = window_grid(n_tokens, [budget] * len(n_tokens), stride)
+    assert list(zip(row.tolist(), start.tolist())) == [(i, s) for i, n in enumerate(n_tokens) for s in loop(n)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(pool_size=st.integers(1, 50), runs=st.lists(st.tuples(st.integers(0, 49), st.integers(0, 10)), max_size=10))
+def test_run_index_concatenates_the_runs(pool_size, runs):
+    runs = [(s % pool_size, min(n, pool_size - s % pool_size)) for s, n in runs]
+    pool = np.arange(100, 100 + pool_size)
+    index = run_index(np.array([s for s, _ in runs], dtype=np.int64), np.array([n for _, n in runs], dtype=np.int64))
+    assert pool[index].tolist() == [v for s, n in runs for v in pool[s:s + n].tolist()]
+
+
+def test_the_whitespace_pattern_is_str_isspace():
+    every_character = "".join(map(chr, range(0x110000)))
+    assert [m.start() for m in re.finditer(r"\s", every_character)] == [
+        i for i, c in enumerate(every_character) if c.isspace()]
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet="甲乙 \u3000\n\xa0a", max_size=20), data=st.data())
+def test_trimmed_offsets_trim_every_token(text, data):
+    bound = st.integers(0, len(text))
+    offsets = [tuple(sorted(pair)) for pair in data.draw(st.lists(st.tuples(bound, bound), max_size=10))]
+    assert trimmed_offsets(text, offsets) == [trim_offsets(text, s, e) for s, e in offsets]

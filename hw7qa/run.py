@@ -90,7 +90,7 @@ def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: s
     path = run_dir / "logits" / f"{logits_key(run_dir, data, cfg)}.npz"
     if path.exists():
         with np.load(path) as saved:
-            lengths = [len(w.input_ids) for w in windows]
+            lengths = windows.length.tolist()
             if saved["lengths"].tolist() == lengths:
                 # each access of an NpzFile key reads the whole array again: read once, hand out views
                 return enc, windows, split_logits(saved["starts"], saved["ends"], lengths)

@@ -116,7 +116,8 @@ def predict_test(run_dir: str | Path, test_file: str = "", out: str = "", overri
     data = load_qa_file(data_file_of(cfg, "test", test_file, run_dir))
     with inference_processes(cfg) as accelerator:
         predictions = decode_predictions(*run_logits(run_dir, cfg, data, accelerator, desc="test"), cfg.decoding)
-        return write_and_check(data, predictions, out or output_path(run_dir, "result.csv", cfg.test_file, test_file), accelerator)
+        path = out or output_path(run_dir, "result.csv", cfg.test_file, test_file)
+        return write_and_check(data, predictions, path, accelerator)
 
 
 def output_path(run_dir: str | Path, name: str, own_file: str, given_file: str = "") -> Path:
@@ -183,7 +184,6 @@ def run_config(run_dir: str | Path, overrides: list[str] | dict | None = None):
     if not path.exists():
         raise FileNotFoundError(f"{run_dir}: no config.json; is this a run folder made by 'train'?")
     return load_config(path, overrides)
-
 
 
 def ensemble_runs(run_dirs: list[str | Path], split: str = "dev", data_file: str = "", output_dir: str = "",

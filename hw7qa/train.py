@@ -523,11 +523,14 @@ class Run:
     dev_data: QAData | None
     dev_enc: Encoded | None
     steps_per_epoch: int
-    total_steps: int
     state: TrainState
     loss_sum: torch.Tensor = None   # float64 on the device: finite micro-batch losses since the last record
     loss_n: torch.Tensor = None     # and how many they were
     streak: torch.Tensor = None     # optimizer steps skipped in a row (the same on every process)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.epochs
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
@@ -586,26 +589,25 @@ def start_run(cfg: Config, accelerator, inputs: Inputs, run_dir: Path, checkpoin
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
-    micro_batch, grad_accum = choose_batches(cfg, model, dataset, collate, accelerator,
-                                             read_trainer_state(checkpoint) if checkpoint else None)
+    saved = read_trainer_state(checkpoint) if checkpoint else None
+    micro_batch, grad_accum = choose_batches(cfg, model, dataset, collate, accelerator, saved)
     accelerator.gradient_accumulation_steps = grad_accum
     batches = EpochBatches(dataset, micro_batch, cfg.group_by_length, cfg.seed, accelerator.num_processes)
     batches.start_epoch(0)
     steps_per_epoch = math.ceil(len(batches) / grad_accum)
-    total_steps = steps_per_epoch * cfg.epochs
     # an own generator: a DataLoader without one draws its base seed from the global RNG (dropout's)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                         generator=torch.Generator().manual_seed(cfg.seed))
     model.to(accelerator.device)
     optimizer = make_optimizer(model, cfg, accelerator.device)
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
     model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
     dev_enc = encode(inputs.dev_data, tokenizer, cfg.windows) if inputs.dev_data else None
     if cfg.log_with != "none":
         accelerator.init_trackers(TRACKER_PROJECT[cfg.log_with], config=dataclasses.asdict(cfg))
+    state = dataclasses.replace(saved or TrainState(), micro_batch=micro_batch, grad_accum=grad_accum)
     run = Run(cfg, accelerator, run_dir, model, tokenizer, optimizer, scheduler, loader, dataset, batches,
-              inputs.dev_data, dev_enc, steps_per_epoch, total_steps, TrainState(micro_batch=micro_batch,
-                                                                                 grad_accum=grad_accum))
+              inputs.dev_data, dev_enc, steps_per_epoch, state)
     restore(run, checkpoint)
     return run
 
@@ -625,7 +627,8 @@ def report_training_data(cfg: Config, accelerator, run_dir: Path, train_data: QA
 
 
 def restore(run: Run, checkpoint: Path | None) -> None:
-    """The device counters, and the training state of ``checkpoint`` if there is one."""
+    """The device counters, from ``run.state`` (read from ``checkpoint``); the weights, optimizer,
+    scheduler and RNG states of ``checkpoint`` if there is one."""
     device, rank = run.accelerator.device, run.accelerator.process_index
     run.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     run.loss_n = torch.zeros((), dtype=torch.float64, device=device)
@@ -633,7 +636,6 @@ def restore(run: Run, checkpoint: Path | None) -> None:
     if checkpoint is None:
         return
     run.accelerator.load_state(str(checkpoint))
-    run.state = read_trainer_state(checkpoint)
     if len(run.state.running_n) == run.accelerator.num_processes:   # else a new process count: all on process 0
         run.loss_sum += run.state.running_loss[rank]
         run.loss_n += run.state.running_n[rank]

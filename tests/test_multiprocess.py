@@ -20,6 +20,7 @@ from conftest import ROOT
 from hw7qa.__main__ import main
 from hw7qa.run import run_config, run_logits
 from hw7qa.data import load_qa_file
+from hw7qa.report import read_metrics
 from hw7qa.train import list_checkpoints
 
 
@@ -42,9 +43,6 @@ def launch(*args, processes=2, fault="", expect=0, timeout=600):
     assert (done.returncode == 0) == (expect == 0), done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
 
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def steps_of(checkpoints):

@@ -1,5 +1,4 @@
 """Checkpoints and resume: an interrupted run, resumed, ends exactly where an uninterrupted one does."""
-import json
 
 import pytest
 import torch
@@ -8,11 +7,9 @@ from safetensors.torch import load_file
 import hw7qa.train as train_module
 from hw7qa.__main__ import main
 from hw7qa.run import demo_config
+from hw7qa.report import read_metrics
 from hw7qa.train import list_checkpoints, train
 
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_same_weights(dir_a, dir_b):

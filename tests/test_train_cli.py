@@ -11,11 +11,9 @@ from conftest import ROOT, SAMPLE
 from hw7qa.__main__ import main
 from hw7qa.config import load_config
 from hw7qa.data import QAData, save_hw7
+from hw7qa.report import read_metrics
 from hw7qa.train import length_grouped_batches, list_checkpoints, train
 
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_tiny_model_overfits_a_handful_of_examples(tmp_path, sample_train):

@@ -19,13 +19,11 @@ from hw7qa.data import load_qa_file
 from hw7qa.decode import window_logits
 from hw7qa.run import demo_config, run_config, run_logits, run_tokenizer
 from hw7qa.tiny import build_tiny_model, build_tiny_tokenizer
+from hw7qa.report import read_metrics
 from hw7qa.train import (TrainState, checkpoint_due, epoch_rng, evaluate_due, is_better, list_checkpoints, log_due,
                          micro_batches,
                          train)
 
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def folder_digest(folder):

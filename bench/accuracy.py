@@ -23,6 +23,10 @@ Recipes:
   decodes the same models with the project's decoding and the project's inference windows.
 - ``project``: the project's recipe for small models, configs/small-model.json.
 - any other name: configs/<name>.json.
+- ``RECIPE+key=value+key=value``: that recipe with settings changed, e.g.
+  ``project+ema_decay=0.999`` or ``project+tta_strides=64,96`` (quote it in the shell); its runs
+  go to their own folders, so ``--recipes project,project+fgm_epsilon=1`` pairs a knob with its
+  baseline seed by seed.
 
 Every recipe gets the same model, data, seeds, epochs and batch size (``--batch-size``, unless the
 recipe is ``project`` or a preset that sets its own). The decoding-oracle EM puts the maximum
@@ -49,6 +53,7 @@ import math
 import os
 import platform
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -235,6 +240,12 @@ def sample_decode(enc, windows, logits, tokenizer) -> list[str]:
     return answers
 
 
+def split_recipes(text: str) -> list[str]:
+    """``--recipes``: names separated by commas, where a comma followed by a digit continues a value
+    (``"project,project+tta_strides=64,96"`` → ``["project", "project+tta_strides=64,96"]``)."""
+    return [item for item in re.split(r",(?=[^\d])", text) if item]
+
+
 def eval_device(choice: str = "auto"):
     import torch
     if choice == "auto":
@@ -244,30 +255,35 @@ def eval_device(choice: str = "auto"):
 
 def evaluate(cfg, model_dir, dev, sample_decoding=False, model=None, device="auto"):
     """Dev EM/F1 (and per question), decoding-oracle EM and empty answers of the model in ``model_dir``
-    with ``cfg``'s windows and decoding, its forward passes on ``device`` (``auto``: the GPU if there
-    is one) under autocast at ``cfg.mixed_precision``. ``model``: the already loaded model of
-    ``model_dir`` (moved to ``device`` here)."""
+    with ``cfg``'s windows and decoding (at every one of ``cfg.inference_strides``, voted, as
+    ``hw7qa evaluate`` does), its forward passes on ``device`` (``auto``: the GPU if there is one)
+    under autocast at ``cfg.mixed_precision``. ``model``: the already loaded model of ``model_dir``
+    (moved to ``device`` here)."""
     from hw7qa.decode import decode_predictions, oracle_logits, window_logits
+    from hw7qa.ensemble import vote_predictions
     from hw7qa.train import load_model
     from hw7qa.windows import encode, eval_windows, load_tokenizer
     tokenizer = load_tokenizer(model_dir, cfg.isolate_digits, cfg.isolate_cjk)
     model = (model if model is not None else load_model(str(model_dir))).to(eval_device(device))
-    enc = encode(dev, tokenizer, cfg.windows)
-    windows = eval_windows(enc)
-    logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, cfg.mixed_precision, desc="dev")
+    members = []
+    for stride in cfg.inference_strides:
+        enc = encode(dev, tokenizer, dataclasses.replace(cfg, doc_stride=stride).windows)
+        windows = eval_windows(enc)
+        members.append((enc, windows, window_logits(model, tokenizer, windows, cfg.eval_batch_size,
+                                                    cfg.mixed_precision, desc=f"dev (stride {stride})")))
+    enc, windows, _ = members[0]
     gold = [q.answer_text for q in dev.questions]
-
-    def answers(logits_):
-        if sample_decoding:
-            return sample_decode(enc, windows, logits_, tokenizer)
-        return [p.answer for p in decode_predictions(enc, windows, logits_, cfg.decoding)]
-    predicted = answers(logits)
+    if sample_decoding:
+        predicted = sample_decode(*members[0], tokenizer)
+        oracle = sample_decode(enc, windows, oracle_logits(enc, windows), tokenizer)
+    else:
+        predicted = [p.answer for p in vote_predictions(members, cfg.decoding)]
+        oracle = [p.answer for p in decode_predictions(enc, windows, oracle_logits(enc, windows), cfg.decoding)]
     em = [exact_match(p, g) for p, g in zip(predicted, gold)]
     f1 = [char_f1(p, g) for p, g in zip(predicted, gold)]
-    oracle = answers(oracle_logits(enc, windows))
     return {"em": float(np.mean(em)), "f1": float(np.mean(f1)),
             "oracle_em": float(np.mean([exact_match(p, g) for p, g in zip(oracle, gold)])),
-            "empty_answers": sum(not a for a in predicted), "eval_windows": len(windows),
+            "empty_answers": sum(not a for a in predicted), "eval_windows": sum(len(m[1]) for m in members),
             "per_question": {"em": [int(x) for x in em], "f1": f1, "answer": predicted}}
 
 
@@ -481,18 +497,19 @@ def main() -> None:
     dev = load_qa_file(args.dev, need_answers=True)
     n_dev = min(args.dev_limit, len(dev.questions)) if args.dev_limit else len(dev.questions)
     project_cfg = load_config(ROOT / "configs" / "small-model.json")
-    recipes = args.recipes.split(",")
+    recipes = split_recipes(args.recipes)
 
     tasks, problems = [], []
     for seed in seeds:                        # seed by seed: a cut-off benchmark still has pairs
         for recipe in recipes:
+            preset, *knobs = recipe.split("+")
             common = {"model_name": args.model, "train_file": train_file, "dev_file": "", "test_file": "",
                       "epochs": args.epochs, "seed": seed, "output_dir": f"{args.runs}/{recipe}-seed{seed}"}
-            if recipe == "sample":
+            if preset == "sample":
                 common["batch_size"] = args.batch_size
             try:
-                cfg = load_config(ROOT / "configs" / f"{PRESETS.get(recipe, recipe)}.json",
-                                  [f"{k}={v}" for k, v in common.items()] + args.set)
+                cfg = load_config(ROOT / "configs" / f"{PRESETS.get(preset, preset)}.json",
+                                  [f"{k}={v}" for k, v in common.items()] + args.set + knobs)
                 action = plan_run(cfg, args.reuse, args.overwrite)
             except (ValueError, FileNotFoundError) as e:
                 problems.append(f"{recipe} seed {seed}: {e}")

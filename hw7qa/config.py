@@ -40,7 +40,7 @@ CHOICES = {"train_windows": ("random", "center", "all"),
 AT_LEAST_1 = ("max_length", "max_question_tokens", "doc_stride", "epochs", "batch_size", "grad_accum",
               "max_skipped_steps", "log_every", "eval_batch_size", "n_best", "max_answer_length")
 AT_LEAST_0 = ("max_paragraph_tokens", "eval_every", "save_every", "keep_checkpoints", "seed",
-              "weight_decay", "max_grad_norm")
+              "weight_decay", "max_grad_norm", "fgm_epsilon")
 
 # Settings a resumed run may change: they do not shape the trained model. Every other field is
 # frozen in the run (see ``check_resume``).
@@ -96,6 +96,11 @@ class Config:
     max_grad_norm: float = 1.0       # 0 turns clipping off
     mixed_precision: str = "auto"    # auto (bf16 if supported, else fp16 on GPU, no on CPU) | fp16 | bf16 | no
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~20% slower
+    # --- opt-in techniques (techniques.py): each off by default until measured over seeds ---
+    layer_lr_decay: float = 1.0      # lr × this per layer below the top (QA head: lr; embeddings: lowest); 1: off
+    ema_decay: float = 0.0           # evaluate and save an exponential moving average of the weights (e.g. 0.999); 0: off
+    fgm_epsilon: float = 0.0         # adversarial training: a second pass with the word embeddings moved by this norm along their gradient (e.g. 1.0); 0: off
+    answer_length_quantile: float = 0.0  # set max_answer_length to this quantile of the training answers' token lengths (e.g. 0.995); 0: off
     max_skipped_steps: int = 20      # stop after this many optimizer steps in a row with a non-finite loss/gradients
     eval_every: int = 0              # evaluate on dev every N optimizer steps (0: at epoch ends only)
     log_every: int = 20              # append loss and lr to metrics.jsonl every N optimizer steps
@@ -109,6 +114,7 @@ class Config:
     n_best: int = 20                 # top-k starts x top-k ends considered per window
     max_answer_length: int = 30      # tokens
     balance_quotes: bool = True      # repair unpaired 「」《》“”() at the answer's edges
+    tta_strides: str = ""            # more doc_strides at inference, e.g. "64,96": their answers and doc_stride's vote per character span
     # --- output ---
     output_dir: str = ""             # run folder; empty: outputs/<model>-<time>
 
@@ -121,6 +127,11 @@ class Config:
     @property
     def windows(self) -> WindowSpec:
         return WindowSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(WindowSpec)})
+
+    @property
+    def inference_strides(self) -> list[int]:
+        """``doc_stride`` and the ``tta_strides`` not equal to it: one set of windows each at inference."""
+        return list(dict.fromkeys([self.doc_stride, *parse_strides(self.tta_strides)]))
 
     @property
     def decoding(self) -> DecodeSpec:
@@ -154,6 +165,13 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"lr must be above 0, got {cfg.lr}")
     if not 0 <= cfg.warmup_ratio < 1:
         raise ValueError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if not 0 < cfg.layer_lr_decay <= 1:
+        raise ValueError(f"layer_lr_decay must be in (0, 1] (1: off), got {cfg.layer_lr_decay}")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {cfg.ema_decay}")
+    if not 0 <= cfg.answer_length_quantile <= 1:
+        raise ValueError(f"answer_length_quantile must be in [0, 1] (0: off), got {cfg.answer_length_quantile}")
+    parse_strides(cfg.tta_strides)
     if cfg.max_question_tokens >= cfg.max_length - 8:
         raise ValueError(f"max_question_tokens ({cfg.max_question_tokens}) leaves no room for the "
                          f"paragraph in max_length ({cfg.max_length})")
@@ -161,6 +179,14 @@ def check_config(cfg: Config) -> None:
         raise ValueError("model_name is empty: give a hub name or a local model folder")
     if cfg.final_fit and not cfg.dev_file:
         raise ValueError("final_fit=true trains on train_file + dev_file, but dev_file is empty")
+
+
+def parse_strides(text: str) -> list[int]:
+    """``"64,96"`` → [64, 96]; ``""`` → []. Anything but positive whole numbers is a ValueError."""
+    items = [item.strip() for item in text.split(",")] if text.strip() else []
+    if not all(item.isdigit() and int(item) > 0 for item in items):
+        raise ValueError(f"tta_strides={text!r}: expected positive whole numbers separated by commas, e.g. '64,96'")
+    return [int(item) for item in items]
 
 
 def _parse_value(field: dataclasses.Field, text: str):

@@ -121,3 +121,12 @@ def ensemble_predictions(members: list[tuple[Encoded, list[Window], list]], spec
     combined = combine_at_characters(averaged[0][0], probabilities, [len(g) for g in groups], first,
                                      spec.balance_quotes)
     return combined, f"character-level vote of {len(groups)} groups, logits averaged within each: {how}"
+
+
+def vote_predictions(members: list[tuple[Encoded, list[Window], list]], spec: DecodeSpec = DecodeSpec()
+                     ) -> list[Prediction]:
+    """Answers from the logits of one model over several sets of windows (``tta_strides``: one set
+    per ``doc_stride``), combined at the character level; with one set, that set decoded alone."""
+    if len(members) == 1:
+        return decode_predictions(*members[0], spec)
+    return ensemble_predictions(members, spec, method="chars")[0]

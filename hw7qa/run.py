@@ -19,7 +19,7 @@ from .config import apply_overrides, check_resume, load_config
 from .data import QAData, load_qa_file
 from .decode import Prediction, decode_predictions, window_logits
 from .devices import accelerator_for, check_divisible, processes, resolve_precision
-from .ensemble import ensemble_predictions
+from .ensemble import ensemble_predictions, vote_predictions
 from .files import atomic_write
 from .metrics import score
 from .report import unknown_characters, write_dev_predictions
@@ -106,8 +106,19 @@ def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: s
     return enc, windows, logits
 
 
+def stride_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: str = "inference", tokenizer=None
+                  ) -> list[tuple]:
+    """``run_logits`` once per ``cfg.inference_strides`` (``doc_stride``, then ``tta_strides``), each
+    cached on its own; ``vote_predictions`` turns them into answers."""
+    tokenizer = tokenizer or run_tokenizer(run_dir, cfg)
+    return [run_logits(run_dir, dataclasses.replace(cfg, doc_stride=stride), data, accelerator,
+                       desc=desc if stride == cfg.doc_stride else f"{desc} (stride {stride})", tokenizer=tokenizer)
+            for stride in cfg.inference_strides]
+
+
 def predict_test(run_dir: str | Path, test_file: str = "", out: str = "", overrides: list[str] | None = None) -> Path:
-    """Answer ``test_file`` (default: the run's) with the run's model; write and check the CSV.
+    """Answer ``test_file`` (default: the run's) with the run's model (at each of the config's
+    ``inference_strides``, voted); write and check the CSV.
 
     The CSV goes to ``out`` if given, else to ``output_path``: answering another file never
     replaces the run's own ``result.csv``. Raises ``SubmissionError`` if the CSV fails its check.
@@ -115,7 +126,7 @@ def predict_test(run_dir: str | Path, test_file: str = "", out: str = "", overri
     cfg = run_config(run_dir, overrides)
     data = load_qa_file(data_file_of(cfg, "test", test_file, run_dir))
     with inference_processes(cfg) as accelerator:
-        predictions = decode_predictions(*run_logits(run_dir, cfg, data, accelerator, desc="test"), cfg.decoding)
+        predictions = vote_predictions(stride_logits(run_dir, cfg, data, accelerator, desc="test"), cfg.decoding)
         path = out or output_path(run_dir, "result.csv", cfg.test_file, test_file)
         return write_and_check(data, predictions, path, accelerator)
 
@@ -152,8 +163,8 @@ def evaluate_run(run_dir: str | Path, dev_file: str = "", overrides: list[str] |
     data = load_qa_file(data_file_of(cfg, "dev", dev_file, run_dir), need_answers=True)
     tokenizer = run_tokenizer(run_dir, cfg)
     with inference_processes(cfg) as accelerator:
-        enc, windows, logits = run_logits(run_dir, cfg, data, accelerator, desc="dev", tokenizer=tokenizer)
-        predictions = decode_predictions(enc, windows, logits, cfg.decoding)
+        members = stride_logits(run_dir, cfg, data, accelerator, desc="dev", tokenizer=tokenizer)
+        predictions = vote_predictions(members, cfg.decoding)
         path = output_path(run_dir, "dev_predictions.jsonl", cfg.dev_file, dev_file)
         scores = report_dev(data, predictions, tokenizer, path, accelerator)
     return scores, predictions

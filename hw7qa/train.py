@@ -45,6 +45,7 @@ from .data import QAData, concat_data, load_qa_file
 from .decode import predict_encoded
 from .devices import accelerator_for, check_divisible, check_tracker, processes
 from .metrics import score
+from .techniques import WeightAverage, adversarial_backward, answer_length_from, layer_parameter_groups
 from .windows import Encoded, encode, features, load_tokenizer, train_windows
 
 
@@ -127,8 +128,9 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
     # the fused kernel updates all parameters at once (much faster for large embedding tables) and
     # can skip a step on the device (``step_unless``)
-    return torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             fused=device.type in ("cpu", "cuda"))
+    groups = (layer_parameter_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_lr_decay)
+              if cfg.layer_lr_decay < 1 else parameter_groups(model, cfg.weight_decay))
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
 
 
 def make_scheduler(optimizer, cfg: Config, total_steps: int):
@@ -282,9 +284,11 @@ def step_fits(model, batch: dict, accelerator, reserve_bytes: int) -> bool:
 
 def fit_micro_batch(cfg: Config, model, dataset: EpochWindows, collate, accelerator) -> int:
     """The largest of ``micro_batches`` whose step over the longest training windows fits in memory
-    on every process: the model, its gradients, the activations and AdamW's two fp32 moments."""
+    on every process: the model, its gradients, the activations, AdamW's two fp32 moments and the
+    moving average of ``ema_decay``."""
     longest = sorted(dataset.items, key=lambda item: len(item["input_ids"]), reverse=True)
-    reserve = 2 * 4 * sum(p.numel() for p in model.parameters())
+    copies = 2 + (cfg.ema_decay > 0)                 # AdamW's two moments, the moving average's weights
+    reserve = copies * 4 * sum(p.numel() for p in model.parameters())
     model.to(accelerator.device).train()
     cuda = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
     fits = 0
@@ -524,6 +528,7 @@ class Run:
     dev_enc: Encoded | None
     steps_per_epoch: int
     state: TrainState
+    ema: WeightAverage | None       # ema_decay's moving average of the weights: evaluated and saved instead
     loss_sum: torch.Tensor = None   # float64 on the device: finite micro-batch losses since the last record
     loss_n: torch.Tensor = None     # and how many they were
     streak: torch.Tensor = None     # optimizer steps skipped in a row (the same on every process)
@@ -531,6 +536,11 @@ class Run:
     @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.cfg.epochs
+
+    def kept_model(self) -> torch.nn.Module:
+        """The weights that are evaluated and saved: the moving average with ``ema_decay``, else the
+        trained ones."""
+        return self.ema.model if self.ema is not None else self.accelerator.unwrap_model(self.model)
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
@@ -546,6 +556,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     check_tracker(cfg.log_with)
     set_seed(cfg.seed)                # the new QA head's weights and dropout: python, numpy, torch, cuda
     inputs = load_inputs(cfg)         # bad data, model or max_length stop the run before anything is written
+    cfg = inputs.cfg                  # with max_answer_length from the training answers (answer_length_quantile)
     run_dir, checkpoint = decided_on_main(started, lambda: prepare_run_dir(cfg, resume, overwrite))
     with accelerator_for(cfg.mixed_precision, cfg.grad_accum, cfg.log_with, run_dir) as accelerator:
         run = start_run(cfg, accelerator, inputs, run_dir, checkpoint)
@@ -560,20 +571,29 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
 @dataclass
 class Inputs:
     """What a run starts from, loaded and checked before its folder is touched."""
+    cfg: Config
     train_data: QAData
+    train_enc: Encoded
     dev_data: QAData | None
     model: torch.nn.Module
     tokenizer: object
 
 
 def load_inputs(cfg: Config) -> Inputs:
+    """The data, model and tokenizer of ``cfg``, the training data tokenized, and ``cfg`` itself with
+    ``max_answer_length`` set from the training answers when ``answer_length_quantile`` asks for it
+    (that value is what config.json records, and what evaluate and predict use)."""
     train_data = load_qa_file(cfg.train_file, need_answers=True)
     dev_data = load_qa_file(cfg.dev_file, need_answers=True) if cfg.dev_file else None
     if cfg.final_fit:
         train_data, dev_data = concat_data(train_data, dev_data), None
     model, tokenizer = load_model_and_tokenizer(cfg, train_data)
     check_max_length(model.config, cfg.max_length)
-    return Inputs(train_data, dev_data, model, tokenizer)
+    train_enc = encode(train_data, tokenizer, cfg.windows)
+    if cfg.answer_length_quantile:
+        cfg = dataclasses.replace(cfg, max_answer_length=answer_length_from(train_enc.answer_tokens,
+                                                                            cfg.answer_length_quantile))
+    return Inputs(cfg, train_data, train_enc, dev_data, model, tokenizer)
 
 
 def start_run(cfg: Config, accelerator, inputs: Inputs, run_dir: Path, checkpoint: Path | None) -> Run:
@@ -582,7 +602,7 @@ def start_run(cfg: Config, accelerator, inputs: Inputs, run_dir: Path, checkpoin
     accelerator.print(f"run folder: {run_dir}  device: {accelerator.device}  processes: "
                       f"{accelerator.num_processes}  precision: {accelerator.mixed_precision}")
     model, tokenizer = inputs.model, inputs.tokenizer
-    dataset = EpochWindows(encode(inputs.train_data, tokenizer, cfg.windows), cfg.train_windows, cfg.seed)
+    dataset = EpochWindows(inputs.train_enc, cfg.train_windows, cfg.seed)
     dataset.start_epoch(0)
     report_training_data(cfg, accelerator, run_dir, inputs.train_data, len(dataset), checkpoint)
     if cfg.gradient_checkpointing:   # renamed in transformers 5; the old name goes in 6
@@ -601,13 +621,16 @@ def start_run(cfg: Config, accelerator, inputs: Inputs, run_dir: Path, checkpoin
     model.to(accelerator.device)
     optimizer = make_optimizer(model, cfg, accelerator.device)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
+    ema = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
     model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)     # saved and restored with the checkpoints
     dev_enc = encode(inputs.dev_data, tokenizer, cfg.windows) if inputs.dev_data else None
     if cfg.log_with != "none":
         accelerator.init_trackers(TRACKER_PROJECT[cfg.log_with], config=dataclasses.asdict(cfg))
     state = dataclasses.replace(saved or TrainState(), micro_batch=micro_batch, grad_accum=grad_accum)
     run = Run(cfg, accelerator, run_dir, model, tokenizer, optimizer, scheduler, loader, dataset, batches,
-              inputs.dev_data, dev_enc, steps_per_epoch, state)
+              inputs.dev_data, dev_enc, steps_per_epoch, state, ema)
     restore(run, checkpoint)
     return run
 
@@ -690,8 +713,10 @@ def run_epoch(run: Run, epoch: int, progress) -> None:
 
 
 def train_step(run: Run, batch: dict) -> bool:
-    """Forward and backward one micro-batch; at the last of ``grad_accum``, clip and step. Returns
-    whether an optimizer step (taken or skipped) ended here. Nothing here waits for the device.
+    """Forward and backward one micro-batch (twice with ``fgm_epsilon``: the second time with the
+    embeddings perturbed); at the last of ``grad_accum``, clip, step and update the moving average
+    of ``ema_decay``. Returns whether an optimizer step (taken or skipped) ended here. Nothing here
+    waits for the device.
 
     Every process always runs backward: DDP all-reduces the gradients, so a NaN loss on one process
     makes every process's gradients non-finite, and all of them skip that step together.
@@ -700,6 +725,9 @@ def train_step(run: Run, batch: dict) -> bool:
     with accelerator.accumulate(run.model):
         loss = run.model(**batch).loss
         accelerator.backward(loss)
+        if cfg.fgm_epsilon:
+            embeddings = accelerator.unwrap_model(run.model).get_input_embeddings().weight
+            adversarial_backward(run.model, embeddings, batch, cfg.fgm_epsilon, accelerator.backward)
         finite = torch.isfinite(loss.detach())
         run.loss_sum += torch.where(finite, loss.detach().double(), 0.0)
         run.loss_n += finite
@@ -708,6 +736,8 @@ def train_step(run: Run, batch: dict) -> bool:
             skip = ~torch.isfinite(norm)
             step_unless(run.optimizer, skip)
             run.scheduler.step()
+            if run.ema is not None:
+                run.ema.update(accelerator.unwrap_model(run.model), run.state.step + 1)
             run.streak = torch.where(skip, run.streak + 1, 0)
         run.optimizer.zero_grad()
     return accelerator.sync_gradients
@@ -721,7 +751,7 @@ def after_step(run: Run, epoch_position: float) -> None:
     if run.dev_data is not None and evaluate_due(step, run.steps_per_epoch, run.total_steps, cfg):
         evaluate(run, epoch_position)
     if run.dev_data is None and run.state.batches_done == 0 and run.accelerator.is_main_process:
-        save_model(run.accelerator.unwrap_model(run.model), run.tokenizer, cfg, run.run_dir / "model")
+        save_model(run.kept_model(), run.tokenizer, cfg, run.run_dir / "model")
     if checkpoint_due(step, run.steps_per_epoch, cfg):
         checkpoint(run)
 
@@ -757,7 +787,7 @@ def log(run: Run, epoch_position: float) -> None:
 def evaluate(run: Run, epoch_position: float) -> None:
     """Dev EM/F1 of the current weights; the model is saved to <run>/model when it is the best yet."""
     accelerator, state = run.accelerator, run.state
-    model = accelerator.unwrap_model(run.model)
+    model = run.kept_model()
     predictions = predict_encoded(model, run.tokenizer, run.dev_enc, run.cfg, accelerator, desc="dev")
     scores = score([p.answer for p in predictions], [q.answer_text for q in run.dev_data.questions])
     improved = is_better(scores, state)

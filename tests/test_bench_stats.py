@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from hw7qa.config import load_config
 
 PATH = Path(__file__).resolve().parent.parent / "bench" / "accuracy.py"
 spec = importlib.util.spec_from_file_location("bench_accuracy", PATH)
@@ -163,3 +169,33 @@ def test_summary_of_a_benchmark_whose_baseline_has_not_run_yet():
     summary = bench.summarize_runs(runs, baseline="project", n_boot=100)
     assert summary["baseline"] == "project" and "vs_baseline" not in summary["rows"]["sample"]
     assert "| sample | 3 |" in bench.markdown_tables(summary, runs)
+
+
+# ---------------------------------------------------------------- recipes and a whole benchmark
+
+def test_recipes_split_at_commas_that_start_a_name():
+    assert bench.split_recipes("sample,project") == ["sample", "project"]
+    assert bench.split_recipes("project,project+tta_strides=64,96,project+ema_decay=0.999") == \
+        ["project", "project+tta_strides=64,96", "project+ema_decay=0.999"]
+
+
+def test_a_benchmark_of_knobs_pairs_them_with_their_baseline_seed_by_seed(tmp_path):
+    """The tiny demo model on the sample files: a recipe with knobs trains with them (its run folder's
+    config says so), ``tta_strides`` votes more windows, and every row has every seed."""
+    sample = PATH.parent.parent / "data" / "sample"
+    out = tmp_path / "result.json"
+    done = subprocess.run([sys.executable, str(PATH), "--model", "tiny-random-bert", "--train",
+                           str(sample / "hw7_train.json"), "--dev", str(sample / "hw7_dev.json"), "--seeds", "0,1",
+                           "--epochs", "2", "--recipes", "demo,demo+ema_decay=0.9+tta_strides=24,36",
+                           "--runs", str(tmp_path / "runs"), "--out", str(out), "--n-boot", "200"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text(encoding="utf-8"))
+    rows = {(r["recipe"], r["seed"]): r for r in result["runs"]}
+    assert set(rows) == {(name, seed) for name in ("demo", "demo+ema_decay=0.9+tta_strides=24,36") for seed in (0, 1)}
+    knobs = load_config(tmp_path / "runs" / "demo+ema_decay=0.9+tta_strides=24,36-seed1" / "config.json")
+    assert (knobs.ema_decay, knobs.tta_strides, knobs.seed) == (0.9, "24,36", 1)
+    assert load_config(tmp_path / "runs" / "demo-seed1" / "config.json").ema_decay == 0.0
+    voted, plain = rows[("demo+ema_decay=0.9+tta_strides=24,36", 0)], rows[("demo", 0)]
+    assert voted["eval_windows"] > 3 * plain["eval_windows"]          # strides 48 + 24 + 36 against 48 alone
+    assert "demo+ema_decay=0.9+tta_strides=24,36" in out.with_suffix(".md").read_text(encoding="utf-8")

@@ -121,3 +121,19 @@ def test_saved_logits_are_not_reused_for_other_windows_or_a_new_model(runs, dev,
     shutil.copytree(runs["a"] / "model", runs["b"] / "model", dirs_exist_ok=True)
     retrained = run_logits(runs["b"], cfg, dev)[2]
     assert not all(np.array_equal(s1, s2) for (s1, _), (s2, _) in zip(first, retrained))
+
+
+def test_tta_strides_vote_one_models_windows_of_each_stride(runs, dev, tmp_path, capsys):
+    from hw7qa.run import evaluate_run, predict_test
+    run = runs["a"]
+    plain_scores, plain = evaluate_run(run)
+    assert evaluate_run(run, overrides=["tta_strides=48"])[1] == plain          # doc_stride again: nothing to vote
+    cached = set((run / "logits").glob("*.npz"))
+    scores, voted = evaluate_run(run, overrides=["tta_strides=24,36"])
+    assert len(set((run / "logits").glob("*.npz")) - cached) == 2                # one cached set per extra stride
+    members = [run_logits(run, run_config(run, [f"doc_stride={s}"]), dev) for s in (48, 24, 36)]
+    assert len(members[0][1]) < len(members[2][1]) < len(members[1][1])        # smaller strides: more windows
+    expected, _ = ensemble_predictions(members, run_config(run).decoding, method="chars")
+    assert voted == expected and scores["em"] == np.mean([p.answer == q.answer_text for p, q in zip(voted, dev.questions)])
+    csv = predict_test(run, str(SAMPLE / "hw7_test.json"), str(tmp_path / "r.csv"), ["tta_strides=24"])
+    assert csv.read_text(encoding="utf-8").startswith("ID,Answer")

@@ -127,3 +127,20 @@ def test_a_nan_loss_from_one_process_on_stops_the_run_on_both(tmp_path):
                      expect=3, timeout=300)
     assert printed.count("3 optimizer steps in a row had a non-finite loss") == 2      # said by both processes
     assert steps_of(list_checkpoints(run)) == [1]
+
+
+def test_two_processes_train_with_every_technique_on(tmp_path):
+    """FGM's second backward pass goes through DDP's all-reduce too; the moving average, the same on
+    both processes, is checkpointed once and saved as the model."""
+    run = tmp_path / "techniques"
+    launch("demo", "--output-dir", str(run), "--set", "epochs=2", "batch_size=8", "log_every=1", "dev_file=",
+           "test_file=", "ema_decay=0.9", "fgm_epsilon=1.0", "layer_lr_decay=0.8", "answer_length_quantile=0.99")
+    [last] = list_checkpoints(run)
+    average = torch.load(last / "custom_checkpoint_0.pkl", weights_only=True)
+    saved = load_file(run / "model" / "model.safetensors")
+    assert saved.keys() <= average.keys() and all(torch.equal(saved[k], average[k]) for k in saved)
+    trained = load_file(last / "model.safetensors")
+    assert not all(torch.equal(saved[k], trained[k]) for k in saved)
+    assert all(torch.isfinite(t).all() for t in trained.values())
+    losses = [r["loss"] for r in read_metrics(run) if "loss" in r]
+    assert len(losses) == 10 and all(np.isfinite(losses))

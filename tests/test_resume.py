@@ -36,6 +36,8 @@ def crash_during_step(monkeypatch, step):
     ({}, 7, [5, 6]),
     # 2 batches per step: 3 steps per epoch; step 4 is one step (2 batches) into epoch 2
     ({"grad_accum": 2, "group_by_length": True}, 5, [3, 4]),
+    # the opt-in techniques: the moving average is checkpointed and saved in place of the weights
+    ({"ema_decay": 0.9, "fgm_epsilon": 1.0, "layer_lr_decay": 0.8}, 7, [5, 6]),
 ])
 def test_interrupted_run_resumes_to_identical_weights_and_metrics(tmp_path, monkeypatch, knobs, crash_step,
                                                                   checkpoint_steps):

@@ -18,6 +18,9 @@ model runs in half precision (bf16 where supported, else fp16). Rows:
 (c) training windows per second (forward, backward, optimizer step) with every batch padded to
     max_length against dynamic padding, and dynamic padding with length-grouped batches.
 
+(d) (with ``--overhead-only``) the trainer's host time per step outside the model: collating a
+    training batch, before (per-window dicts, ``DataCollatorWithPadding``) and after (``EpochWindows.collate``).
+
 ``--overhead-only`` measures what (b) loses, on any machine and on the whole dev file: each stage of
 the project's ``predict`` with a model that costs nothing (``NullQA``: zero logits), i.e.
 tokenising, windows, collating, copying logits back and decoding. On a GPU, collating the next
@@ -148,6 +151,38 @@ def pipeline_overhead(tokenizer, dev, strides, batch_size, device) -> list[dict]
     return rows
 
 
+def training_host_cost(tokenizer, dev, batch_size, max_length) -> dict:
+    """Host time of the trainer's data path outside the model, on ``dev`` as training data: per
+    epoch, drawing the windows; per step, collating a batch. ``before``: per-window feature dicts
+    padded by ``DataCollatorWithPadding`` (the trainer until this change); ``after``: the batch
+    gathered from the ``Windows`` arrays (``EpochWindows.collate``). The same tensors either way."""
+    from hw7qa.train import EpochWindows, epoch_rng, shuffled_batches
+    from hw7qa.windows import padding_of
+    enc = encode(dev, tokenizer, Config(max_length=max_length).windows)
+    dataset = EpochWindows(enc, "random", 0, padding_of(tokenizer))
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+    started = time.perf_counter()
+    dataset.start_epoch(0)
+    draw_s = time.perf_counter() - started
+    feats = features(dataset.windows, with_labels=True)
+    features_s = time.perf_counter() - started - draw_s
+    batches = shuffled_batches(len(dataset), batch_size, epoch_rng(0, 0, "batches"))
+    started = time.perf_counter()
+    for rows in batches:
+        collator([feats[i] for i in rows])
+    before_s = time.perf_counter() - started
+    started = time.perf_counter()
+    for rows in batches:
+        dataset.collate(rows)
+    after_s = time.perf_counter() - started
+    return {"row": f"(d) trainer's host time outside the model, max_length {max_length}, batch {batch_size}",
+            "windows": len(dataset), "steps": len(batches),
+            "epoch_windows_ms_before": round(1000 * (draw_s + features_s), 1),
+            "epoch_windows_ms_after": round(1000 * draw_s, 1),
+            "collate_ms_per_step_before": round(1000 * before_s / len(batches), 3),
+            "collate_ms_per_step_after": round(1000 * after_s / len(batches), 3)}
+
+
 def train_rate(model, tokenizer, windows, batch_size, steps, padding, device) -> float:
     """Training windows per second over ``steps`` steps with ``padding``: max_length | dynamic | grouped."""
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8) if padding != "max_length" else \
@@ -212,6 +247,8 @@ def main() -> None:
 
     if args.overhead_only:
         rows = pipeline_overhead(tokenizer, dev, (32, 150), args.eval_batch_size, device)
+        rows.append(training_host_cost(tokenizer, dev, args.train_batch_size, args.train_max_length))
+        print(rows[-1], flush=True)
         Path(args.out).write_text(json.dumps({"machine": machine, "dev_questions": len(dev.questions),
                                               "rows": rows}, indent=1) + "\n")
         return

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .config import DecodeSpec
 from .devices import inference_autocast
-from .windows import Encoded, Windows, encode, eval_windows
+from .windows import Encoded, Windows, encode, eval_windows, padding_of
 
 QUOTE_PAIRS = ("「」", "『』", "《》", "“”", "()", "（）")
 CHUNK_WINDOWS = 4096   # windows decoded at once: the n_best × n_best pair arrays of a chunk stay a few MB
@@ -104,8 +104,7 @@ def window_logits(model, tokenizer, windows: Windows, batch_size: int, precision
     share = -(-batch_size // world)
     batches = [order[b:b + batch_size][rank * share:(rank + 1) * share] for b in range(0, len(order), batch_size)]
     batches = [rows for rows in batches if len(rows)]        # the last batch may have no windows left for this process
-    padding = dict(pad_token_id=tokenizer.pad_token_id, pad_type_id=tokenizer.pad_token_type_id,
-                   pad_left=tokenizer.padding_side == "left")
+    padding = padding_of(tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -62,7 +62,9 @@ def accelerator_for(precision: str = "no", grad_accum: int = 1, log_with: str = 
     from accelerate.utils import DataLoaderConfiguration
     reset_accelerate_state()
     accelerator = Accelerator(mixed_precision=resolve_precision(precision), gradient_accumulation_steps=grad_accum,
-                              dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              # non_blocking: batches (pinned by the DataLoader on a GPU) are copied
+                              # to the device without waiting for the copy
+                              dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True),
                               log_with=None if log_with == "none" else log_with,
                               project_dir=None if project_dir is None else str(project_dir))
     try:

@@ -399,7 +399,7 @@ def eval_windows(enc: Encoded) -> Windows:
     return cut_windows(enc, question_index, token_start)
 
 
-def train_windows(enc: Encoded, policy: str, rng: random.Random) -> list[Window]:
+def train_windows(enc: Encoded, policy: str, rng: random.Random) -> Windows:
     """Labelled training windows; call once per epoch (``random`` draws new positions each time).
 
     ``random``/``center``: one window per question that contains its whole answer (questions whose
@@ -407,7 +407,7 @@ def train_windows(enc: Encoded, policy: str, rng: random.Random) -> list[Window]
     ``eval_windows`` grid; those without the whole answer point at the "no answer" position.
     """
     if policy == "all":
-        return list(labelled(enc, eval_windows(enc)))
+        return labelled(enc, eval_windows(enc))
     question_index, token_start = [], []
     for qi, (n_tokens, budget) in enumerate(zip(paragraph_lengths(enc), question_budgets(enc).tolist())):
         if enc.answer_tokens[qi] is None:
@@ -416,7 +416,13 @@ def train_windows(enc: Encoded, policy: str, rng: random.Random) -> list[Window]
         if start is not None:
             question_index.append(qi)
             token_start.append(start)
-    return list(labelled(enc, cut_windows(enc, question_index, token_start)))
+    return labelled(enc, cut_windows(enc, question_index, token_start))
+
+
+def padding_of(tokenizer) -> dict:
+    """How ``tokenizer`` pads, as ``Windows.model_inputs`` takes it."""
+    return dict(pad_token_id=tokenizer.pad_token_id, pad_type_id=tokenizer.pad_token_type_id,
+                pad_left=tokenizer.padding_side == "left")
 
 
 def features(windows: list[Window], with_labels: bool = False) -> list[dict]:

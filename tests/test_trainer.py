@@ -343,3 +343,18 @@ def test_the_seed_decides_the_new_qa_head_and_dropout(tmp_path, sample_train):
     weights = [load_file(run / "model" / "model.safetensors") for run in (first, again, other)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not torch.equal(weights[0]["qa_outputs.weight"], weights[2]["qa_outputs.weight"])
+
+
+def test_attention_runs_through_pytorchs_sdpa_kernel(tmp_path, monkeypatch, sample_train):
+    """Training and inference use ``scaled_dot_product_attention`` (fused kernels on a GPU), not the
+    eager softmax(QKᵀ)V, for a model loaded from a folder as for the demo's built one."""
+    tokenizer = build_tiny_tokenizer(sample_train.paragraphs + [q.question_text for q in sample_train.questions],
+                                     directory=tmp_path / "model")
+    build_tiny_model(len(tokenizer)).save_pretrained(tmp_path / "model")
+    calls, real = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    steps = watch_steps(monkeypatch, lambda run: run.accelerator.unwrap_model(run.model).config._attn_implementation)
+    train(demo_config(str(tmp_path / "run"), {**QUICK, "epochs": 1, "model_name": str(tmp_path / "model"),
+                                               "dev_file": ""}))
+    assert set(steps) == {"sdpa"} and len(calls) >= 2 * len(steps)     # 2 layers per forward pass

@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 
 from hw7qa.data import QAData, Question
@@ -236,3 +237,23 @@ def test_trimmed_offsets_trim_every_token(text, data):
     bound = st.integers(0, len(text))
     offsets = [tuple(sorted(pair)) for pair in data.draw(st.lists(st.tuples(bound, bound), max_size=10))]
     assert trimmed_offsets(text, offsets) == [trim_offsets(text, s, e) for s, e in offsets]
+
+
+@pytest.mark.parametrize("policy", ["random", "all"])
+def test_training_batches_are_what_the_transformers_collator_makes(any_tokenizer, sample_train, policy):
+    """``EpochWindows.collate`` gathers a batch from the arrays; ``DataCollatorWithPadding`` pads the
+    per-window lists: the same tensors, labels included."""
+    from transformers import DataCollatorWithPadding
+
+    from hw7qa.train import EpochWindows
+    from hw7qa.windows import features, padding_of
+    dataset = EpochWindows(encode(sample_train, any_tokenizer, WindowSpec(384, 24, doc_stride=32)), policy, 0,
+                           padding_of(any_tokenizer))
+    dataset.start_epoch(1)
+    rows = [len(dataset) - 1, 3, 0, 7, 3]                          # any rows, in any order
+    ours = dataset.collate([dataset[i] for i in rows])
+    theirs = DataCollatorWithPadding(any_tokenizer, pad_to_multiple_of=8)(
+        features([dataset.windows[i] for i in rows], with_labels=True))
+    assert ours.keys() == theirs.keys() and len({len(dataset.windows[i].input_ids) for i in rows}) > 1
+    for key in ours:
+        assert ours[key].dtype == torch.int64 and torch.equal(ours[key], theirs[key]), key

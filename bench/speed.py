@@ -195,26 +195,29 @@ def train_rate(model, tokenizer, windows, batch_size, steps, padding, device) ->
         order = list(range(len(windows)))
         rng.shuffle(order)
         batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
-    batches = [b for b in batches if len(b) == batch_size][:steps + 1]
-    if len(batches) < 2:
-        raise SystemExit(f"(c) needs at least 2 full batches of {batch_size} windows: raise --dev-limit")
+    batches = [b for b in batches if len(b) == batch_size][:steps]
+    if not batches:
+        raise SystemExit(f"(c) needs a full batch of {batch_size} windows: raise --dev-limit")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     model.train()
-    for i, idx in enumerate(batches):
-        if i == 1:   # the first step warms up kernels and allocators
-            sync(device)
-            started = time.perf_counter()
-        batch = {k: v.to(device) for k, v in collate([feats[j] for j in idx]).items()}
-        with half_autocast(device):
-            loss = model(**batch).loss
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-    sync(device)
+    # Every batch runs once untimed, then again timed. The first step of each padded width pays for
+    # that shape once (allocator blocks, kernel choice); timing only first steps, as length-grouped
+    # batches of all different widths would be, measures start-up rather than training.
+    for timed in (False, True):
+        sync(device)
+        started = time.perf_counter()
+        for idx in batches:
+            batch = {k: v.to(device) for k, v in collate([feats[j] for j in idx]).items()}
+            with half_autocast(device):
+                loss = model(**batch).loss
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        sync(device)
     model.eval()
-    return (len(batches) - 1) * batch_size / (time.perf_counter() - started)
+    return len(batches) * batch_size / (time.perf_counter() - started)
 
 
 def main() -> None:

@@ -21,6 +21,12 @@ Promises kept here, each tested:
   ``<run>/checkpoints/step-NNNNNNN`` every ``save_every`` steps and at each epoch end, written under a
   ``.partial`` name and renamed when complete. ``train(cfg, resume=True)`` continues from the newest
   one, mid-epoch included, and ends with the same weights and metrics as an uninterrupted run.
+
+The opt-in techniques of ``techniques.py`` hook in at four places, each off by default: the
+optimizer's parameter groups (``layer_lr_decay``), a second backward pass in ``train_step``
+(``fgm_epsilon``), the moving average after each step, evaluated and saved instead of the trained
+weights (``ema_decay``, ``Run.kept_model``), and ``max_answer_length`` set in ``load_inputs``
+(``answer_length_quantile``).
 """
 from __future__ import annotations
 
@@ -694,8 +700,7 @@ def fit(run: Run) -> None:
         raise TrainingError(
             f"GPU out of memory ({str(e).splitlines()[0]}). Set auto_batch=true, or lower batch_size (now "
             f"{run.state.micro_batch}) and raise grad_accum (now {run.state.grad_accum}) by the same factor, lower "
-            f"max_length (now {cfg.max_length}), or set gradient_checkpointing=true. The best model so far is in "
-            f"{run.run_dir / 'model'}.") from None
+            f"max_length (now {cfg.max_length}), or set gradient_checkpointing=true.{what_is_kept(run)}") from None
     except KeyboardInterrupt:
         last = list_checkpoints(run.run_dir)
         accelerator.print(f"\ninterrupted at step {run.state.step}. " + (
@@ -774,9 +779,15 @@ def stop_if_diverging(run: Run) -> int:
         raise TrainingError(
             f"{streak} optimizer steps in a row had a non-finite loss or gradients (step {run.state.step}). "
             f"The learning rate may be too high (lr={run.cfg.lr}); with fp16, try mixed_precision=bf16 (newer "
-            f"GPUs) or no, a lower lr, or max_grad_norm=1. The best model so far is in {run.run_dir / 'model'}; "
-            f"the last good checkpoint in {run.run_dir / 'checkpoints'}.")
+            f"GPUs) or no, a lower lr, or max_grad_norm=1.{what_is_kept(run)}")
     return streak
+
+
+def what_is_kept(run: Run) -> str:
+    """A sentence naming the saved model and the last checkpoint of a stopped run, where they exist."""
+    model, checkpoints = run.run_dir / "model", list_checkpoints(run.run_dir)
+    return ((f" The best model so far is in {model}." if model.is_dir() else "") +
+            (f" The last good checkpoint is {checkpoints[-1]}." if checkpoints else ""))
 
 
 def log(run: Run, epoch_position: float) -> None:

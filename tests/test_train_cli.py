@@ -114,6 +114,9 @@ def test_diverging_training_stops_with_a_clear_message(tmp_path, capsys, lr, sav
     for checkpoint in checkpoints:
         assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "model.safetensors").values())
     assert ("weights are no longer finite" in printed.out) == (not saved)
+    # the message names the checkpoint to go back to, and only one that exists
+    assert ("The last good checkpoint is" in printed.err) == bool(saved)
+    assert all(str(c) in printed.err for c in checkpoints)
 
 
 def test_gradient_checkpointing_knob_trains(tmp_path):

@@ -302,6 +302,18 @@ def test_auto_batch_gives_up_with_a_message_when_nothing_fits(tmp_path, monkeypa
     assert "not even 1 windows of up to 128 tokens per forward pass fit in memory" in capsys.readouterr().err
 
 
+def test_an_oversized_batch_without_auto_batch_stops_with_what_to_change(tmp_path, monkeypatch, capsys):
+    oom_above(monkeypatch, 4)
+    run = tmp_path / "run"
+    assert main(["demo", "--output-dir", str(run), "--set", "auto_batch=false", "batch_size=8", "grad_accum=2",
+                 "test_file="]) == 3
+    said = capsys.readouterr().err
+    assert "GPU out of memory" in said and "Set auto_batch=true, or lower batch_size (now 8) and raise grad_accum (now 2)" \
+        in said
+    assert "Traceback" not in said and (run / "config.json").is_file()    # the run folder is kept for a resume
+    assert "best model so far" not in said                                # none yet: the first step failed
+
+
 # ---------------------------------------------------------------- trackers
 
 def test_tensorboard_gets_what_metrics_jsonl_gets(tmp_path):

@@ -10,8 +10,8 @@ characters ([UNK]), upper case and spaces come back exactly as written.
 
 Both sides work on whole arrays, not window by window: batches are gathered from the ``Windows``
 table, and the best span of every window is found for thousands of windows at once
-(``window_best_spans``); only the rare question whose best span is whitespace, or has no valid
-top-k pair at all, is decoded one span at a time (``walk_spans``).
+(``window_best_spans``); only the rare question whose best span has no content (whitespace or
+commas only), or has no valid top-k pair at all, is decoded one span at a time (``walk_spans``).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .config import DecodeSpec
 from .devices import inference_autocast
+from .submission import has_content
 from .windows import Encoded, Windows, encode, eval_windows, padding_of
 
 QUOTE_PAIRS = ("「」", "『』", "《》", "“”", "()", "（）")
@@ -296,9 +297,10 @@ def window_spans(windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]], 
 def walk_spans(enc: Encoded, windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]], qi: int,
                spec: DecodeSpec, search: str) -> tuple[float, int, int, int] | None:
     """The best span of question ``qi`` found one span at a time: ``(score, window, char_start,
-    char_end)``, or None if every span is whitespace.
+    char_end)``, or None if no span has content.
 
-    Each window's spans (``window_spans``) are walked best first, whitespace-only ones skipped; the
+    Each window's spans (``window_spans``) are walked best first, spans without content (only
+    whitespace and commas: ``submission.has_content``) skipped; the
     first other span of a window replaces the best so far only if it scores higher, so ties go to
     the earlier window.
     """
@@ -309,7 +311,7 @@ def walk_spans(enc: Encoded, windows: Windows, logits: list[tuple[np.ndarray, np
             if best is not None and score <= best[0]:
                 break
             char_start, char_end = windows.char_span(enc, wi, s, e)
-            if paragraph[char_start:char_end].strip():
+            if has_content(paragraph[char_start:char_end]):
                 best = (score, wi, char_start, char_end)
                 break
     return best
@@ -321,14 +323,15 @@ def decode_predictions(enc: Encoded, windows: Windows, logits: list[tuple[np.nda
     ``spec``'s ``n_best`` and ``max_answer_length`` (``best_spans``) and, if ``balance_quotes``, its
     quotes repaired (``balance_quotes``).
 
-    A span whose text is only whitespace is skipped. If no window of a question has a valid
+    A span whose text is only whitespace and commas is skipped (it would be an empty answer in
+    result.csv, ``submission.has_content``). If no window of a question has a valid
     top-k pair, every start/end of every window is searched, so the answer is empty only if the
     question's paragraph has no tokens at all. Ties go to the earlier window, then (within a
     window) to the later start and end.
 
     The best span of every window is found for all windows at once, and the question's answer is
     the best of its windows' (``best_window_per_question``): what ``walk_spans`` would find,
-    unless that span is whitespace. Only then is the question walked span by span.
+    unless that span has no content. Only then is the question walked span by span.
     """
     score, start, end, found = window_best_spans(windows, logits, spec)
     best_window = best_window_per_question(windows.question_index, score, found, len(enc.data.questions))
@@ -338,7 +341,7 @@ def decode_predictions(enc: Encoded, windows: Windows, logits: list[tuple[np.nda
         best = None
         if wi >= 0:        # some window has a valid top-k pair
             best = (float(score[wi]), wi, *windows.char_span(enc, wi, int(start[wi]), int(end[wi])))
-            if not paragraph[best[2]:best[3]].strip():
+            if not has_content(paragraph[best[2]:best[3]]):
                 best = walk_spans(enc, windows, logits, qi, spec, "top-k")
         if best is None:
             best = walk_spans(enc, windows, logits, qi, spec, "exhaustive")

@@ -23,6 +23,7 @@ import numpy as np
 
 from .config import DecodeSpec
 from .decode import Prediction, balance_quotes, best_spans, decode_predictions
+from .submission import has_content
 from .windows import Encoded, Window
 
 
@@ -42,9 +43,10 @@ def span_probabilities(enc: Encoded, windows: list[Window], logits: list[tuple[n
                        spec: DecodeSpec = DecodeSpec()) -> list[dict[tuple[int, int], float]]:
     """Per question, ``{(char_start, char_end): probability}`` over its candidate spans.
 
-    Candidates are ``best_spans`` of every window of the question (spans whose text is only
-    whitespace left out), as paragraph character spans; a span seen in several windows keeps its
-    highest score; probabilities are the softmax of the scores over the question's candidates.
+    Candidates are ``best_spans`` of every window of the question (spans of only whitespace and
+    commas left out: ``submission.has_content``), as paragraph character spans; a span seen in
+    several windows keeps its highest score; probabilities are the softmax of the scores over the
+    question's candidates.
     """
     scores: list[dict[tuple[int, int], float]] = [{} for _ in enc.data.questions]
     for w, (start_logits, end_logits) in zip(windows, logits):
@@ -56,7 +58,7 @@ def span_probabilities(enc: Encoded, windows: list[Window], logits: list[tuple[n
         for score, s, e in best_spans(start_logits, end_logits, w.context_start, n_context, spec.n_best,
                                       spec.max_answer_length):
             span = w.char_span(enc, s, e)
-            if paragraph[span[0]:span[1]].strip() and score > found.get(span, -np.inf):
+            if has_content(paragraph[span[0]:span[1]]) and score > found.get(span, -np.inf):
                 found[span] = float(score)
     probabilities = []
     for found in scores:

@@ -18,6 +18,18 @@ class SubmissionError(Exception):
         self.path, self.problems = Path(path), problems
 
 
+def csv_answer(answer: str) -> str:
+    """An answer as result.csv holds it: commas removed (as the course's sample code writes them),
+    line breaks made spaces."""
+    return answer.replace(",", "").replace("\n", " ")
+
+
+def has_content(answer: str) -> bool:
+    """Whether ``answer`` still says something in result.csv: not empty once commas and whitespace
+    are gone. The decoder passes over spans that do not (an answer of only "," would be empty)."""
+    return bool(csv_answer(answer).strip())
+
+
 def write_result_csv(data: QAData, answers: list[str], path: str | Path) -> Path:
     """Write ``ID,Answer`` rows in the test file's order, commas removed, UTF-8, atomically.
 
@@ -31,7 +43,7 @@ def write_result_csv(data: QAData, answers: list[str], path: str | Path) -> Path
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(HEADER)
         for q, answer in zip(data.questions, answers):
-            writer.writerow([q.id, answer.replace(",", "").replace("\n", " ")])
+            writer.writerow([q.id, csv_answer(answer)])
     return Path(path)
 
 

@@ -17,6 +17,7 @@ from hw7qa.config import Config, DecodeSpec, WindowSpec
 from hw7qa.data import QAData, Question, load_qa_file
 from hw7qa.decode import (Prediction, balance_quotes, decode_predictions, exhaustive_best_span, highest,
                           top_positions, walk_spans)
+from hw7qa.submission import check_result_csv, has_content, write_result_csv
 from hw7qa.windows import encode, eval_windows, load_tokenizer
 
 
@@ -56,7 +57,7 @@ def reference_decode(enc, windows, logits, spec):
                     if best is not None and score <= best[0]:
                         break
                     char_start, char_end = w.char_span(enc, s, e)
-                    if paragraph[char_start:char_end].strip():
+                    if has_content(paragraph[char_start:char_end]):
                         best = (score, wi, char_start, char_end)
                         break
             if best is not None:
@@ -122,6 +123,24 @@ def test_a_whitespace_best_span_gives_way_to_the_next(bert_tokenizer):
     assert predictions == reference_decode(enc, windows, logits, DecodeSpec())
     assert (predictions[0].answer, predictions[0].score) == ("丙丁戊己", 14)
     assert predictions[1] == Prediction("", float("-inf"), -1, 0, 0)      # a paragraph without tokens
+
+
+def test_a_comma_best_span_gives_way_to_the_next_and_the_csv_stays_valid(bert_tokenizer, tmp_path):
+    """result.csv drops commas, so an answer of only "," would be an empty, invalid answer there."""
+    paragraph = "甲乙,丙丁"
+    data = QAData("mem", [Question(0, "問?", 0)], [paragraph])
+    enc = encode(data, bert_tokenizer, WindowSpec(64, 16, doc_stride=32))
+    windows = eval_windows(enc)
+    logits = [(np.zeros(len(w.input_ids), np.float32), np.zeros(len(w.input_ids), np.float32)) for w in windows]
+    first = windows[0].context_start
+    assert paragraph[slice(*windows.char_span(enc, 0, first + 2, first + 2))] == ","
+    logits[0][0][first + 2] = logits[0][1][first + 2] = 9      # the best span: "," alone (18)
+    logits[0][1][first + 3] = 5                                # the next best: ",丙" (14)
+    predictions = decode_predictions(enc, windows, logits, DecodeSpec())
+    assert predictions == reference_decode(enc, windows, logits, DecodeSpec())
+    assert (predictions[0].answer, predictions[0].score) == (",丙", 14)
+    path = write_result_csv(data, [p.answer for p in predictions], tmp_path / "result.csv")
+    assert check_result_csv(path, data) == [] and path.read_text(encoding="utf-8").splitlines()[1] == "0,丙"
 
 
 @settings(max_examples=200, deadline=None)

@@ -262,12 +262,12 @@ def evaluate(cfg, model_dir, dev, sample_decoding=False, model=None, device="aut
     from hw7qa.decode import decode_predictions, oracle_logits, window_logits
     from hw7qa.ensemble import vote_predictions
     from hw7qa.train import load_model
-    from hw7qa.windows import encode, eval_windows, load_tokenizer
+    from hw7qa.windows import encode, eval_windows, load_tokenizer, with_stride
     tokenizer = load_tokenizer(model_dir, cfg.isolate_digits, cfg.isolate_cjk)
     model = (model if model is not None else load_model(str(model_dir))).to(eval_device(device))
-    members = []
+    members, tokenized = [], encode(dev, tokenizer, cfg.windows)
     for stride in cfg.inference_strides:
-        enc = encode(dev, tokenizer, dataclasses.replace(cfg, doc_stride=stride).windows)
+        enc = with_stride(tokenized, stride)
         windows = eval_windows(enc)
         members.append((enc, windows, window_logits(model, tokenizer, windows, cfg.eval_batch_size,
                                                     cfg.mixed_precision, desc=f"dev (stride {stride})")))

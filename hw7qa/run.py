@@ -24,7 +24,7 @@ from .files import atomic_write
 from .metrics import score
 from .report import unknown_characters, write_dev_predictions
 from .submission import SubmissionError, check_result_csv, write_result_csv
-from .windows import encode, eval_windows, load_tokenizer
+from .windows import Encoded, encode, eval_windows, load_tokenizer, with_stride
 
 PACKAGE = Path(__file__).resolve().parent
 # The presets and the demo's sample data: hw7qa/presets and hw7qa/sample in an installed package
@@ -73,19 +73,20 @@ def split_logits(starts: np.ndarray, ends: np.ndarray, lengths: list[int]) -> li
     return [(starts[a:b], ends[a:b]) for a, b in zip(cuts, cuts[1:])]
 
 
-def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: str = "inference", tokenizer=None):
+def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: str = "inference", tokenizer=None,
+               enc: Encoded | None = None):
     """``(enc, windows, logits)`` of the run's model on ``data`` with ``cfg``'s windows.
 
     The logits are saved in ``<run>/logits/<key>.npz`` and read back the next time the same model
     meets the same questions with the same window settings (``logits_key``), so evaluating,
     predicting and ensembling a run again does not run the model again. ``tokenizer``: the run's,
-    if the caller has loaded it already.
+    if the caller has loaded it already; ``enc``: ``data`` already tokenized with it at ``cfg``'s windows.
     """
     run_dir = Path(run_dir)
     if not (run_dir / "model").is_dir():
         raise FileNotFoundError(f"{run_dir}: no model/ folder; is this a run folder made by 'train'?")
     tokenizer = tokenizer or run_tokenizer(run_dir, cfg)
-    enc = encode(data, tokenizer, cfg.windows)
+    enc = enc or encode(data, tokenizer, cfg.windows)
     windows = eval_windows(enc)
     path = run_dir / "logits" / f"{logits_key(run_dir, data, cfg)}.npz"
     if path.exists():
@@ -109,10 +110,12 @@ def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: s
 def stride_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: str = "inference", tokenizer=None
                   ) -> list[tuple]:
     """``run_logits`` once per ``cfg.inference_strides`` (``doc_stride``, then ``tta_strides``), each
-    cached on its own; ``vote_predictions`` turns them into answers."""
+    cached on its own; ``vote_predictions`` turns them into answers. The file is tokenized once."""
     tokenizer = tokenizer or run_tokenizer(run_dir, cfg)
+    enc = encode(data, tokenizer, cfg.windows)
     return [run_logits(run_dir, dataclasses.replace(cfg, doc_stride=stride), data, accelerator,
-                       desc=desc if stride == cfg.doc_stride else f"{desc} (stride {stride})", tokenizer=tokenizer)
+                       desc=desc if stride == cfg.doc_stride else f"{desc} (stride {stride})", tokenizer=tokenizer,
+                       enc=with_stride(enc, stride))
             for stride in cfg.inference_strides]
 
 

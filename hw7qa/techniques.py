@@ -64,23 +64,22 @@ class WeightAverage:
 
     ``state_dict``/``load_state_dict`` make it a checkpointed object
     (``accelerator.register_for_checkpointing``), so a resumed run continues the same average.
+
+    It follows ``model``: the floating-point tensors of both state dicts are listed once, here
+    (views of the weights, which the optimizer and ``load_state`` change in place), not at every
+    step (listing them costs about 1.5 ms of host time for bert-base).
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    def pairs(self, model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        averaged = [t for t in self.model.state_dict().values() if t.is_floating_point()]
-        current = [t for t in model.state_dict().values() if t.is_floating_point()]
-        return averaged, current
+        self.averaged = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        self.current = [t for t in model.state_dict().values() if t.is_floating_point()]
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        """Fold ``model``'s weights after optimizer step ``step`` (counted from 1) into the average."""
-        decay = min(self.decay, (1 + step) / (10 + step))
-        averaged, current = self.pairs(model)
-        get_ema_multi_avg_fn(decay)(averaged, [t.detach() for t in current], None)
+    def update(self, step: int) -> None:
+        """Fold the followed model's weights after optimizer step ``step`` (counted from 1) into the average."""
+        get_ema_multi_avg_fn(min(self.decay, (1 + step) / (10 + step)))(self.averaged, self.current, None)
 
     def state_dict(self) -> dict:
         return self.model.state_dict()

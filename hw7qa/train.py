@@ -752,7 +752,7 @@ def train_step(run: Run, batch: dict) -> bool:
             step_unless(run.optimizer, skip)
             run.scheduler.step()
             if run.ema is not None:
-                run.ema.update(accelerator.unwrap_model(run.model), run.state.step + 1)
+                run.ema.update(run.state.step + 1)
             run.streak = torch.where(skip, run.streak + 1, 0)
         run.optimizer.zero_grad()
     return accelerator.sync_gradients

@@ -132,6 +132,12 @@ def encode(data: QAData, tokenizer, spec: WindowSpec) -> Encoded:
     return Encoded(data, question_ids, para["input_ids"], offsets, answer_tokens(data, offsets), template, spec)
 
 
+def with_stride(enc: Encoded, doc_stride: int) -> Encoded:
+    """``enc`` to be cut into windows ``doc_stride`` tokens apart: tokenizing does not depend on the
+    stride, so nothing is tokenized again."""
+    return dataclasses.replace(enc, spec=dataclasses.replace(enc.spec, doc_stride=doc_stride))
+
+
 def trim_offsets(text: str, start: int, end: int) -> tuple[int, int]:
     """``(start, end)`` without whitespace at its edges (a whitespace-only token becomes empty).
 

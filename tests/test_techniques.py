@@ -61,7 +61,7 @@ def test_the_moving_average_follows_its_formula():
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
-        average.update(model, step)
+        average.update(step)
         d = min(0.9, (1 + step) / (10 + step))
         for k, v in model.state_dict().items():
             if v.is_floating_point():

@@ -261,7 +261,7 @@ def evaluate(cfg, model_dir, dev, sample_decoding=False, model=None, device="aut
     (moved to ``device`` here)."""
     from hw7qa.decode import decode_predictions, oracle_logits, window_logits
     from hw7qa.ensemble import vote_predictions
-    from hw7qa.train import load_model
+    from hw7qa.models import load_model
     from hw7qa.windows import encode, eval_windows, load_tokenizer, with_stride
     tokenizer = load_tokenizer(model_dir, cfg.isolate_digits, cfg.isolate_cjk)
     model = (model if model is not None else load_model(str(model_dir))).to(eval_device(device))
@@ -301,7 +301,7 @@ def run_finished(run_dir: Path, cfg: Config) -> bool:
     a model/ and a checkpoint at the end of the last epoch."""
     if (run_dir / FINISHED).is_file():
         return True
-    from hw7qa.train import list_checkpoints, read_trainer_state
+    from hw7qa.runs import list_checkpoints, read_trainer_state
     checkpoints = list_checkpoints(run_dir)
     return (run_dir / "model").is_dir() and bool(checkpoints) and \
         read_trainer_state(checkpoints[-1]).epoch >= cfg.epochs
@@ -339,7 +339,8 @@ def seed_everything(seed: int) -> None:
 def run_task(task: dict) -> list[dict]:
     """Train (or reuse) one (recipe, seed) and evaluate it with each of its decodings; one result per
     decoding. Runs in this process or in a worker process (``--jobs``): everything it needs is in ``task``."""
-    from hw7qa.train import load_model, train
+    from hw7qa.models import load_model
+    from hw7qa.train import train
     from hw7qa.windows import encode, load_tokenizer, train_windows
     cfg: Config = task["cfg"]
     run_dir, action = Path(cfg.output_dir), task["action"]

@@ -49,7 +49,7 @@ from transformers import (AutoModelForQuestionAnswering, BertConfig, BertForQues
 from hw7qa.config import Config  # noqa: E402
 from hw7qa.data import QAData, load_qa_file  # noqa: E402
 from hw7qa.decode import decode_predictions, predict, window_logits  # noqa: E402
-from hw7qa.train import length_grouped_batches  # noqa: E402
+from hw7qa.batches import length_grouped_batches  # noqa: E402
 from hw7qa.windows import encode, eval_windows, features, load_tokenizer, train_windows  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -156,7 +156,7 @@ def training_host_cost(tokenizer, dev, batch_size, max_length) -> dict:
     epoch, drawing the windows; per step, collating a batch. ``before``: per-window feature dicts
     padded by ``DataCollatorWithPadding`` (the trainer until this change); ``after``: the batch
     gathered from the ``Windows`` arrays (``EpochWindows.collate``). The same tensors either way."""
-    from hw7qa.train import EpochWindows, epoch_rng, shuffled_batches
+    from hw7qa.batches import EpochWindows, epoch_rng, shuffled_batches
     from hw7qa.windows import padding_of
     enc = encode(dev, tokenizer, Config(max_length=max_length).windows)
     dataset = EpochWindows(enc, "random", 0, padding_of(tokenizer))

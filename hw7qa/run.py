@@ -22,9 +22,10 @@ from .devices import accelerator_for, check_divisible, processes, resolve_precis
 from .ensemble import ensemble_predictions, vote_predictions
 from .files import atomic_write
 from .metrics import score
+from .models import check_max_length, load_model, run_tokenizer
 from .report import unknown_characters, write_dev_predictions
 from .submission import SubmissionError, check_result_csv, write_result_csv
-from .windows import Encoded, encode, eval_windows, load_tokenizer, with_stride
+from .windows import Encoded, encode, eval_windows, with_stride
 
 PACKAGE = Path(__file__).resolve().parent
 # The presets and the demo's sample data: hw7qa/presets and hw7qa/sample in an installed package
@@ -61,11 +62,6 @@ def logits_key(run_dir: Path, data: QAData, cfg) -> str:
     return hashlib.sha1(json.dumps([content, model_files, settings]).encode()).hexdigest()[:16]
 
 
-def run_tokenizer(run_dir: str | Path, cfg):
-    """The tokenizer saved with the run's model, with the run's ``isolate_*`` knobs applied."""
-    return load_tokenizer(Path(run_dir) / "model", cfg.isolate_digits, cfg.isolate_cjk)
-
-
 def split_logits(starts: np.ndarray, ends: np.ndarray, lengths: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per window ``(starts[a:b], ends[a:b])``, window ``i`` being the next ``lengths[i]`` positions
     of the concatenated arrays; views, so all windows together hold the two arrays once."""
@@ -95,7 +91,6 @@ def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: s
             if saved["lengths"].tolist() == lengths:
                 # each access of an NpzFile key reads the whole array again: read once, hand out views
                 return enc, windows, split_logits(saved["starts"], saved["ends"], lengths)
-    from .train import check_max_length, load_model
     model = load_model(str(run_dir / "model"))
     check_max_length(model.config, cfg.max_length)
     model.to(accelerator.device if accelerator else "cuda" if torch.cuda.is_available() else "cpu")

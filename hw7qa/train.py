@@ -1,11 +1,12 @@
 """Fine-tune a model for extractive QA: the Accelerator training loop.
 
-Read it top to bottom: what a model is loaded as, the optimizer and schedule, the batches of an
-epoch, the run folder and its checkpoints, the policies (when to log, evaluate, save), the state
-that a checkpoint holds, and the loop (``train`` → ``fit`` → ``run_epoch`` → ``train_step`` and
-``after_step``). It follows accelerate's ``complete_nlp_example.py``: ``Accelerator(mixed_precision,
-gradient_accumulation_steps)``, ``accelerator.accumulate``, ``accelerator.backward``,
-``save_state``/``load_state``.
+Read it top to bottom: the optimizer and schedule, the policies (when to log, evaluate, save), and
+the loop (``train`` → ``fit`` → ``run_epoch`` → ``train_step`` and ``after_step``). What the loop
+uses lives beside it, one concern per file: ``models.py`` loads the model and tokenizer,
+``batches.py`` makes the batches of an epoch and fits the micro-batch to memory, ``runs.py`` keeps
+the run folder, its checkpoints and the state they hold. It follows accelerate's
+``complete_nlp_example.py``: ``Accelerator(mixed_precision, gradient_accumulation_steps)``,
+``accelerator.accumulate``, ``accelerator.backward``, ``save_state``/``load_state``.
 
 Promises kept here, each tested:
 
@@ -18,9 +19,9 @@ Promises kept here, each tested:
   (every process sees the same all-reduced gradients, so all skip it together; none waits for another).
 - The run folder is decided on the main process and shared; a new run never reuses an old run's folder.
 - Checkpoints (model, optimizer, scheduler, GradScaler, RNG states and ``trainer_state.json``) go to
-  ``<run>/checkpoints/step-NNNNNNN`` every ``save_every`` steps and at each epoch end, written under a
-  ``.partial`` name and renamed when complete. ``train(cfg, resume=True)`` continues from the newest
-  one, mid-epoch included, and ends with the same weights and metrics as an uninterrupted run.
+  ``<run>/checkpoints/step-NNNNNNN`` every ``save_every`` steps and at each epoch end
+  (``runs.save_checkpoint``). ``train(cfg, resume=True)`` continues from the newest one, mid-epoch
+  included, and ends with the same weights and metrics as an uninterrupted run.
 
 The opt-in techniques of ``techniques.py`` hook in at four places, each off by default: the
 optimizer's parameter groups (``layer_lr_decay``), a second backward pass in ``train_step``
@@ -31,95 +32,26 @@ weights (``ema_decay``, ``Run.kept_model``), and ``max_answer_length`` set in ``
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import random
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from . import tiny
-from .config import TINY_MODEL, Config, TrainingError, check_resume, load_config, read_json, save_config
+from .batches import EpochBatches, EpochWindows, choose_batches
+from .config import Config, TrainingError
 from .data import QAData, concat_data, load_qa_file
 from .decode import predict_encoded
 from .devices import accelerator_for, check_divisible, check_tracker, processes
 from .metrics import score
+from .models import check_max_length, load_model_and_tokenizer
+from .runs import (TrainState, decided_on_main, list_checkpoints, log_metrics, prepare_run_dir, read_trainer_state,
+                   save_checkpoint, save_model)
 from .techniques import WeightAverage, adversarial_backward, answer_length_from, layer_parameter_groups
-from .windows import Encoded, Windows, encode, load_tokenizer, padding_of, train_windows
-
-
-# ---------------------------------------------------------------- model and tokenizer
-
-def looks_like_path(name: str) -> bool:
-    """Hub names are ``name`` or ``owner/name``; anything else is meant as a folder."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-
-
-def from_pretrained(what: str, load, name_or_dir: str):
-    """``load(name_or_dir)``, or a ValueError that says in one sentence why it failed."""
-    folder = Path(name_or_dir).expanduser()
-    if not folder.exists() and looks_like_path(name_or_dir):
-        raise ValueError(f"model_name={name_or_dir!r}: no such folder")
-    try:
-        return load(str(folder) if folder.exists() else name_or_dir)
-    except Exception as e:  # transformers raises OSError, ValueError or safetensors' own errors here
-        where = f"the folder {folder}" if folder.exists() else f"{name_or_dir!r} (not a local folder; from the hub)"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"cannot load the {what} of {where}: {reason}") from e
-
-
-def load_model(name_or_dir: str):
-    """``AutoModelForQuestionAnswering`` in float32 whatever dtype its files hold.
-
-    transformers 5 loads weights in the checkpoint's dtype; a model stored in fp16 would then be
-    trained in fp16 (AdamW on fp16 weights: the loss moves in steps of 1/256 and stalls). Mixed
-    precision casts per operation; the weights the optimizer updates stay fp32.
-    """
-    import transformers
-    # ``dtype`` since transformers 4.56; ``torch_dtype`` before (and deprecated after)
-    new = tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (4, 56)
-    dtype = {"dtype" if new else "torch_dtype": torch.float32}
-    return from_pretrained("model", lambda name: transformers.AutoModelForQuestionAnswering.from_pretrained(
-        name, **dtype), name_or_dir)
-
-
-def load_tokenizer_for(cfg: Config, train_data: QAData | None = None):
-    """The run's tokenizer: ``cfg.model_name``'s, or for ``tiny-random-bert`` one built from the
-    characters of the training file (``train_data``)."""
-    if cfg.model_name == TINY_MODEL:
-        texts = train_data.paragraphs + [q.question_text for q in train_data.questions]
-        return tiny.build_tiny_tokenizer(texts, isolate_digits=cfg.isolate_digits)
-    return from_pretrained("tokenizer", lambda name: load_tokenizer(name, cfg.isolate_digits, cfg.isolate_cjk),
-                           cfg.model_name)
-
-
-def load_model_and_tokenizer(cfg: Config, train_data: QAData | None = None):
-    """Model and fast tokenizer from a hub name or a local folder; ``tiny-random-bert`` builds a tiny
-    random BERT whose vocabulary is the characters of the training file (demo and tests)."""
-    if cfg.model_name == TINY_MODEL:
-        tokenizer = load_tokenizer_for(cfg, train_data)
-        return tiny.build_tiny_model(len(tokenizer), seed=cfg.seed), tokenizer
-    return load_model(cfg.model_name), load_tokenizer_for(cfg, train_data)
-
-
-def check_max_length(model_config, max_length: int) -> None:
-    """Refuse windows longer than the model's position embeddings (RoBERTa-style models lose two
-    positions to their padding offset) with a clear message, not an index error deep in the model."""
-    limit = getattr(model_config, "max_position_embeddings", None)
-    if limit is None:
-        return
-    if "roberta" in getattr(model_config, "model_type", ""):
-        limit -= 2
-    if max_length > limit:
-        raise ValueError(f"max_length={max_length} but this model has only {limit} positions; set max_length={limit} "
-                         f"or less")
+from .windows import Encoded, encode, padding_of
 
 
 # ---------------------------------------------------------------- optimizer and schedule
@@ -166,336 +98,6 @@ def step_unless(optimizer, skip: torch.Tensor) -> None:
             del inner.found_inf
     elif not bool(skip):
         optimizer.step()
-
-
-# ---------------------------------------------------------------- the batches of an epoch
-
-def epoch_rng(seed: int, epoch: int, purpose: str) -> random.Random:
-    """A random stream for one (seed, epoch, purpose): no two pairs share one (seed 1 in epoch 0
-    and seed 0 in epoch 1 differ), and a resumed run draws exactly what it drew before."""
-    return random.Random(f"hw7qa:{seed}:{epoch}:{purpose}")
-
-
-def shuffled_batches(n: int, batch_size: int, rng: random.Random) -> list[list[int]]:
-    """``range(n)`` shuffled and cut into batches; only the last may be short."""
-    order = list(range(n))
-    rng.shuffle(order)
-    return [order[b:b + batch_size] for b in range(0, n, batch_size)]
-
-
-def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random, chunk_batches: int = 50
-                           ) -> list[list[int]]:
-    """Batches of window indices of similar length, in random order (less padding, same randomness
-    in which windows meet): shuffle, sort each chunk of ``chunk_batches`` batches by length, cut
-    into batches, shuffle the batches. Every batch is full except perhaps the last one, which stays
-    last (accelerate, splitting batches between processes, completes only a short *last* batch)."""
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    chunk, batches = batch_size * chunk_batches, []
-    for c in range(0, len(order), chunk):
-        part = sorted(order[c:c + chunk], key=lambda i: lengths[i], reverse=True)
-        batches += [part[b:b + batch_size] for b in range(0, len(part), batch_size)]
-    short = [batches.pop()] if len(batches[-1]) < batch_size else []
-    rng.shuffle(batches)
-    return batches + short
-
-
-class EpochWindows(Dataset):
-    """The labelled training windows of one epoch (a ``Windows`` table); ``start_epoch`` draws the
-    next epoch's (policy ``random`` places each window anew). One object for the whole run, so the
-    DataLoader around it is built and prepared once.
-
-    An item is just its row number: ``collate`` gathers a whole batch from the table's arrays at
-    once (``Windows.model_inputs``), the same tensors ``DataCollatorWithPadding(pad_to_multiple_of=8)``
-    makes from per-window lists, at a fraction of the host time per step.
-
-    Not ``set_epoch``: accelerate's DataLoaderShard calls a ``set_epoch`` of the dataset and batch
-    sampler with its own count of iterations, which restarts at 0 in a resumed run."""
-
-    def __init__(self, enc: Encoded, policy: str, seed: int, padding: dict):
-        self.enc, self.policy, self.seed, self.padding = enc, policy, seed, padding
-        self.windows: Windows | None = None
-
-    def start_epoch(self, epoch: int) -> None:
-        self.windows = train_windows(self.enc, self.policy, epoch_rng(self.seed, epoch, "windows"))
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-    def collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        """Windows ``rows`` of this epoch, padded, with their answer positions, as int64 tensors."""
-        rows = np.asarray(rows, dtype=np.int64)
-        batch = self.windows.model_inputs(rows, **self.padding)
-        batch["start_positions"] = self.windows.start_position[rows]
-        batch["end_positions"] = self.windows.end_position[rows]
-        return {key: torch.from_numpy(value) for key, value in batch.items()}
-
-
-class EpochBatches:
-    """The DataLoader's ``batch_sampler``: the batches of the current epoch (shuffled, or grouped by
-    length), from batch ``skip`` on. ``batch_size`` is what accelerate splits between processes.
-
-    With several processes a short last batch is completed with the epoch's first windows, as
-    accelerate's ``even_batches`` would do; done here, a resumed run that skips the first batches
-    completes it with the same windows."""
-
-    def __init__(self, dataset: EpochWindows, batch_size: int, group_by_length: bool, seed: int,
-                 num_processes: int = 1):
-        self.dataset, self.batch_size, self.group_by_length, self.seed = dataset, batch_size, group_by_length, seed
-        self.num_processes = num_processes
-        self.batches: list[list[int]] = []
-        self.skip = 0
-
-    def start_epoch(self, epoch: int, skip: int = 0) -> None:
-        rng = epoch_rng(self.seed, epoch, "batches")
-        if self.group_by_length:
-            lengths = self.dataset.windows.length.tolist()
-            self.batches = length_grouped_batches(lengths, self.batch_size, rng)
-        else:
-            self.batches = shuffled_batches(len(self.dataset), self.batch_size, rng)
-        if self.num_processes > 1 and len(self.batches[-1]) < self.batch_size:
-            filler = self.batches[0] * self.batch_size
-            self.batches[-1] = (self.batches[-1] + filler)[:self.batch_size]
-        self.skip = skip
-
-    def __iter__(self):
-        return iter(self.batches[self.skip:])
-
-    def __len__(self) -> int:
-        return len(self.batches) - self.skip
-
-
-# ---------------------------------------------------------------- the micro-batch that fits
-
-def micro_batches(batch_size: int, num_processes: int) -> list[int]:
-    """``batch_size`` and its halves that still split evenly between processes, largest first: the
-    micro-batches ``auto_batch`` tries. Halving (not accelerate's ``find_executable_batch_size``,
-    which shrinks by 10 %) keeps ``batch_size × grad_accum``, the recipe's batch, exactly."""
-    sizes = [batch_size]
-    while sizes[-1] % (2 * num_processes) == 0:
-        sizes.append(sizes[-1] // 2)
-    return sizes
-
-
-def step_fits(model, batch: dict, accelerator, reserve_bytes: int) -> bool:
-    """Whether one forward and backward pass of ``batch`` fits in memory while ``reserve_bytes`` stay
-    taken (the optimizer's moments, not allocated yet). Errors other than out-of-memory are raised."""
-    from accelerate.utils.memory import release_memory, should_reduce_batch_size
-    try:
-        held = torch.empty(reserve_bytes, dtype=torch.uint8, device=accelerator.device)
-        with accelerator.autocast():
-            model(**batch).loss.backward()
-        del held
-        return True
-    except Exception as e:
-        if not should_reduce_batch_size(e):
-            raise
-        return False
-    finally:
-        model.zero_grad(set_to_none=True)
-        release_memory()    # collects garbage and empties the device's cache
-
-
-def fit_micro_batch(cfg: Config, model, dataset: EpochWindows, accelerator) -> int:
-    """The largest of ``micro_batches`` whose step over the longest training windows fits in memory
-    on every process: the model, its gradients, the activations, AdamW's two fp32 moments and the
-    moving average of ``ema_decay``."""
-    longest = np.argsort(-dataset.windows.length, kind="stable")
-    copies = 2 + (cfg.ema_decay > 0)                 # AdamW's two moments, the moving average's weights
-    reserve = copies * 4 * sum(p.numel() for p in model.parameters())
-    model.to(accelerator.device).train()
-    cuda = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
-    fits = 0
-    with torch.random.fork_rng(devices=cuda):        # probing draws no dropout mask of the real run
-        for size in micro_batches(cfg.batch_size, accelerator.num_processes):
-            share = dataset.collate([longest[i % len(longest)] for i in range(size // accelerator.num_processes)])
-            if step_fits(model, {k: v.to(accelerator.device) for k, v in share.items()}, accelerator, reserve):
-                fits = size
-                break
-    agreed = min(accelerator.gather(torch.tensor([fits], device=accelerator.device)).tolist())
-    if agreed == 0:
-        raise TrainingError(f"not even {micro_batches(cfg.batch_size, accelerator.num_processes)[-1]} windows of "
-                            f"up to {cfg.max_length} tokens per forward pass fit in memory: lower max_length or "
-                            f"set gradient_checkpointing=true")
-    return agreed
-
-
-def choose_batches(cfg: Config, model, dataset: EpochWindows, accelerator, saved: TrainState | None
-                   ) -> tuple[int, int]:
-    """``(micro-batch, grad_accum)``: the checkpoint's when resuming (the same batches again), else
-    ``fit_micro_batch``'s with ``auto_batch``, else the config's."""
-    if saved is not None and saved.micro_batch:
-        return saved.micro_batch, saved.grad_accum
-    if not cfg.auto_batch:
-        return cfg.batch_size, cfg.grad_accum
-    micro = fit_micro_batch(cfg, model, dataset, accelerator)
-    grad_accum = cfg.grad_accum * cfg.batch_size // micro
-    if micro < cfg.batch_size:
-        accelerator.print(f"auto_batch: {cfg.batch_size} windows per forward pass do not fit in memory; "
-                          f"{micro} × grad_accum {grad_accum} instead (the same {cfg.batch_size * cfg.grad_accum} "
-                          f"windows per optimizer step)")
-    return micro, grad_accum
-
-
-# ---------------------------------------------------------------- the run folder
-
-def new_run_dir(cfg: Config) -> Path:
-    if cfg.output_dir:
-        return Path(cfg.output_dir)
-    name = Path(cfg.model_name.rstrip("/")).name.replace("/", "_")
-    return Path("outputs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (``.partial`` folders are unfinished saves)."""
-    root = Path(run_dir) / "checkpoints"
-    found = [d for d in root.glob("step-*") if d.is_dir() and not d.name.endswith(".partial")
-             and (d / "trainer_state.json").exists()]
-    return sorted(found, key=lambda d: int(d.name.split("-")[1]))
-
-
-def clear_folder(folder: Path) -> None:
-    for item in folder.iterdir():
-        shutil.rmtree(item) if item.is_dir() else item.unlink()
-
-
-def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
-    """The run folder, ready for this run, and the checkpoint to continue from (None: from the start).
-
-    A new run goes only into a new or empty folder, or, with ``overwrite``, into an old run's folder
-    that it empties first. A resume checks that ``cfg`` continues the run (``check_resume``); with no
-    checkpoint yet it starts again and drops the records of the attempt it replaces, so the folder's
-    files always describe one run. Writes ``config.json``. Main process only.
-    """
-    if resume and not cfg.output_dir:
-        raise ValueError("resume needs the run folder (output_dir)")
-    run_dir = new_run_dir(cfg)
-    is_run = (run_dir / "config.json").is_file()
-    if resume and is_run:
-        check_resume(load_config(run_dir / "config.json"), cfg, run_dir)
-    elif run_dir.is_dir() and any(run_dir.iterdir()):
-        if not is_run:
-            raise ValueError(f"output_dir {run_dir} is not empty and holds no run: choose a new or empty folder")
-        if not overwrite:
-            raise ValueError(f"{run_dir} already holds a run. Continue it with: python -m hw7qa train --resume "
-                             f"{run_dir} (notebook: RESUME = True); start it over, deleting it, with --overwrite "
-                             f"(notebook: OVERWRITE = True); or choose another output_dir")
-        clear_folder(run_dir)
-    for unfinished in run_dir.glob("checkpoints/*.partial"):    # saves cut off by a kill
-        shutil.rmtree(unfinished, ignore_errors=True)
-    checkpoint = (list_checkpoints(run_dir) or [None])[-1] if resume else None
-    if resume and checkpoint is None and run_dir.is_dir():
-        clear_folder(run_dir)                  # an attempt killed before its first checkpoint
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.json")
-    if checkpoint is not None:
-        truncate_metrics(run_dir, read_trainer_state(checkpoint).step)
-    return run_dir, checkpoint
-
-
-def decided_on_main(accelerator, decide):
-    """``decide()`` run by the main process alone; its result, or its error, reaches every process
-    (a process that decided by itself could pick another folder, or wait forever for one that failed)."""
-    result, error = None, None
-    if accelerator.is_main_process:
-        try:
-            result = decide()
-        except (ValueError, OSError) as e:
-            if accelerator.num_processes == 1:
-                raise
-            error = e
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-        shared = broadcast_object_list([result, None if error is None else str(error)])
-        if error is not None:
-            raise error
-        if shared[1] is not None:
-            raise ValueError(shared[1])
-        result = shared[0]
-    return result
-
-
-def save_model(model, tokenizer, cfg: Config, directory: Path) -> None:
-    """Save model (safetensors), tokenizer and the run's config (``hw7qa_config.json``) to
-    ``directory``, replacing it only once complete."""
-    partial = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    save_config(cfg, partial / "hw7qa_config.json")
-    shutil.rmtree(directory, ignore_errors=True)
-    partial.rename(directory)
-
-
-def log_metrics(run_dir: Path, record: dict) -> None:
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop ``metrics.jsonl`` records after ``step``: the resumed run logs them again."""
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        records = [line for line in path.read_text(encoding="utf-8").splitlines()
-                   if line.strip() and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in records), encoding="utf-8")
-
-
-# ---------------------------------------------------------------- the state a checkpoint holds
-
-@dataclass
-class TrainState:
-    """Everything the loop carries from step to step, saved in each checkpoint's trainer_state.json.
-
-    No count of skipped steps: a checkpoint is never written during a streak of them."""
-    step: int = 0                   # optimizer steps taken
-    epoch: int = 0                  # the epoch in progress (== epochs when finished)
-    batches_done: int = 0           # batches of that epoch already trained on
-    best_em: float = -1.0           # dev scores of the model in <run>/model
-    best_f1: float = -1.0
-    running_loss: list = dataclasses.field(default_factory=list)   # per process: loss sum and count since the
-    running_n: list = dataclasses.field(default_factory=list)      # last log record
-    micro_batch: int = 0            # windows per forward pass and passes per step actually used (auto_batch);
-    grad_accum: int = 0             # 0: a checkpoint from before auto_batch, the config's
-
-
-def read_trainer_state(checkpoint: Path) -> TrainState:
-    values = read_json(checkpoint / "trainer_state.json")
-    for key in ("running_loss", "running_n"):      # one number in checkpoints of hw7qa before 0.2
-        if not isinstance(values.get(key, []), list):
-            values[key] = [values[key]]
-    known = {f.name for f in dataclasses.fields(TrainState)}
-    return TrainState(**{k: v for k, v in values.items() if k in known})
-
-
-def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) -> Path:
-    """Everything needed to continue training, into ``<run>/checkpoints/step-NNNNNNN``.
-
-    ``accelerator.save_state`` writes model, optimizer, scheduler, GradScaler and every process's RNG
-    states; ``state`` goes to ``trainer_state.json``, written last. The folder is filled under a
-    ``.partial`` name and renamed when complete, so an interruption never leaves a half-written
-    checkpoint that looks complete. Checkpoints beyond the newest ``keep`` are deleted after that.
-    Every process must call this.
-    """
-    final = run_dir / "checkpoints" / f"step-{state.step:07d}"
-    partial = final.with_name(final.name + ".partial")
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        text = json.dumps(dataclasses.asdict(state), indent=1) + "\n"
-        (partial / "trainer_state.json").write_text(text, encoding="utf-8")
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
 
 
 # ---------------------------------------------------------------- policies

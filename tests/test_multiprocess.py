@@ -21,7 +21,7 @@ from hw7qa.__main__ import main
 from hw7qa.run import run_config, run_logits
 from hw7qa.data import load_qa_file
 from hw7qa.report import read_metrics
-from hw7qa.train import list_checkpoints
+from hw7qa.runs import list_checkpoints
 
 
 def free_port():

@@ -17,12 +17,13 @@ from hw7qa.__main__ import main
 from hw7qa.config import Config
 from hw7qa.data import load_qa_file
 from hw7qa.decode import window_logits
-from hw7qa.run import demo_config, run_config, run_logits, run_tokenizer
+from hw7qa.models import load_model, run_tokenizer
+from hw7qa.run import demo_config, run_config, run_logits
 from hw7qa.tiny import build_tiny_model, build_tiny_tokenizer
 from hw7qa.report import read_metrics
-from hw7qa.train import (TrainState, checkpoint_due, epoch_rng, evaluate_due, is_better, list_checkpoints, log_due,
-                         micro_batches,
-                         train)
+from hw7qa.batches import epoch_rng, micro_batches
+from hw7qa.runs import TrainState, list_checkpoints
+from hw7qa.train import checkpoint_due, evaluate_due, is_better, log_due, train
 
 
 
@@ -144,7 +145,7 @@ def test_inference_runs_at_the_configured_precision(tmp_path):
     cfg = run_config(run)
     dev = load_qa_file(cfg.dev_file, need_answers=True)
     enc, windows, cached = run_logits(run, cfg, dev)
-    model, tokenizer = train_module.load_model(str(run / "model")), run_tokenizer(run, cfg)
+    model, tokenizer = load_model(str(run / "model")), run_tokenizer(run, cfg)
     full = window_logits(model, tokenizer, windows, 32, "no")
     low = window_logits(model, tokenizer, windows, 32, "bf16")
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(cached, full))       # the run's precision: no

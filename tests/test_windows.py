@@ -245,7 +245,7 @@ def test_training_batches_are_what_the_transformers_collator_makes(any_tokenizer
     per-window lists: the same tensors, labels included."""
     from transformers import DataCollatorWithPadding
 
-    from hw7qa.train import EpochWindows
+    from hw7qa.batches import EpochWindows
     from hw7qa.windows import features, padding_of
     dataset = EpochWindows(encode(sample_train, any_tokenizer, WindowSpec(384, 24, doc_stride=32)), policy, 0,
                            padding_of(any_tokenizer))

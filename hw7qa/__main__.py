@@ -154,9 +154,35 @@ def kaggle_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def end_processes(together: bool) -> None:
+    """Take down the process group of ``accelerate launch`` once a command is done. Left to the
+    interpreter's exit, gloo's threads are torn down in no set order and a process may abort
+    ("terminate called without an active exception", exit -6) after its work is done, failing the
+    whole launch. ``together``: the command ended normally on every process, so they can meet at a
+    barrier first; after an error a barrier could wait forever for a process that failed elsewhere."""
+    import sys
+    if "torch.distributed" not in sys.modules:          # a command that never started torch
+        return
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
+    code = 1
+    try:
+        code = run_reporting_errors(args)
+        return code
+    finally:
+        end_processes(together=code == 0)
+
+
+def run_reporting_errors(args: argparse.Namespace) -> int:
+    """``run_command``, with an expected failure printed as one line and turned into its exit code."""
     try:
         return run_command(args)
     except SubmissionError as e:

@@ -144,3 +144,21 @@ def test_two_processes_train_with_every_technique_on(tmp_path):
     assert all(torch.isfinite(t).all() for t in trained.values())
     losses = [r["loss"] for r in read_metrics(run) if "loss" in r]
     assert len(losses) == 10 and all(np.isfinite(losses))
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_a_command_takes_down_its_process_group(tmp_path, ok):
+    """Left to the interpreter's exit, gloo's threads may abort a process whose work is done
+    ("terminate called without an active exception"), failing the launch: main() ends the group."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        test_file = ROOT / "data" / "sample" / "hw7_test.json"
+        csv = tmp_path / "result.csv"
+        csv.write_text("ID,Answer\n" if not ok else "ID,Answer\n" + "".join(
+            f"{q['id']},x\n" for q in json.loads(test_file.read_text(encoding="utf-8"))["questions"]), encoding="utf-8")
+        assert main(["check", str(csv), str(test_file)]) == (0 if ok else 1)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -54,6 +54,17 @@ def shared_path(relative: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def child_temp_folder(tmp_path_factory):
+    """The temporary folder (``TMPDIR``) of every process the tests start: one inside pytest's own,
+    which pytest prunes (it keeps the newest 3 sessions'). torchrun, which ``accelerate launch``
+    starts, leaves a ``torchelastic_*`` folder in the temporary folder at every launch."""
+    folder = tmp_path_factory.mktemp("child-temp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def sample_train():
     return load_qa_file(SAMPLE / "hw7_train.json", need_answers=True)

@@ -1,5 +1,5 @@
 """More than one process: ``accelerate launch`` with 2 CPU processes (gloo) trains and evaluates the
-demo, shares the work, and gathers predictions equal to a single process's.
+demo, shares the work, and gathers the predictions of a single process (scores up to their last bits).
 
 ``accelerate launch --cpu --num_processes 2`` starts more than one process only through ``mpirun``;
 ``--multi_gpu`` (torchrun) with ``ACCELERATE_USE_CPU=1`` starts two CPU processes without it.
@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, assert_same_predictions
 from hw7qa.__main__ import main
 from hw7qa.run import run_config, run_logits
 from hw7qa.data import load_qa_file
@@ -78,7 +78,7 @@ def test_two_processes_train_and_evaluate_like_one(two_process_run):
     shutil.rmtree(run / "logits")
     assert main(["evaluate", str(run)]) == 0
     one = (run / "dev_predictions.jsonl").read_text(encoding="utf-8")
-    assert two == one
+    assert_same_predictions(two, one)                                   # half batches: scores differ in the last bits
     logits_one = run_logits(run, cfg, dev)[2]
     assert len(logits_one) == len(logits_two) > 13                      # every window once, none duplicated
     for (s1, e1), (s2, e2) in zip(logits_one, logits_two):

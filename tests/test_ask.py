@@ -34,6 +34,9 @@ def test_train_and_predict_show_hw7qas_bars_not_transformers_own(demo_run):
     _, stderr = demo_run
     assert "train: 100%" in stderr and "test:" in stderr
     assert "Loading weights" not in stderr and "Writing model shards" not in stderr
+    # the dev bar of each evaluation takes the train bar's line (nested, it moved the cursor up: a
+    # frontend without widgets printed a new line for each of its updates instead)
+    assert "dev:" in stderr and "\x1b[A" not in stderr
 
 
 def test_a_users_own_transformers_calls_keep_their_bars():

@@ -41,7 +41,7 @@ def quiet_transformers():
     hw7qa loads and saves a model many times in a run (every best dev score, every predict); each
     drew its bars between hw7qa's own lines. Through transformers' tqdm hook, so downloads from the
     hub keep their bars, and transformers calls outside (a notebook user's own) keep theirs.
-    transformers before 5 has no hook, and draws such bars only for sharded checkpoints: unchanged.
+    A transformers without the hook (4.57 has none) draws bars only for sharded checkpoints: unchanged.
     """
     from transformers.utils import logging
     if not hasattr(logging, "set_tqdm_hook"):

@@ -7,6 +7,7 @@
     python -m hw7qa evaluate outputs/RUN                # dev_file of the run → EM and F1
     python -m hw7qa ensemble outputs/RUN1 outputs/RUN2 --split dev   # members' and ensemble's EM/F1
     python -m hw7qa ensemble outputs/RUN1 outputs/RUN2 --split test  # → outputs/ensemble-<time>/result.csv
+    python -m hw7qa ask outputs/RUN --question 問題 --paragraph 段落   # answer, score, n-best alternatives
     python -m hw7qa check outputs/RUN/result.csv data/hw7_test.json
     python -m hw7qa demo                                # the whole pipeline offline on the shipped sample
 
@@ -94,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("auto", "chars"), default="auto",
                    help="auto: average logits of members with the same tokenizer and windows, combine the rest "
                         "at the character level; chars: every member at the character level")
+    p = sub.add_parser("ask", help="answer your own question about your own paragraph with a run's model")
+    p.add_argument("run", help="a run folder made by train")
+    p.add_argument("--question", help="the question")
+    p.add_argument("--paragraph", help="the text in which the answer is to be found")
+    p.add_argument("--file", help="many questions instead: HW7 or DRCD JSON, or JSON lines (*.jsonl) of "
+                   '{"question": ..., "paragraph": ...}')
+    p.add_argument("--n-best", type=int, default=5, help="alternatives listed per question (default 5)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override inference settings, e.g. doc_stride=32")
     p = sub.add_parser("check", help="validate a result.csv against a test JSON")
     p.add_argument("csv")
     p.add_argument("test_json")
@@ -117,6 +127,8 @@ def run_command(args: argparse.Namespace) -> int:
         return 1 if problems else 0
     if args.command in ("submit", "download"):
         return kaggle_command(args)
+    if args.command == "ask":
+        return ask_command(args)
     from .run import (demo_config, ensemble_runs, evaluate_run, predict_test, preset_path, resume_config,
                       train_and_predict)
     if args.command == "train" and args.resume:
@@ -137,6 +149,19 @@ def run_command(args: argparse.Namespace) -> int:
         if processes().is_main_process:
             print("demo finished. The model is tiny and random: its answers are not meaningful; "
                   f"the run proves the installation works. See {run_dir}")
+    return 0
+
+
+def ask_command(args: argparse.Namespace) -> int:
+    """``ask``: one question (``--question`` and ``--paragraph``) or a ``--file`` of them."""
+    from .ask import ask_many, format_answer, load_reader, questions_data, read_questions
+    if args.file and (args.question is not None or args.paragraph is not None):
+        raise ValueError("give either --file or --question with --paragraph, not both")
+    if not args.file and (args.question is None or args.paragraph is None):
+        raise ValueError("give --question and --paragraph (or --file with many questions)")
+    questions = read_questions(args.file) if args.file else questions_data([(args.question, args.paragraph)])
+    answers = ask_many(load_reader(args.run, args.set), questions, args.n_best)
+    print("\n\n".join((f"id {a.id}\n" if args.file else "") + format_answer(a) for a in answers))
     return 0
 
 

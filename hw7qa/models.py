@@ -5,6 +5,7 @@ Used by the trainer and by inference alike; nothing here imports the trainer.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -33,6 +34,26 @@ def from_pretrained(what: str, load, name_or_dir: str):
         raise ValueError(f"cannot load the {what} of {where}: {reason}") from e
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' own progress bars ("Loading weights", "Writing model shards") off inside.
+
+    hw7qa loads and saves a model many times in a run (every best dev score, every predict); each
+    drew its bars between hw7qa's own lines. Through transformers' tqdm hook, so downloads from the
+    hub keep their bars, and transformers calls outside (a notebook user's own) keep theirs.
+    A transformers without the hook (4.57 has none) draws bars only for sharded checkpoints: unchanged.
+    """
+    from transformers.utils import logging
+    if not hasattr(logging, "set_tqdm_hook"):
+        yield
+        return
+    previous = logging.set_tqdm_hook(lambda factory, args, kwargs: logging.EmptyTqdm(*args, **kwargs))
+    try:
+        yield
+    finally:
+        logging.set_tqdm_hook(previous)
+
+
 def load_model(name_or_dir: str):
     """``AutoModelForQuestionAnswering`` in float32 whatever dtype its files hold.
 
@@ -44,8 +65,9 @@ def load_model(name_or_dir: str):
     # ``dtype`` since transformers 4.56; ``torch_dtype`` before (and deprecated after)
     new = tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (4, 56)
     dtype = {"dtype" if new else "torch_dtype": torch.float32}
-    return from_pretrained("model", lambda name: transformers.AutoModelForQuestionAnswering.from_pretrained(
-        name, **dtype), name_or_dir)
+    with quiet_transformers():
+        return from_pretrained("model", lambda name: transformers.AutoModelForQuestionAnswering.from_pretrained(
+            name, **dtype), name_or_dir)
 
 
 def load_tokenizer_for(cfg: Config, train_data: QAData | None = None):

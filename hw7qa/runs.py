@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, check_resume, load_config, read_json, save_config
+from .models import quiet_transformers
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -95,11 +96,12 @@ def decided_on_main(accelerator, decide):
 
 def save_model(model, tokenizer, cfg: Config, directory: Path) -> None:
     """Save model (safetensors), tokenizer and the run's config (``hw7qa_config.json``) to
-    ``directory``, replacing it only once complete."""
+    ``directory``, replacing it only once complete; without transformers' progress bars."""
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    with quiet_transformers():
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
     save_config(cfg, partial / "hw7qa_config.json")
     shutil.rmtree(directory, ignore_errors=True)
     partial.rename(directory)

@@ -444,16 +444,20 @@ def features(windows: list[Window], with_labels: bool = False) -> list[dict]:
     return out
 
 
+def question_windows(enc: Encoded, qi: int) -> list[tuple[int, int]]:
+    """``(token_start, token_end)`` of each inference window of question ``qi``: the paragraph
+    tokens it holds, end exclusive (as ``eval_windows`` cuts them)."""
+    n_tokens = len(enc.paragraph_ids[enc.data.questions[qi].paragraph_id])
+    budget = int(question_budgets(enc)[qi])
+    return [(start, min(start + budget, n_tokens)) for start in window_starts(n_tokens, budget, enc.spec.doc_stride)]
+
+
 def describe_windows(enc: Encoded, qi: int) -> list[dict]:
     """The inference windows of question ``qi`` as rows: where each starts and ends, in tokens and
     characters, and whether it holds the whole answer (to see what ``doc_stride`` does)."""
-    q = enc.data.questions[qi]
-    offsets = enc.paragraph_offsets[q.paragraph_id]
+    offsets = enc.paragraph_offsets[enc.data.questions[qi].paragraph_id]
     answer = enc.answer_tokens[qi]
-    starts = window_starts(len(offsets), int(question_budgets(enc)[qi]), enc.spec.doc_stride)
-    rows = []
-    for k, w in enumerate(cut_windows(enc, [qi] * len(starts), starts)):
-        rows.append({"window": k, "tokens": f"{w.token_start}-{w.token_end - 1}",
-                     "characters": f"{offsets[w.token_start][0]}-{offsets[w.token_end - 1][1] - 1}",
-                     "holds_answer": bool(answer and w.token_start <= answer[0] and answer[1] < w.token_end)})
-    return rows
+    return [{"window": k, "tokens": f"{start}-{end - 1}",
+             "characters": f"{offsets[start][0]}-{offsets[end - 1][1] - 1}",
+             "holds_answer": bool(answer and start <= answer[0] and answer[1] < end)}
+            for k, (start, end) in enumerate(question_windows(enc, qi))]

@@ -244,6 +244,7 @@ SPEED_PLAN = (
     Measurement("large bf16", "macbert-large", (BF16,), "", 75),
     Measurement("base fp16", "bert-base", (FP16,), "base bf16", 25),
     Measurement("base bf16 group_by_length", "bert-base", (BF16, "group_by_length=true"), "base bf16", 25),
+    Measurement("base bf16 again", "bert-base", (BF16,), "base bf16", 25),     # how far two runs differ
     Measurement("large fp16 in 15 GiB (T4)", "macbert-large", (FP16,), "large bf16", 45, memory_gib=15),
     Measurement("base bf16 batch 32x1", "bert-base", (BF16, "batch_size=32", "grad_accum=1"), "base bf16", 25),
     Measurement("base bf16 batch 8x4", "bert-base", (BF16, "batch_size=8", "grad_accum=4"), "base bf16", 30),
@@ -738,7 +739,8 @@ def t4_estimate(data_file: str, tokenizer_dir: str, speed_json: str = "") -> tup
         row.update(course=f"{tier}: {minutes} min",
                    hours_band=[flops.hours(work, flops.T4_PEAK_TFLOPS, u) for u in band[::-1]],
                    hours_measured=flops.hours(work, flops.T4_PEAK_TFLOPS, measured.get(row["shape"])))
-    result = {"part": "t4-estimate", "data": data_file, "questions_in_data": len(data.questions), "hw7": HW7,
+    result = {"part": "t4-estimate", "data": os.path.relpath(data_file, ROOT), "questions_in_data": len(data.questions),
+              "hw7": HW7,
               "anchors_mfu": anchors, "band_mfu": band, "measured_mfu": measured, "measured_from": where, "rows": rows}
     return result, t4_markdown(result)
 

@@ -51,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -536,6 +537,7 @@ def measure(m: Measurement, ctx: SpeedContext) -> dict:
         with released():
             row.update(train_measurement(m, ctx) if m.kind == "train" else inference_measurement(m, ctx))
     except Exception as e:          # recorded; a GPU window is too short to lose the other measurements
+        traceback.print_exc()       # into the run's log, for whoever fixes it; the markdown comes last
         row.update(status="error", error=f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:500])
     row["wall_s"] = round(time.time() - started, 1)
     print(f"   {row['status']} in {row['wall_s']} s", flush=True)

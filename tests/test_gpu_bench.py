@@ -124,6 +124,16 @@ def test_measurements_that_would_overrun_the_budget_are_listed_not_run_and_the_f
     assert "- base bf16: not run (estimated 60 s" in next(tmp_path.glob("*.md")).read_text("utf-8")
 
 
+def test_a_measurement_that_fails_is_recorded_and_the_next_one_still_runs(tmp_path, monkeypatch, capsys):
+    plan = (gpu.Measurement("broken", "bert-base", ("batch_size=0",)), gpu.SPEED_PLAN[0])
+    monkeypatch.setattr(gpu, "SPEED_PLAN", plan)
+    assert gpu.main(["--part", "speed", "--smoke", "--results", str(tmp_path), "--work", str(tmp_path / "work")]) == 0
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text("utf-8"))["measurements"]
+    assert [r["status"] for r in rows] == ["error", "ok"]
+    assert rows[0]["error"] == "ValueError: batch_size must be at least 1, got 0"
+    assert "Traceback" in capsys.readouterr().err          # the log keeps the whole story
+
+
 def test_an_unknown_measurement_is_refused_in_one_sentence(tmp_path, capsys):
     assert gpu.main(["--part", "speed", "--smoke", "--only", "base bf17", "--results", str(tmp_path),
                      "--work", str(tmp_path / "work")]) == 2

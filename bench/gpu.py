@@ -594,6 +594,23 @@ def training_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+# the presets, and the measurement that trains each as it is (macbert-base: bert-base's shape and settings)
+PRESET_ROWS = (("bert-base", "base bf16"), ("macbert-base", "base bf16"), ("macbert-large", "large bf16"),
+               ("bert-base", "base fp16 in 15 GiB (T4)"), ("macbert-large", "large fp16 in 15 GiB (T4)"))
+
+
+def presets_table(rows: list[dict]) -> list[str]:
+    by_name = {r["name"]: r for r in rows if r["status"] == "ok"}
+    lines = ["| preset | measured as | recipe batch | auto_batch chose (micro × accum) | peak allocated GiB "
+             "| peak reserved GiB |", "| --- | --- | --- | --- | --- | --- |"]
+    for preset, name in PRESET_ROWS:
+        if name in by_name:
+            r, cfg = by_name[name], load_config(ROOT / "configs" / f"{preset}.json")
+            lines.append(f"| {preset} | {name} | {cfg.batch_size} × {cfg.grad_accum} | {r['micro_batch']} × "
+                         f"{r['grad_accum']} | {_cell(r['peak_allocated_gib'])} | {_cell(r['peak_reserved_gib'])} |")
+    return lines
+
+
 def inference_table(rows: list[dict]) -> list[str]:
     lines = ["| measurement | doc_stride | windows | sample loop s | project s | speedup (goal ≥ 10× at 32) "
              "| forward alone s | forward / project (goal ≥ 0.9) | forward MFU | end-to-end MFU |",
@@ -623,6 +640,7 @@ def speed_markdown(result: dict) -> str:
             "N = non-embedding parameters incl. the QA head (bench/flops.py). Random weights of the preset's shape; "
             "steady state: the first steps of each run are not timed.",
         "", "## Training (hw7qa.train.train)", "", *training_table(rows),
+        "", "## Presets: GPU memory and what auto_batch chose", "", *presets_table(rows),
         "", "## Inference (bench/speed.py rows (a) and (b), the course sample's windows)", "", *inference_table(rows),
         "", "## Not measured, or with a note", "", *(others or ["- none"]), ""])
 
@@ -802,6 +820,7 @@ def parse_args(argv=None):
     parser.add_argument("--results", help="folder for the JSON and markdown (default bench/results; --smoke "
                                           "outputs/gpu-smoke)")
     parser.add_argument("--work", default=str(ROOT / "outputs" / "gpu-work"), help="model and run folders")
+    parser.add_argument("--data", help="--t4-estimate: the QA file whose windows are counted (scaled to HW7's size)")
     parser.add_argument("--shared", default=os.environ.get("HW7QA_SHARED", str(ROOT.parent / "shared")))
     args = parser.parse_args(argv)
     args.jobs = args.jobs or (1 if args.smoke else ACCURACY_JOBS)
@@ -820,14 +839,17 @@ def found(key: str, shared: str) -> str:
 
 
 def t4_part(args) -> str:
-    """``--t4-estimate``: window lengths from the 2021 HW7 dev file with the bert-base-chinese
+    """``--t4-estimate``: window lengths from ``--data`` (default: the real HW7 training file
+    data/hw7_train.json if it is there, else the 2021 HW7 dev file), with the bert-base-chinese
     tokenizer (carried, else the shared folder's; in --smoke the sample's); written to ``--results``."""
     if args.smoke:
         sources = smoke_sources(Path(args.work) / "smoke")
-        dev, tokenizer = sources.dev, sources.tokenizer
+        data, tokenizer = sources.dev, sources.tokenizer
     else:
-        dev, tokenizer = found("dev", args.shared), found("tokenizer", args.shared)
-    result, markdown = t4_estimate(dev, tokenizer, args.t4_estimate)
+        real = ROOT / "data" / "hw7_train.json"
+        data = args.data or (str(real) if real.is_file() else found("dev", args.shared))
+        tokenizer = found("tokenizer", args.shared)
+    result, markdown = t4_estimate(data, tokenizer, args.t4_estimate)
     write_part(result_paths(args.results, "t4-estimate", None, args.smoke), result, markdown)
     return markdown
 

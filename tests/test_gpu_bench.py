@@ -98,6 +98,7 @@ def test_smoke_prints_and_writes_one_json_and_one_markdown_per_part_and_copies_t
         assert (smoke.tmp / "out" / name).read_bytes() == (smoke.results / name).read_bytes()
     speed_md = (smoke.results / next(n for n in written if "speed" in n and n.endswith(".md"))).read_text("utf-8")
     assert "| base bf16 |" in speed_md and "| inference base (13 questions, batch 128) | 32 |" in speed_md
+    assert "| macbert-base | base bf16 | 16 × 2 | 16 × 2 | — | — |" in speed_md          # the presets' table
 
 
 def test_accuracy_smoke_runs_every_technique_and_seed_and_says_what_each_allows(smoke):

@@ -5,6 +5,7 @@
     python bench/accuracy.py --seeds 0-4 --model DIR_OR_HUB_NAME --train T.json --dev D.json --recipes project,bert-base
     python bench/accuracy.py --seeds 0,1,2 --reuse    # evaluate the models of an earlier run again
     python bench/accuracy.py --seeds 0-4 --jobs 4     # on a GPU: 4 runs at once, each in its own process
+    python bench/accuracy.py --seeds 0-2 --jobs 12 --budget-min 6   # start no run that would end after 6 min
 
 Every (recipe, seed) is one training run (``hw7qa.train.train``, no dev evaluation during training)
 into ``--runs``/<recipe>-seed<N>, then decoded on the dev questions (on the GPU when there is one, at
@@ -13,7 +14,9 @@ with the run's seed, so the QA head's initialisation and the dropout masks depen
 not only the training windows and their order (which ``cfg.seed`` drives). Runs go seed by seed
 (every recipe of seed 0, then of seed 1, ...), so an interrupted benchmark leaves paired results.
 With ``--jobs 1`` (default) they run one after the other in this process (``train()`` is
-re-entrant); with ``--jobs N`` each run is a fresh process, N at a time.
+re-entrant); with ``--jobs N`` each run is a fresh process, N at a time. ``--budget-min M`` starts a
+run only if it would end within M minutes of the start, taking a run to last as long as the longest
+so far (``--run-estimate-min`` before the first ends); the runs left out are listed in the results.
 
 Recipes:
 
@@ -66,6 +69,7 @@ sys.path.insert(0, str(ROOT))
 
 from hw7qa.config import FREE_ON_RESUME, Config, load_config  # noqa: E402
 from hw7qa.data import QAData, load_qa_file  # noqa: E402
+from hw7qa.files import atomic_write  # noqa: E402
 from hw7qa.metrics import char_f1, exact_match  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -407,7 +411,20 @@ def environment(device: str) -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__,
             "cpu_cores": os.cpu_count(), "platform": platform.platform(),
             "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None,
+            "gpu_driver": gpu_driver() if dev.type == "cuda" else None,
+            "cuda": torch.version.cuda if dev.type == "cuda" else None,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def gpu_driver() -> str | None:
+    """The NVIDIA driver's version as ``nvidia-smi`` reports it; None where it cannot be asked."""
+    import subprocess
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
 
 
 def write_results(out: Path, setup: dict, question_ids: list, runs: list[dict], summary: dict) -> str:
@@ -422,21 +439,24 @@ def write_results(out: Path, setup: dict, question_ids: list, runs: list[dict], 
             return [clean(v) for v in x]
         return x
     body = ",\n".join(json.dumps(clean(r), ensure_ascii=False) for r in runs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("{\n" + f'"setup": {json.dumps(clean(setup), ensure_ascii=False, indent=1)},\n'
-                   f'"question_ids": {json.dumps(question_ids, ensure_ascii=False)},\n'
-                   f'"summary": {json.dumps(clean(summary), ensure_ascii=False, indent=1)},\n'
-                   f'"runs": [\n{body}\n]\n}}\n', encoding="utf-8")
+    with atomic_write(out, encoding="utf-8") as f:      # a benchmark killed at its time limit keeps the last file
+        f.write("{\n" + f'"setup": {json.dumps(clean(setup), ensure_ascii=False, indent=1)},\n'
+                f'"question_ids": {json.dumps(question_ids, ensure_ascii=False)},\n'
+                f'"summary": {json.dumps(clean(summary), ensure_ascii=False, indent=1)},\n'
+                f'"runs": [\n{body}\n]\n}}\n')
     env = setup["environment"]
     limit = f" (first {setup['train_limit']} questions)" if setup.get("train_limit") else ""
+    driver = f", driver {env['gpu_driver']}, CUDA {env['cuda']}" if env.get("gpu_driver") else ""
     header = (f"model {setup['model']}; train {setup['train']}{limit}; dev {setup['dev']} ({setup['dev_questions']} "
               f"questions); epochs {setup['epochs']}; seeds {','.join(map(str, setup['seeds']))}; device "
-              f"{env['gpu'] or 'CPU'} ({env['cpu_cores']} cores); torch {env['torch']}, transformers "
+              f"{env['gpu'] or 'CPU'}{driver} ({env['cpu_cores']} cores); torch {env['torch']}, transformers "
               f"{env['transformers']}, accelerate {env['accelerate']}; {env['date']}\n\n"
               f"`{setup['command']}`\n\n" + (f"Summary recomputed from the saved runs: `{setup['summarized_by']}`\n\n"
-                                               if setup.get("summarized_by") else ""))
+                                               if setup.get("summarized_by") else "")
+              + (f"Not run: {'; '.join(setup['not_run'])}\n\n" if setup.get("not_run") else ""))
     tables = markdown_tables(summary, runs)
-    out.with_suffix(".md").write_text(header + tables, encoding="utf-8")
+    with atomic_write(out.with_suffix(".md"), encoding="utf-8") as f:
+        f.write(header + tables)
     return header + tables
 
 
@@ -456,7 +476,7 @@ def summarize_file(path: Path, baseline: str, n_boot: int, confidence: float) ->
     print(f"rewritten: {path} and {path.with_suffix('.md')}")
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.environ.get("HW7QA_STAND_IN", str(STAND_IN)))
     parser.add_argument("--train", default=str(SHARED / "data/drcd/DRCD_test.json"))
@@ -475,16 +495,20 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="evaluate models already trained in --runs")
     parser.add_argument("--overwrite", action="store_true", help="retrain runs whose folders hold another run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (1: in this one)")
+    parser.add_argument("--budget-min", type=float, default=0, help="start no run that would end more than this "
+                        "many minutes after the start, a run taking as long as the longest so far (0: no limit)")
+    parser.add_argument("--run-estimate-min", type=float, default=2.0, help="what --budget-min assumes a run takes "
+                        "before the first has finished")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="for evaluation")
     parser.add_argument("--n-boot", type=int, default=5000, help="bootstrap replicates")
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--summarize", metavar="JSON", help="train nothing: recompute the summary and tables of a "
                         "saved result file (e.g. with another --baseline, --n-boot or --confidence), rewriting it")
-    args = parser.parse_args()
-    if args.summarize:
-        summarize_file(Path(args.summarize), args.baseline, args.n_boot, args.confidence)
-        return
+    return parser
 
+
+def checked_seeds(args) -> list[int]:
+    """The seeds of ``args``; SystemExit with one sentence for arguments that cannot work."""
     try:
         seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
     except ValueError as e:
@@ -494,15 +518,17 @@ def main() -> None:
         sys.exit(f"--set {reserved[0]}: the benchmark sets seed (--seeds) and output_dir (--runs) itself")
     if not Path(args.model).exists() and args.model == str(STAND_IN):
         sys.exit(f"no model at {args.model}: build the stand-in with ../shared/tools/stand-in-model/build")
-    train_file = subset_file(args.train, args.train_limit, Path(args.runs)) if args.train_limit else args.train
-    dev = load_qa_file(args.dev, need_answers=True)
-    n_dev = min(args.dev_limit, len(dev.questions)) if args.dev_limit else len(dev.questions)
-    project_cfg = load_config(ROOT / "configs" / "small-model.json")
-    recipes = split_recipes(args.recipes)
+    return seeds
 
+
+def plan_tasks(args, seeds: list[int], train_file: str) -> list[dict]:
+    """One task per (seed, recipe), seed by seed (a cut-off benchmark still has pairs), each with its
+    config, what to do with its run folder and its decodings; SystemExit naming every task that
+    cannot start, before anything is trained."""
+    project_cfg = load_config(ROOT / "configs" / "small-model.json")
     tasks, problems = [], []
-    for seed in seeds:                        # seed by seed: a cut-off benchmark still has pairs
-        for recipe in recipes:
+    for seed in seeds:
+        for recipe in split_recipes(args.recipes):
             preset, *knobs = recipe.split("+")
             common = {"model_name": args.model, "train_file": train_file, "dev_file": "", "test_file": "",
                       "epochs": args.epochs, "seed": seed, "output_dir": f"{args.runs}/{recipe}-seed{seed}"}
@@ -523,40 +549,97 @@ def main() -> None:
                           "dev_limit": args.dev_limit, "device": args.device})
     if problems:
         sys.exit("nothing was trained:\n  " + "\n  ".join(problems))
+    return tasks
+
+
+class Budget:
+    """Whether another run may start: only if it would end within ``minutes`` of the benchmark's
+    start (0: always), a run being assumed to take as long as the longest so far (``first_guess``
+    minutes before any has finished). Runs already going are never stopped."""
+
+    def __init__(self, minutes: float, first_guess: float, clock=time.monotonic):
+        self.minutes, self.longest, self.clock = minutes, first_guess * 60, clock
+        self.started = clock()
+        self.measured = False
+
+    def allows(self) -> bool:
+        return not self.minutes or self.clock() - self.started + self.longest <= self.minutes * 60
+
+    def took(self, seconds: float) -> None:
+        self.longest = seconds if not self.measured else max(self.longest, seconds)
+        self.measured = True
+
+
+def run_tasks(tasks: list, jobs: int, collect, budget: Budget | None = None, work=None) -> list:
+    """``work(task)`` (default ``run_task``) for each task while ``budget`` allows, each result to
+    ``collect`` in task order (so partial results stay paired). ``jobs`` > 1: that many at once, each
+    in a fresh process. Returns the tasks never started."""
+    work, budget, pending = work or run_task, budget or Budget(0, 0), list(tasks)
+    if jobs <= 1:
+        while pending and budget.allows():
+            started = budget.clock()
+            result = work(pending.pop(0))
+            budget.took(budget.clock() - started)
+            collect(result)
+        return pending
+    import concurrent.futures
+    import multiprocessing
+    extra = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
+    running: list = []                        # (future, start time), in task order
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                **extra) as pool:
+        while pending or running:
+            while pending and sum(not f.done() for f, _ in running) < jobs and budget.allows():
+                running.append((pool.submit(work, pending.pop(0)), budget.clock()))
+            while running and running[0][0].done():
+                future, started = running.pop(0)
+                budget.took(budget.clock() - started)     # at least the run's time: a finished run may wait here
+                collect(future.result())
+            if not running:
+                break
+            concurrent.futures.wait([f for f, _ in running if not f.done()],
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+    return pending
+
+
+def run_benchmark(args, extra_setup: dict | None = None) -> tuple[str, list[dict]]:
+    """Train and evaluate every (recipe, seed) of ``args`` (``parser()``'s), writing ``args.out`` and
+    its tables after each; the tables in markdown, and the tasks left out by ``--budget-min``."""
+    seeds = checked_seeds(args)
+    train_file = subset_file(args.train, args.train_limit, Path(args.runs)) if args.train_limit else args.train
+    dev = load_qa_file(args.dev, need_answers=True)
+    n_dev = min(args.dev_limit, len(dev.questions)) if args.dev_limit else len(dev.questions)
+    tasks = plan_tasks(args, seeds, train_file)
     rows = list(dict.fromkeys(name for t in tasks for name, _, _ in t["decodings"]))
     if args.baseline and args.baseline not in rows:
         sys.exit(f"--baseline {args.baseline!r} is none of the rows: {', '.join(rows)}")
     baseline = args.baseline or rows[0]
-
     setup = {"command": "python " + " ".join(sys.argv), "model": args.model, "train": args.train,
              "train_limit": args.train_limit, "train_file_used": train_file, "dev": args.dev,
-             "dev_questions": n_dev,
-             "epochs": args.epochs, "seeds": seeds, "recipes": recipes, "rows": rows,
-             "set": args.set, "environment": environment(args.device)}
-    out = Path(args.out)
-    question_ids = [q.id for q in dev.questions[:n_dev]]
-    runs: list[dict] = []
+             "dev_questions": n_dev, "epochs": args.epochs, "seeds": seeds, "recipes": split_recipes(args.recipes),
+             "rows": rows, "set": args.set, "environment": environment(args.device), **(extra_setup or {})}
+    out, question_ids, runs = Path(args.out), [q.id for q in dev.questions[:n_dev]], []
 
-    def collect(results: list[dict]) -> None:
+    def collect(results: list[dict]) -> str:
         runs.extend(results)
-        summary = summarize_runs(runs, baseline, args.n_boot, args.confidence)
-        write_results(out, setup, question_ids, runs, summary)
+        return write_results(out, setup, question_ids, runs, summarize_runs(runs, baseline, args.n_boot,
+                                                                            args.confidence))
 
-    if args.jobs <= 1:
-        for task in tasks:
-            collect(run_task(task))
-    else:
-        import concurrent.futures
-        import multiprocessing
-        extra = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
-        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                    **extra) as pool:
-            for results in pool.map(run_task, tasks):     # in task order: partial results stay paired
-                collect(results)
-    summary = summarize_runs(runs, baseline, args.n_boot, args.confidence)
-    print("\n" + write_results(out, setup, question_ids, runs, summary))
-    print(f"written: {out} and {out.with_suffix('.md')}")
+    left = run_tasks(tasks, args.jobs, collect, Budget(args.budget_min, args.run_estimate_min))
+    if left:
+        setup["not_run"] = [f"{t['recipe']} seed {t['cfg'].seed} (it would have ended after --budget-min "
+                            f"{args.budget_min:g})" for t in left]
+    return collect([]), left
 
+
+def main() -> None:
+    args = parser().parse_args()
+    if args.summarize:
+        summarize_file(Path(args.summarize), args.baseline, args.n_boot, args.confidence)
+        return
+    markdown, _ = run_benchmark(args)
+    print("\n" + markdown)
+    print(f"written: {args.out} and {Path(args.out).with_suffix('.md')}")
 
 if __name__ == "__main__":
     main()

@@ -56,6 +56,7 @@ SHARED = ROOT.parent / "shared"
 SHAPES = {"bert-base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
           "large": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
           "small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024)}
+SAMPLE_WINDOWS = dict(max_length=193, max_question_tokens=40, max_paragraph_tokens=150)   # the course sample's
 
 
 def sync(device):
@@ -220,7 +221,7 @@ def train_rate(model, tokenizer, windows, batch_size, steps, padding, device) ->
     return len(batches) * batch_size / (time.perf_counter() - started)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="", help="a checkpoint (default: random weights of --shape)")
     parser.add_argument("--shape", default="bert-base", choices=sorted(SHAPES))
@@ -233,32 +234,14 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--out", default=str(ROOT / "bench" / "speed.json"))
     parser.add_argument("--overhead-only", action="store_true", help="only the pipeline overhead, see above")
-    args = parser.parse_args()
+    return parser
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(args.model or args.tokenizer)
-    if args.model:
-        model = AutoModelForQuestionAnswering.from_pretrained(args.model)
-    else:
-        torch.manual_seed(0)
-        model = BertForQuestionAnswering(BertConfig(vocab_size=len(tokenizer), **SHAPES[args.shape]))
-    model.to(device).eval()
-    dev = load_qa_file(args.dev, need_answers=True)
-    dev = QAData(dev.path, dev.questions[:args.dev_limit], dev.paragraphs)
-    machine = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"model {args.model or args.shape}; {machine}; {len(dev.questions)} dev questions", flush=True)
 
-    if args.overhead_only:
-        rows = pipeline_overhead(tokenizer, dev, (32, 150), args.eval_batch_size, device)
-        rows.append(training_host_cost(tokenizer, dev, args.train_batch_size, args.train_max_length))
-        print(rows[-1], flush=True)
-        Path(args.out).write_text(json.dumps({"machine": machine, "dev_questions": len(dev.questions),
-                                              "rows": rows}, indent=1) + "\n")
-        return
+def inference_rows(model, tokenizer, dev: QAData, eval_batch_size: int, device, strides=(32, 150)) -> list[dict]:
+    """Rows (a) and (b) at each doc_stride of ``strides``, with the sample's windows (193 tokens)."""
     rows = []
-    sample_cfg = dict(max_length=193, max_question_tokens=40, max_paragraph_tokens=150)
-    for stride in (32, 150):
-        cfg = Config(**sample_cfg, doc_stride=stride, eval_batch_size=args.eval_batch_size)
+    for stride in strides:
+        cfg = Config(**SAMPLE_WINDOWS, doc_stride=stride, eval_batch_size=eval_batch_size)
         enc = encode(dev, tokenizer, cfg.windows)
         windows = eval_windows(enc)
         predict(model, tokenizer, QAData(dev.path, dev.questions[:20], dev.paragraphs), cfg)   # warm-up
@@ -276,22 +259,51 @@ def main() -> None:
                      "forward_s": round(forward_s, 2), "project_s": round(project_s, 2),
                      "ratio": round(forward_s / project_s, 3)})
         print(rows[-2], rows[-1], sep="\n", flush=True)
+    return rows
 
-    cfg = Config(max_length=args.train_max_length)
-    enc = encode(dev, tokenizer, cfg.windows)
-    windows = train_windows(enc, "random", random.Random(0))
+
+def training_row(model, tokenizer, dev: QAData, batch_size: int, steps: int, max_length: int, device) -> dict:
+    """Row (c): training windows/s padded to max_length, dynamic, and length-grouped."""
+    cfg = Config(max_length=max_length)
+    windows = train_windows(encode(dev, tokenizer, cfg.windows), "random", random.Random(0))
     lengths = np.array([len(w.input_ids) for w in windows])
-    rates = {p: train_rate(model, tokenizer, windows, args.train_batch_size, args.train_steps, p, device)
+    rates = {p: train_rate(model, tokenizer, windows, batch_size, steps, p, device)
              for p in ("max_length", "dynamic", "grouped")}
-    rows.append({"row": f"(c) training windows/s at max_length {cfg.max_length}, batch {args.train_batch_size}",
-                 "mean_window_tokens": round(float(lengths.mean()), 1),
-                 **{f"{p}_per_s": round(r, 2) for p, r in rates.items()},
-                 "dynamic_speedup": round(rates["dynamic"] / rates["max_length"], 2),
-                 "grouped_speedup": round(rates["grouped"] / rates["max_length"], 2)})
-    print(rows[-1], flush=True)
+    row = {"row": f"(c) training windows/s at max_length {cfg.max_length}, batch {batch_size}",
+           "mean_window_tokens": round(float(lengths.mean()), 1),
+           **{f"{p}_per_s": round(r, 2) for p, r in rates.items()},
+           "dynamic_speedup": round(rates["dynamic"] / rates["max_length"], 2),
+           "grouped_speedup": round(rates["grouped"] / rates["max_length"], 2)}
+    print(row, flush=True)
+    return row
+
+
+def main() -> None:
+    args = parser().parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(args.model or args.tokenizer)
+    if args.model:
+        model = AutoModelForQuestionAnswering.from_pretrained(args.model)
+    else:
+        torch.manual_seed(0)
+        model = BertForQuestionAnswering(BertConfig(vocab_size=len(tokenizer), **SHAPES[args.shape]))
+    model.to(device).eval()
+    dev = load_qa_file(args.dev, need_answers=True)
+    dev = QAData(dev.path, dev.questions[:args.dev_limit], dev.paragraphs)
+    machine = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"model {args.model or args.shape}; {machine}; {len(dev.questions)} dev questions", flush=True)
+    if args.overhead_only:
+        rows = pipeline_overhead(tokenizer, dev, (32, 150), args.eval_batch_size, device)
+        rows.append(training_host_cost(tokenizer, dev, args.train_batch_size, args.train_max_length))
+        print(rows[-1], flush=True)
+        Path(args.out).write_text(json.dumps({"machine": machine, "dev_questions": len(dev.questions),
+                                              "rows": rows}, indent=1) + "\n")
+        return
+    rows = inference_rows(model, tokenizer, dev, args.eval_batch_size, device)
+    rows.append(training_row(model, tokenizer, dev, args.train_batch_size, args.train_steps, args.train_max_length,
+                             device))
     Path(args.out).write_text(json.dumps({"machine": machine, "model": args.model or args.shape,
                                           "dev_questions": len(dev.questions), "rows": rows}, indent=1) + "\n")
-
 
 if __name__ == "__main__":
     main()

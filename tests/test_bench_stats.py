@@ -199,3 +199,44 @@ def test_a_benchmark_of_knobs_pairs_them_with_their_baseline_seed_by_seed(tmp_pa
     voted, plain = rows[("demo+ema_decay=0.9+tta_strides=24,36", 0)], rows[("demo", 0)]
     assert voted["eval_windows"] > 3 * plain["eval_windows"]          # strides 48 + 24 + 36 against 48 alone
     assert "demo+ema_decay=0.9+tta_strides=24,36" in out.with_suffix(".md").read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------- --budget-min and --jobs
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_the_budget_starts_a_run_only_if_it_would_end_in_time_by_the_longest_run_so_far():
+    clock = FakeClock()
+    budget = bench.Budget(minutes=1, first_guess=0.5, clock=clock)
+    assert budget.allows()                      # 0 + 30 s ≤ 60 s
+    clock.now = 31
+    assert not budget.allows()                  # 31 + 30 > 60
+    budget.took(10)                             # measured: shorter than the guess
+    assert budget.allows()
+    budget.took(5)                              # the longest so far counts
+    clock.now = 51
+    assert not budget.allows()
+    assert bench.Budget(0, 100, clock).allows()  # no budget: always
+
+
+def test_run_tasks_stops_starting_runs_when_the_budget_is_spent_and_returns_the_rest():
+    clock, collected = FakeClock(), []
+
+    def work(task):
+        clock.now += 40
+        return task * 10
+    left = bench.run_tasks([1, 2, 3], 1, collected.append, bench.Budget(1, 0.5, clock), work=work)
+    assert collected == [10] and left == [2, 3]             # after 40 s, another 40 s would end at 80 > 60
+
+
+def test_run_tasks_in_processes_collects_every_result_in_task_order():
+    collected = []
+    tasks = [{"a": 1}, {"a": 1, "b": 2, "c": 3}, {}, {"x": 0, "y": 0}]
+    assert bench.run_tasks(tasks, 2, collected.append, work=len) == []
+    assert collected == [1, 3, 0, 2]

@@ -4,11 +4,15 @@ saved model, ``metrics.jsonl`` records, and the trainer's state that a checkpoin
 Layout of a run folder (README): ``config.json``, ``metrics.jsonl``, ``model/``,
 ``checkpoints/step-NNNNNNN/`` (each written under a ``.partial`` name and renamed when complete),
 ``logits/``, ``result.csv``.
+
+A resume continues the run it is given or refuses, saying why, before anything is touched
+(``resume_point``); it starts the run again by itself only where nothing would be lost.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -41,34 +45,95 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> tuple[Path, P
     """The run folder, ready for this run, and the checkpoint to continue from (None: from the start).
 
     A new run goes only into a new or empty folder, or, with ``overwrite``, into an old run's folder
-    that it empties first. A resume checks that ``cfg`` continues the run (``check_resume``); with no
-    checkpoint yet it starts again and drops the records of the attempt it replaces, so the folder's
-    files always describe one run. Writes ``config.json``. Main process only.
+    that it empties first. A resume continues from the newest checkpoint, or starts again where
+    ``resume_point`` allows it (dropping the records of the attempt it replaces, so the folder's
+    files always describe one run), or is refused. Refusals touch nothing. Writes ``config.json``.
+    Main process only.
     """
     if resume and not cfg.output_dir:
         raise ValueError("resume needs the run folder (output_dir)")
     run_dir = new_run_dir(cfg)
-    is_run = (run_dir / "config.json").is_file()
-    if resume and is_run:
-        check_resume(load_config(run_dir / "config.json"), cfg, run_dir)
-    elif run_dir.is_dir() and any(run_dir.iterdir()):
-        if not is_run:
-            raise ValueError(f"output_dir {run_dir} is not empty and holds no run: choose a new or empty folder")
-        if not overwrite:
-            raise ValueError(f"{run_dir} already holds a run. Continue it with: python -m hw7qa train --resume "
-                             f"{run_dir} (notebook: RESUME = True); start it over, deleting it, with --overwrite "
-                             f"(notebook: OVERWRITE = True); or choose another output_dir")
-        clear_folder(run_dir)
+    checkpoint = resume_point(cfg, run_dir) if resume else None
+    if not resume:
+        claim_for_new_run(run_dir, overwrite)
+    elif checkpoint is None:
+        clear_folder(run_dir)                  # an attempt stopped before it recorded a step
     for unfinished in run_dir.glob("checkpoints/*.partial"):    # saves cut off by a kill
         shutil.rmtree(unfinished, ignore_errors=True)
-    checkpoint = (list_checkpoints(run_dir) or [None])[-1] if resume else None
-    if resume and checkpoint is None and run_dir.is_dir():
-        clear_folder(run_dir)                  # an attempt killed before its first checkpoint
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.json")
     if checkpoint is not None:
         truncate_metrics(run_dir, read_trainer_state(checkpoint).step)
     return run_dir, checkpoint
+
+
+def claim_for_new_run(run_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder that holds something (a run, without ``overwrite``; anything else, always);
+    empty a run's folder with ``overwrite``."""
+    if not (run_dir.is_dir() and any(run_dir.iterdir())):
+        return
+    if not (run_dir / "config.json").is_file():
+        raise ValueError(f"output_dir {run_dir} is not empty and holds no run: choose a new or empty folder")
+    if not overwrite:
+        raise ValueError(f"{run_dir} already holds a run. Continue it with: python -m hw7qa train --resume "
+                         f"{run_dir} (notebook: RESUME = True); start it over, deleting it, with --overwrite "
+                         f"(notebook: OVERWRITE = True); or choose another output_dir")
+    clear_folder(run_dir)
+
+
+def resume_point(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint a resume of the run in ``run_dir`` with ``cfg`` continues from: its newest
+    complete one. None where it has none and holds nothing past its start (``past_the_start``): it
+    was stopped before it recorded a step, and starting it again loses nothing. Every other case is
+    a ValueError that says why and what to do: no run there, a setting the run cannot change
+    (``check_resume``), or no checkpoint beside a saved model or records that starting again would
+    delete (a run with ``keep_checkpoints=0``, or one stopped before its first checkpoint)."""
+    if not (run_dir / "config.json").is_file():
+        raise ValueError(f"cannot resume {run_dir}: it holds no run (no config.json); start a new run there "
+                         f"without resume")
+    saved = load_config(run_dir / "config.json")
+    check_resume(saved, cfg, run_dir)
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        return checkpoints[-1]
+    kept = past_the_start(run_dir)
+    if not kept:
+        return None
+    why = ("keep_checkpoints=0 saves none" if saved.keep_checkpoints == 0 else
+           "it stopped before its first checkpoint")
+    raise ValueError(f"cannot resume {run_dir}: it has no checkpoint to continue from ({why}), and starting it "
+                     f"again would delete its {', '.join(kept)} (nothing was changed); to train it again from step 0, "
+                     f"deleting them: python -m hw7qa train --config {shlex.quote(str(run_dir / 'config.json'))} --set "
+                     f"{shlex.quote(f'output_dir={run_dir}')} --overwrite (notebook: RESUME = False, OVERWRITE = True), "
+                     f"or choose another output_dir")
+
+
+def past_the_start(run_dir: Path) -> list[str]:
+    """What in ``run_dir`` a run writes only once it has trained: everything but ``config.json``,
+    a ``metrics.jsonl`` without records past step 0, TensorBoard's folder and checkpoint saves that
+    never completed."""
+    found = []
+    for item in sorted(run_dir.iterdir()):
+        if item.name == "metrics.jsonl":
+            step = last_logged_step(run_dir)
+            found += [f"records up to step {step} (metrics.jsonl)"] if step else []
+        elif item.name == "checkpoints" and item.is_dir():
+            found += ["checkpoints/"] if any(not d.name.endswith(".partial") for d in item.iterdir()) else []
+        elif item.name not in ("config.json", "tensorboard"):
+            found.append(item.name + ("/" if item.is_dir() else ""))
+    return found
+
+
+def last_logged_step(run_dir: Path) -> int:
+    """The highest step of the records in ``metrics.jsonl`` (0 if none); lines that are not whole
+    records are passed over."""
+    steps = [0]
+    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            steps.append(int(json.loads(line).get("step", 0)))
+        except (ValueError, TypeError, AttributeError):
+            continue
+    return max(steps)
 
 
 def decided_on_main(accelerator, decide):

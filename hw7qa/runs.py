@@ -5,13 +5,20 @@ Layout of a run folder (README): ``config.json``, ``metrics.jsonl``, ``model/``,
 ``checkpoints/step-NNNNNNN/`` (each written under a ``.partial`` name and renamed when complete),
 ``logits/``, ``result.csv``.
 
+Every write here can meet a full disk or a read-only folder: it then fails as an ``OSError`` naming
+what it wrote (``files.refused_as``; one line and exit code 4 on the command line), removes its
+partial folder, and leaves the last complete checkpoint, the saved ``model/`` and every line of
+``metrics.jsonl`` as they were, so that ``--resume`` and ``predict`` go on from them.
+
 A resume continues the run it is given or refuses, saying why, before anything is touched
 (``resume_point``); it starts the run again by itself only where nothing would be lost.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import re
 import shlex
 import shutil
 import time
@@ -19,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, check_resume, load_config, read_json, save_config
+from .files import append_whole, atomic_write, refused_as
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -29,9 +37,10 @@ def new_run_dir(cfg: Config) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (``.partial`` folders are unfinished saves)."""
+    """Complete checkpoints of a run, oldest first (``.partial`` folders are unfinished saves, ``.old``
+    ones replaced saves)."""
     root = Path(run_dir) / "checkpoints"
-    found = [d for d in root.glob("step-*") if d.is_dir() and not d.name.endswith(".partial")
+    found = [d for d in root.glob("step-*") if d.is_dir() and re.fullmatch(r"step-\d+", d.name)
              and (d / "trainer_state.json").exists()]
     return sorted(found, key=lambda d: int(d.name.split("-")[1]))
 
@@ -136,52 +145,96 @@ def last_logged_step(run_dir: Path) -> int:
     return max(steps)
 
 
-def decided_on_main(accelerator, decide):
-    """``decide()`` run by the main process alone; its result, or its error, reaches every process
-    (a process that decided by itself could pick another folder, or wait forever for one that failed)."""
+def done_on_main(accelerator, work):
+    """``work()`` run by the main process alone; its result, or its error, reaches every process (a
+    process that decided by itself could pick another folder, or wait forever for one that failed).
+    Used for the run folder's choice and for the writes only the main process makes."""
     result, error = None, None
     if accelerator.is_main_process:
         try:
-            result = decide()
+            result = work()
         except (ValueError, OSError) as e:
             if accelerator.num_processes == 1:
                 raise
             error = e
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
-        shared = broadcast_object_list([result, None if error is None else str(error)])
-        if error is not None:
-            raise error
+        shared = broadcast_object_list([result, error])
         if shared[1] is not None:
-            raise ValueError(shared[1])
+            raise shared[1]
         result = shared[0]
     return result
 
 
+def raise_on_every_process(accelerator, error: Exception | None) -> None:
+    """Raise on every process the error any process met (``error``: this one's, or None); a call every
+    process makes, so that none waits forever for one that stopped."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+        met = gather_object([error])                  # every process calls it, whether it failed or not
+        error = error or next((e for e in met if e is not None), None)
+    if error is not None:
+        raise error
+
+
 def save_model(model, tokenizer, cfg: Config, directory: Path) -> None:
     """Save model (safetensors), tokenizer and the run's config (``hw7qa_config.json``) to
-    ``directory``, replacing it only once complete."""
+    ``directory``, replacing it only once complete (``replace_folder``). A save that fails (a full
+    disk) removes its partial folder, keeps the old ``directory`` and names ``directory``."""
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    save_config(cfg, partial / "hw7qa_config.json")
-    shutil.rmtree(directory, ignore_errors=True)
-    partial.rename(directory)
+    with removed_on_failure(partial), refused_as(directory, partial):
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        save_config(cfg, partial / "hw7qa_config.json")
+    replace_folder(partial, directory)
+
+
+@contextlib.contextmanager
+def removed_on_failure(partial: Path):
+    """A block that fills the folder ``partial``; the folder is removed if the block fails (on a full
+    disk that frees what the failed save took)."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def replace_folder(partial: Path, directory: Path) -> None:
+    """``partial`` renamed to ``directory``. An old ``directory`` is set aside (``.old``) and deleted
+    only once the new one is in place: a failure leaves the old one where it was; a kill between the
+    two renames leaves it as ``.old``, which the next replacement puts back first."""
+    old = directory.with_name(directory.name + ".old")
+    with removed_on_failure(partial), refused_as(directory, partial):
+        if old.exists() and not directory.exists():     # a replacement killed between its two renames
+            old.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+        if directory.exists():
+            directory.rename(old)
+        try:
+            partial.rename(directory)
+        except BaseException:
+            if old.exists() and not directory.exists():
+                old.rename(directory)
+            raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def log_metrics(run_dir: Path, record: dict) -> None:
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append ``record`` to ``metrics.jsonl`` as one line, whole or not at all (``append_whole``)."""
+    append_whole(run_dir / "metrics.jsonl", json.dumps(record) + "\n")
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop ``metrics.jsonl`` records after ``step``: the resumed run logs them again."""
+    """Drop ``metrics.jsonl`` records after ``step``: the resumed run logs them again. The file is
+    replaced whole (``atomic_write``)."""
     path = run_dir / "metrics.jsonl"
     if path.exists():
         records = [line for line in path.read_text(encoding="utf-8").splitlines()
                    if line.strip() and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in records), encoding="utf-8")
+        with atomic_write(path, encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in records))
 
 
 # ---------------------------------------------------------------- the state a checkpoint holds
@@ -217,22 +270,37 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) ->
     ``accelerator.save_state`` writes model, optimizer, scheduler, GradScaler and every process's RNG
     states; ``state`` goes to ``trainer_state.json``, written last. The folder is filled under a
     ``.partial`` name and renamed when complete, so an interruption never leaves a half-written
-    checkpoint that looks complete. Checkpoints beyond the newest ``keep`` are deleted after that.
-    Every process must call this.
+    checkpoint that looks complete; a save that fails on any process (a full disk) is raised on every
+    process as an ``OSError`` naming the checkpoint, and its partial folder is removed. Checkpoints
+    beyond the newest ``keep`` are deleted after a save completes. Every process must call this.
     """
     final = run_dir / "checkpoints" / f"step-{state.step:07d}"
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        text = json.dumps(dataclasses.asdict(state), indent=1) + "\n"
-        (partial / "trainer_state.json").write_text(text, encoding="utf-8")
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    error = None
+    try:
+        with refused_as(final, partial):
+            accelerator.save_state(str(partial))
+    except OSError as e:
+        error = e
+    try:
+        raise_on_every_process(accelerator, error)
+        done_on_main(accelerator, lambda: complete_checkpoint(run_dir, partial, final, state, keep))
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     return final
+
+
+def complete_checkpoint(run_dir: Path, partial: Path, final: Path, state: TrainState, keep: int) -> None:
+    """Write ``trainer_state.json`` into ``partial``, put it in place as ``final``, and delete the
+    checkpoints beyond the newest ``keep``. Main process only."""
+    text = json.dumps(dataclasses.asdict(state), indent=1) + "\n"
+    with refused_as(final, partial):
+        (partial / "trainer_state.json").write_text(text, encoding="utf-8")
+    replace_folder(partial, final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -113,8 +113,8 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
     raise ValueError(f"cannot resume {run_dir}: it has no checkpoint to continue from ({why}), and starting it "
                      f"again would delete its {', '.join(kept)} (nothing was changed); to train it again from step 0, "
                      f"deleting them: python -m hw7qa train --config {shlex.quote(str(run_dir / 'config.json'))} --set "
-                     f"{shlex.quote(f'output_dir={run_dir}')} --overwrite (notebook: RESUME = False, OVERWRITE = True), "
-                     f"or choose another output_dir")
+                     f"{shlex.quote(f'output_dir={run_dir}')} --overwrite (notebook: RESUME = False, "
+                     f"OVERWRITE = True), or choose another output_dir")
 
 
 def past_the_start(run_dir: Path) -> list[str]:

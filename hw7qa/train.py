@@ -22,6 +22,9 @@ Promises kept here, each tested:
   ``<run>/checkpoints/step-NNNNNNN`` every ``save_every`` steps and at each epoch end
   (``runs.save_checkpoint``). ``train(cfg, resume=True)`` continues from the newest one, mid-epoch
   included, and ends with the same weights and metrics as an uninterrupted run.
+- Every write (metrics, tracker, model, checkpoint) that the system refuses, on any process, stops
+  every process with the same ``OSError`` naming the file: the main process's writes go through
+  ``runs.done_on_main``, a checkpoint's through ``runs.raise_on_every_process``.
 
 The opt-in techniques of ``techniques.py`` hook in at four places, each off by default: the
 optimizer's parameter groups (``layer_lr_decay``), a second backward pass in ``train_step``

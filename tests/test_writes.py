@@ -15,9 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from hw7qa.__main__ import main
+from hw7qa.config import Config
 from hw7qa.files import as_refusal, append_whole
 from hw7qa.report import read_metrics
-from hw7qa.runs import list_checkpoints
+from hw7qa.runs import list_checkpoints, save_model
+from hw7qa.tiny import build_tiny_model
 from writes import WriteFaults
 
 # 38 windows, batch 16: 3 steps; checkpoints at steps 2 and 3, dev evaluation (and the model) at step 3;
@@ -245,6 +247,27 @@ def test_every_write_of_a_run_in_turn(reference, tmp_path, monkeypatch, capsys):
                 assert main(["demo", "--output-dir", str(run), "--set", *KNOBS]) == 4, (number, write, fault)
             failed_with_one_line(capsys, faults, run, fault)
             resume_after_a_failed_write(run, what_a_resume_should_do(run), reference, capsys)
+
+
+@pytest.mark.parametrize("pattern, fault", [
+    (r"safetensors .*/model\.partial/model\.safetensors", "full"),
+    (r"open .*/model\.partial/tokenizer_config\.json", "full"),
+    (r"rename .*/model", "read-only"),                    # setting the old model aside
+    (r"rename .*/model\.partial", "read-only"),            # putting the new one in place
+])
+def test_a_failed_model_save_keeps_the_previous_model(pattern, fault, tmp_path, monkeypatch, bert_tokenizer):
+    model = build_tiny_model(len(bert_tokenizer))
+    save_model(model, bert_tokenizer, Config(), tmp_path / "model")
+    before = snapshot(tmp_path)
+    torch.nn.init.zeros_(model.qa_outputs.weight)                        # a better model, say
+    with monkeypatch.context() as patched:
+        faults = WriteFaults(patched, re.compile(f"^{pattern}$"), fault)
+        with pytest.raises(OSError) as failed:
+            save_model(model, bert_tokenizer, Config(), tmp_path / "model")
+    assert faults.failed and failed.value.filename == str(tmp_path / "model")
+    assert snapshot(tmp_path) == before                                  # the old model, nothing else
+    save_model(model, bert_tokenizer, Config(), tmp_path / "model")
+    assert not load_file(tmp_path / "model" / "model.safetensors")["qa_outputs.weight"].any()
 
 
 # ---------------------------------------------------------------- how libraries report a refused write

@@ -22,6 +22,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import atomic_write
+
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says which knobs to change. (Here, not in train.py, so that
     the command line can catch it without importing torch.)"""
@@ -244,7 +246,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(cfg.to_json() + "\n", encoding="utf-8")
+    """Write ``cfg`` as JSON to ``path``, whole or not at all (a full disk keeps the old file)."""
+    with atomic_write(path, encoding="utf-8") as f:
+        f.write(cfg.to_json() + "\n")
 
 
 def check_resume(saved: Config, requested: Config, run_dir: str | Path) -> Config:

@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import atomic_write
+
 
 class DataError(ValueError):
     """A data file that cannot be used; the message lists every problem found."""
@@ -183,9 +185,10 @@ def concat_data(first: QAData, second: QAData) -> QAData:
 
 
 def save_hw7(data: QAData, path: str | Path) -> None:
-    """Write ``data`` as HW7 JSON (e.g. to convert DRCD for a notebook that expects HW7 files)."""
+    """Write ``data`` as HW7 JSON (e.g. to convert DRCD for a notebook that expects HW7 files), whole
+    or not at all."""
     questions = [{"id": q.id, "paragraph_id": q.paragraph_id, "question_text": q.question_text,
                   "answer_text": q.answer_text, "answer_start": q.answer_start, "answer_end": q.answer_end}
                  for q in data.questions]
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path, encoding="utf-8") as f:
         json.dump({"questions": questions, "paragraphs": data.paragraphs}, f, ensure_ascii=False)

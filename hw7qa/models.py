@@ -6,6 +6,7 @@ Used by the trainer and by inference alike; nothing here imports the trainer.
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from . import tiny
 from .config import TINY_MODEL, Config
 from .data import QAData
+from .files import refused_as
 from .windows import load_tokenizer
 
 
@@ -72,10 +74,12 @@ def load_model(name_or_dir: str):
 
 def load_tokenizer_for(cfg: Config, train_data: QAData | None = None):
     """The run's tokenizer: ``cfg.model_name``'s, or for ``tiny-random-bert`` one built from the
-    characters of the training file (``train_data``)."""
+    characters of the training file (``train_data``) in a temporary folder (a write the system
+    refuses there names that folder)."""
     if cfg.model_name == TINY_MODEL:
         texts = train_data.paragraphs + [q.question_text for q in train_data.questions]
-        return tiny.build_tiny_tokenizer(texts, isolate_digits=cfg.isolate_digits)
+        with refused_as(tempfile.gettempdir()):
+            return tiny.build_tiny_tokenizer(texts, isolate_digits=cfg.isolate_digits)
     return from_pretrained("tokenizer", lambda name: load_tokenizer(name, cfg.isolate_digits, cfg.isolate_cjk),
                            cfg.model_name)
 

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -245,9 +246,15 @@ def train_and_predict(cfg, resume: bool = False, overwrite: bool = False) -> Pat
 def resume_config(run_dir: str | Path, overrides: list[str] | dict | None = None):
     """The config an interrupted run was started with (``<run>/config.json``), pointed at that run
     folder, with ``overrides`` applied; refused (``check_resume``) if an override would change what
-    the run trains."""
+    the run trains, or move it to another ``output_dir``."""
     saved = dataclasses.replace(run_config(run_dir), output_dir=str(run_dir))
-    return check_resume(saved, apply_overrides(saved, overrides or []), run_dir)
+    cfg = check_resume(saved, apply_overrides(saved, overrides or []), run_dir)
+    if Path(cfg.output_dir).resolve() != Path(run_dir).resolve():
+        raise ValueError(f"a resume continues {run_dir} in its own folder, not in output_dir={cfg.output_dir}; "
+                         f"leave output_dir out, or start a new run there: python -m hw7qa train --config "
+                         f"{shlex.quote(str(Path(run_dir) / 'config.json'))} --set "
+                         f"{shlex.quote(f'output_dir={cfg.output_dir}')}")
+    return cfg
 
 
 def preset_path(name_or_path: str | None) -> Path | None:

@@ -162,3 +162,14 @@ def test_a_command_takes_down_its_process_group(tmp_path, ok):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_a_full_disk_on_one_process_stops_every_process_with_one_line(tmp_path):
+    """Process 1 cannot write its RNG states into the second checkpoint: both processes stop with the
+    same line (none waits forever for the other), the half checkpoint is removed, the first is kept."""
+    run = tmp_path / "run"
+    printed = launch("demo", "--output-dir", str(run), "--set", "epochs=1", "test_file=", *KNOBS[1:],
+                     fault=r"full:1:torch\.save .*/step-0000004\.partial/random_states_1\.pkl", expect=4, timeout=300)
+    line = f"error: no space left on the disk ({run / 'checkpoints' / 'step-0000004'})"
+    assert printed.count(line) == 2, printed[-3000:]
+    assert steps_of(list_checkpoints(run)) == [2] and not list((run / "checkpoints").glob("*.partial"))

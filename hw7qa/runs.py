@@ -2,8 +2,11 @@
 saved model, ``metrics.jsonl`` records, and the trainer's state that a checkpoint holds.
 
 Layout of a run folder (README): ``config.json``, ``metrics.jsonl``, ``model/``,
-``checkpoints/step-NNNNNNN/`` (each written under a ``.partial`` name and renamed when complete),
-``logits/``, ``result.csv``.
+``checkpoints/step-NNNNNNN/`` (each written under a ``.partial`` name and renamed when complete,
+its ``trainer_state.json`` listing its files and their sizes), ``logits/``, ``result.csv``.
+
+A resume checks what it will use before it changes anything (``check_resumable``): a damaged
+newest checkpoint, ``metrics.jsonl`` or saved model is named, never loaded, skipped or passed over.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, check_resume, load_config, read_json, save_config
+from .integrity import DamagedFile, check_file, check_folder
+from .models import run_model_dir
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -25,11 +30,35 @@ def new_run_dir(cfg: Config) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (``.partial`` folders are unfinished saves)."""
+    """The checkpoints of a run, oldest first: its ``step-N`` folders (``.partial`` ones are unfinished
+    saves). A ``step-N`` folder is renamed only once complete, so one that lacks files is damaged:
+    it is listed, and a resume names it (``check_resumable``) instead of passing over it."""
     root = Path(run_dir) / "checkpoints"
-    found = [d for d in root.glob("step-*") if d.is_dir() and not d.name.endswith(".partial")
-             and (d / "trainer_state.json").exists()]
+    found = [d for d in root.glob("step-*") if d.is_dir() and d.name.split("-", 1)[1].isdigit()]
     return sorted(found, key=lambda d: int(d.name.split("-")[1]))
+
+
+def check_resumable(run_dir: Path, checkpoints: list[Path]) -> None:
+    """Before a resume changes anything: the newest of ``checkpoints`` (every file it lists, at its
+    size, and every file in it whole), ``metrics.jsonl`` and the saved model are whole. An older
+    checkpoint, whose trainer_state.json lists no files, has the files it holds checked only."""
+    checkpoint = checkpoints[-1]
+    fix = (f"delete {checkpoint} to resume from {checkpoints[-2].name} instead" if len(checkpoints) > 1 else
+           "it is the run's only checkpoint: restore it from a copy of the run, or start the run over with --overwrite")
+    check_file(checkpoint / "trainer_state.json", fix)
+    for name, size in read_json(checkpoint / "trainer_state.json").get("files", {}).items():
+        check_file(checkpoint / name, fix, size)
+    check_folder(checkpoint, [], fix)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:    # none, or empty: killed before (or while) writing a record
+        check_file(metrics, "delete that line and those after it (records after the checkpoint are written "
+                            "again), or restore the file, then resume again")
+    model = run_dir / "model"
+    if model.is_dir():
+        run_model_dir(run_dir)
+    elif read_trainer_state(checkpoint).best_em >= 0:
+        raise DamagedFile(model, f"is missing, but {checkpoint.name} says the best model so far was saved there",
+                          "restore it from a copy of the run, or start the run over with --overwrite")
 
 
 def clear_folder(folder: Path) -> None:
@@ -61,7 +90,7 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> tuple[Path, P
         clear_folder(run_dir)
     for unfinished in run_dir.glob("checkpoints/*.partial"):    # saves cut off by a kill
         shutil.rmtree(unfinished, ignore_errors=True)
-    checkpoint = (list_checkpoints(run_dir) or [None])[-1] if resume else None
+    checkpoint = newest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None and run_dir.is_dir():
         clear_folder(run_dir)                  # an attempt killed before its first checkpoint
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -69,6 +98,14 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> tuple[Path, P
     if checkpoint is not None:
         truncate_metrics(run_dir, read_trainer_state(checkpoint).step)
     return run_dir, checkpoint
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint a resume continues from, checked (``check_resumable``); None if there is none."""
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        check_resumable(run_dir, checkpoints)
+    return (checkpoints or [None])[-1]
 
 
 def decided_on_main(accelerator, decide):
@@ -150,7 +187,8 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) ->
     """Everything needed to continue training, into ``<run>/checkpoints/step-NNNNNNN``.
 
     ``accelerator.save_state`` writes model, optimizer, scheduler, GradScaler and every process's RNG
-    states; ``state`` goes to ``trainer_state.json``, written last. The folder is filled under a
+    states; ``state`` goes to ``trainer_state.json``, written last, with the names and sizes of
+    the files beside it (what a resume checks). The folder is filled under a
     ``.partial`` name and renamed when complete, so an interruption never leaves a half-written
     checkpoint that looks complete. Checkpoints beyond the newest ``keep`` are deleted after that.
     Every process must call this.
@@ -163,7 +201,8 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) ->
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        text = json.dumps(dataclasses.asdict(state), indent=1) + "\n"
+        files = {p.name: p.stat().st_size for p in sorted(partial.iterdir()) if p.is_file()}  # check_resumable's list
+        text = json.dumps({**dataclasses.asdict(state), "files": files}, indent=1) + "\n"
         (partial / "trainer_state.json").write_text(text, encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune; predicts the test file too when one is configured")
     p.add_argument("--config", help="a preset's name (bert-base, macbert-base, macbert-large, small-model, "
                    "sample-recipe, demo) or a JSON file")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
+    # action="extend": a second --set adds to the first instead of replacing it
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="override config values")
     p.add_argument("--resume", metavar="RUN", help="continue this run folder from its newest checkpoint "
                    "(with the run's own config.json; --set may change only eval_batch_size, save_every, "
                    "keep_checkpoints, log_every, max_skipped_steps, test_file)")
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("run", help="a run folder made by train")
         p.add_argument("--file", default="", help="HW7 or DRCD JSON (default: the run's test/dev file)")
-        p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+        p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                        help="override inference settings, e.g. doc_stride=32")
         if name == "predict":
             p.add_argument("--out", default="", help="CSV path (default: RUN/result.csv for the run's own test "
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="data", help="where they go (default: data)")
     p = sub.add_parser("demo", help="the whole pipeline offline on data/sample with a tiny random model")
     p.add_argument("--output-dir", default="", help="run folder (default: outputs/tiny-random-bert-<time>)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE")
     return parser
 
 
@@ -134,6 +135,8 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "train" and args.resume:
         if args.config:
             raise ValueError("--resume uses the run's own config.json; leave out --config")
+        if args.overwrite:
+            raise ValueError("--resume continues the run and --overwrite deletes it; give only one of them")
         train_and_predict(resume_config(args.resume, args.set), resume=True)
     elif args.command == "train":
         train_and_predict(load_config(preset_path(args.config), args.set), overwrite=args.overwrite)
@@ -171,6 +174,8 @@ def kaggle_command(args: argparse.Namespace) -> int:
         print("\n".join(str(p) for p in kaggle.download(args.dir)))
         return 0
     run = Path(args.run)
+    if not run.exists():
+        raise FileNotFoundError(f"{run}: no such run folder or CSV file")
     csv_path = run / "result.csv" if run.is_dir() else run
     test_file = args.test_file or (load_config(run / "config.json").test_file if run.is_dir() else "")
     if not test_file:

@@ -212,6 +212,11 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict) -> Config:
         bad = [item for item, pair in zip(overrides, pairs) if len(pair) != 2]
         if bad:
             raise ValueError(f"override {bad[0]!r} is not key=value")
+        keys = [key for key, _ in pairs]
+        twice = [key for key in dict.fromkeys(keys) if keys.count(key) > 1]
+        if twice:
+            values = " and ".join(repr(text) for key, text in pairs if key == twice[0])
+            raise ValueError(f"{twice[0]} is set twice ({values}); give each setting once")
         overrides = {key: _parse_value(fields[key], text) if key in fields else text
                      for key, text in pairs}
     unknown = [key for key in overrides if key not in fields]
@@ -228,7 +233,7 @@ def read_json(path: str | Path) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is damaged or not JSON ({e}); restore it or start a new run") from None
+        raise ValueError(f"{path} is not valid JSON ({e}); correct it, or restore it if it was damaged") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a JSON object of config keys")
     return values

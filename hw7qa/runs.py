@@ -2,8 +2,11 @@
 saved model, ``metrics.jsonl`` records, and the trainer's state that a checkpoint holds.
 
 Layout of a run folder (README): ``config.json``, ``metrics.jsonl``, ``model/``,
-``checkpoints/step-NNNNNNN/`` (each written under a ``.partial`` name and renamed when complete),
-``logits/``, ``result.csv``.
+``checkpoints/step-NNNNNNN/`` (each written under a ``.partial`` name and renamed when complete,
+its ``trainer_state.json`` listing its files and their sizes), ``logits/``, ``result.csv``.
+
+A resume checks what it will use before it changes anything (``check_resumable``): a damaged
+newest checkpoint, ``metrics.jsonl`` or saved model is named, never loaded, skipped or passed over.
 
 Every write here can meet a full disk or a read-only folder: it then fails as an ``OSError`` naming
 what it wrote (``files.refused_as``; one line and exit code 4 on the command line), removes its
@@ -26,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, check_resume, load_config, read_json, save_config
-from .models import quiet_transformers
 from .files import append_whole, atomic_write, refused_as
+from .integrity import DamagedFile, check_file, check_folder
+from .models import quiet_transformers, run_model_dir
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -38,12 +42,36 @@ def new_run_dir(cfg: Config) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (``.partial`` folders are unfinished saves, ``.old``
-    ones replaced saves)."""
+    """The checkpoints of a run, oldest first: its ``step-N`` folders (``.partial`` ones are unfinished
+    saves, ``.old`` ones replaced saves). A ``step-N`` folder is renamed only once complete, so one
+    that lacks files is damaged: it is listed, and a resume names it (``check_resumable``) instead of
+    passing over it."""
     root = Path(run_dir) / "checkpoints"
-    found = [d for d in root.glob("step-*") if d.is_dir() and re.fullmatch(r"step-\d+", d.name)
-             and (d / "trainer_state.json").exists()]
+    found = [d for d in root.glob("step-*") if d.is_dir() and re.fullmatch(r"step-\d+", d.name)]
     return sorted(found, key=lambda d: int(d.name.split("-")[1]))
+
+
+def check_resumable(run_dir: Path, checkpoints: list[Path]) -> None:
+    """Before a resume changes anything: the newest of ``checkpoints`` (every file it lists, at its
+    size, and every file in it whole), ``metrics.jsonl`` and the saved model are whole. An older
+    checkpoint, whose trainer_state.json lists no files, has the files it holds checked only."""
+    checkpoint = checkpoints[-1]
+    fix = (f"delete {checkpoint} to resume from {checkpoints[-2].name} instead" if len(checkpoints) > 1 else
+           "it is the run's only checkpoint: restore it from a copy of the run, or start the run over with --overwrite")
+    check_file(checkpoint / "trainer_state.json", fix)
+    for name, size in read_json(checkpoint / "trainer_state.json").get("files", {}).items():
+        check_file(checkpoint / name, fix, size)
+    check_folder(checkpoint, [], fix)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:    # none, or empty: killed before (or while) writing a record
+        check_file(metrics, "delete that line and those after it (records after the checkpoint are written "
+                            "again), or restore the file, then resume again")
+    model = run_dir / "model"
+    if model.is_dir():
+        run_model_dir(run_dir)
+    elif read_trainer_state(checkpoint).best_em >= 0:
+        raise DamagedFile(model, f"is missing, but {checkpoint.name} says the best model so far was saved there",
+                          "restore it from a copy of the run, or start the run over with --overwrite")
 
 
 def clear_folder(folder: Path) -> None:
@@ -105,6 +133,7 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
     check_resume(saved, cfg, run_dir)
     checkpoints = list_checkpoints(run_dir)
     if checkpoints:
+        check_resumable(run_dir, checkpoints)   # a damaged newest checkpoint is named, never passed over
         return checkpoints[-1]
     kept = past_the_start(run_dir)
     if not kept:
@@ -269,7 +298,8 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) ->
     """Everything needed to continue training, into ``<run>/checkpoints/step-NNNNNNN``.
 
     ``accelerator.save_state`` writes model, optimizer, scheduler, GradScaler and every process's RNG
-    states; ``state`` goes to ``trainer_state.json``, written last. The folder is filled under a
+    states; ``state`` goes to ``trainer_state.json``, written last, with the names and sizes of
+    the files beside it (what a resume checks). The folder is filled under a
     ``.partial`` name and renamed when complete, so an interruption never leaves a half-written
     checkpoint that looks complete; a save that fails on any process (a full disk) is raised on every
     process as an ``OSError`` naming the checkpoint, and its partial folder is removed. Checkpoints
@@ -299,7 +329,8 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) ->
 def complete_checkpoint(run_dir: Path, partial: Path, final: Path, state: TrainState, keep: int) -> None:
     """Write ``trainer_state.json`` into ``partial``, put it in place as ``final``, and delete the
     checkpoints beyond the newest ``keep``. Main process only."""
-    text = json.dumps(dataclasses.asdict(state), indent=1) + "\n"
+    files = {p.name: p.stat().st_size for p in sorted(partial.iterdir()) if p.is_file()}  # check_resumable's list
+    text = json.dumps({**dataclasses.asdict(state), "files": files}, indent=1) + "\n"
     with refused_as(final, partial):
         (partial / "trainer_state.json").write_text(text, encoding="utf-8")
     replace_folder(partial, final)

@@ -218,8 +218,8 @@ def load_inputs(cfg: Config) -> Inputs:
     """The data, model and tokenizer of ``cfg``, the training data tokenized, and ``cfg`` itself with
     ``max_answer_length`` set from the training answers when ``answer_length_quantile`` asks for it
     (that value is what config.json records, and what evaluate and predict use)."""
-    train_data = load_qa_file(cfg.train_file, need_answers=True)
-    dev_data = load_qa_file(cfg.dev_file, need_answers=True) if cfg.dev_file else None
+    train_data = load_qa_file(cfg.train_file, need_answers=True, setting="train_file")
+    dev_data = load_qa_file(cfg.dev_file, need_answers=True, setting="dev_file") if cfg.dev_file else None
     if cfg.final_fit:
         train_data, dev_data = concat_data(train_data, dev_data), None
     model, tokenizer = load_model_and_tokenizer(cfg, train_data)

@@ -38,7 +38,7 @@ from .data import QAData
 CJK_CHARACTERS = r"[\u2e80-\u2fff\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]"
 
 
-def load_tokenizer(name_or_dir, isolate_digits: bool = False, isolate_cjk: bool = False):
+def load_tokenizer(name_or_dir, isolate_digits: bool = False, isolate_cjk: bool = False, **options):
     """A fast ``AutoTokenizer``, optionally splitting digits and CJK characters before subwords.
 
     A token is the smallest thing an answer can start or end on. BERT's WordPiece keeps "1900"
@@ -47,11 +47,12 @@ def load_tokenizer(name_or_dir, isolate_digits: bool = False, isolate_cjk: bool 
     CJK character its own pre-token (as BERT already does for CJK), so every such character
     boundary is a token boundary. Sentencepiece's "▁" is then kept only where the text had it.
     The change is not saved with the tokenizer: the run's config carries it and every load applies it.
+    ``options`` go to ``AutoTokenizer.from_pretrained`` (a run folder's: ``local_files_only=True``).
     """
     import json
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_dir), use_fast=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_dir), use_fast=True, **options)
     isolate = [{"type": "Digits", "individual_digits": True}] if isolate_digits else []
     if isolate_cjk:
         isolate.append({"type": "Split", "pattern": {"Regex": CJK_CHARACTERS}, "behavior": "Isolated", "invert": False})

@@ -70,20 +70,26 @@ def test_resume_ignores_an_unfinished_checkpoint_and_a_finished_run_stays_finish
     steps = [c.name for c in list_checkpoints(run)]
     # every 3 steps and at the ends of the 5-step epochs: 3, 5, 6, 9, 10; the newest 3 are kept
     assert steps == ["step-0000006", "step-0000009", "step-0000010"]
-    # a save cut off half way: a .partial folder, and a folder without trainer_state.json
+    # a save cut off half way: a .partial folder
     (run / "checkpoints" / "step-0000011.partial").mkdir()
-    (run / "checkpoints" / "step-0000012").mkdir()
     assert list_checkpoints(run)[-1].name == "step-0000010"
     before = read_metrics(run)
     assert main(["train", "--resume", str(run)]) == 0
     assert "already finished" in capsys.readouterr().out
     assert read_metrics(run) == before
     assert not (run / "checkpoints" / "step-0000011.partial").exists()      # no stray half-saves left
+    # a step folder is renamed only once complete: one without trainer_state.json is damaged, named, not passed over
+    damaged = run / "checkpoints" / "step-0000012"
+    damaged.mkdir()
+    assert main(["train", "--resume", str(run)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: {damaged / 'trainer_state.json'} is missing; delete "
+                                                         f"{damaged} to resume from step-0000010 instead")
+    assert read_metrics(run) == before and damaged.is_dir()
 
 
 def test_resume_needs_a_run_folder(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
-    assert "no config.json" in capsys.readouterr().err
+    assert "nothing: no such folder; give a run folder made by 'train'" in capsys.readouterr().err
 
 
 def snapshot(folder) -> dict:

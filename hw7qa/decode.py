@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .compiling import compile_model
 from .config import DecodeSpec
 from .devices import inference_autocast
 from .submission import has_content
@@ -371,7 +372,8 @@ def oracle_logits(enc: Encoded, windows: Windows) -> list[tuple[np.ndarray, np.n
 
 def predict_encoded(model, tokenizer, enc: Encoded, cfg, accelerator=None, desc: str = "inference") -> list[Prediction]:
     """Answers for every question of an already tokenized file (training encodes dev once), with
-    ``cfg``'s inference batch size, precision and decoding."""
+    ``cfg``'s inference batch size, precision and decoding; ``model`` compiled first with ``compile``."""
+    compile_model(model, cfg.compile)
     windows = eval_windows(enc)
     logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, cfg.mixed_precision, desc, accelerator)
     return decode_predictions(enc, windows, logits, cfg.decoding)

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .compiling import compile_model
 from .config import apply_overrides, check_resume, load_config
 from .data import QAData, load_qa_file
 from .decode import Prediction, decode_predictions, window_logits
-from .devices import accelerator_for, check_divisible, processes, resolve_precision
+from .devices import accelerator_for, check_divisible, processes, resolve_precision, tf32_matmuls
 from .ensemble import ensemble_predictions, vote_predictions
 from .files import atomic_write
 from .metrics import score
@@ -38,13 +39,14 @@ SAMPLE = PACKAGE / "sample" if (PACKAGE / "sample").is_dir() else PACKAGE.parent
 def inference_processes(cfg):
     """An ``Accelerator`` when started by ``accelerate launch`` with several processes (each then
     runs an equal part of every batch of ``eval_batch_size`` windows), else None: inference runs in
-    this process alone."""
-    if processes().num_processes == 1:
-        yield None
-        return
-    with accelerator_for(cfg.mixed_precision) as accelerator:
-        check_divisible(cfg, accelerator.num_processes)
-        yield accelerator
+    this process alone. TF32 matmuls while it lasts if ``cfg.tf32``."""
+    with tf32_matmuls(cfg.tf32):
+        if processes().num_processes == 1:
+            yield None
+            return
+        with accelerator_for(cfg.mixed_precision) as accelerator:
+            check_divisible(cfg, accelerator.num_processes)
+            yield accelerator
 
 
 def is_main(accelerator) -> bool:
@@ -69,6 +71,14 @@ def split_logits(starts: np.ndarray, ends: np.ndarray, lengths: list[int]) -> li
     return [(starts[a:b], ends[a:b]) for a, b in zip(cuts, cuts[1:])]
 
 
+def run_model(run_dir: Path, cfg, accelerator=None):
+    """The run's saved model on the inference device, compiled if ``cfg.compile``."""
+    model = load_model(str(run_dir / "model"))
+    check_max_length(model.config, cfg.max_length)
+    model.to(accelerator.device if accelerator else "cuda" if torch.cuda.is_available() else "cpu")
+    return compile_model(model, cfg.compile)
+
+
 def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: str = "inference", tokenizer=None,
                enc: Encoded | None = None):
     """``(enc, windows, logits)`` of the run's model on ``data`` with ``cfg``'s windows.
@@ -91,9 +101,7 @@ def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: s
             if saved["lengths"].tolist() == lengths:
                 # each access of an NpzFile key reads the whole array again: read once, hand out views
                 return enc, windows, split_logits(saved["starts"], saved["ends"], lengths)
-    model = load_model(str(run_dir / "model"))
-    check_max_length(model.config, cfg.max_length)
-    model.to(accelerator.device if accelerator else "cuda" if torch.cuda.is_available() else "cpu")
+    model = run_model(run_dir, cfg, accelerator)
     logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, cfg.mixed_precision, desc, accelerator)
     if is_main(accelerator):
         with atomic_write(path, "wb") as f:

@@ -5,29 +5,33 @@ Without it, ``predict`` tokenises the whole file, cuts all its windows, runs all
 then decodes everything: tokenising and decoding happen while the GPU waits. With it, the file's
 questions are cut into chunks of ``inference_chunk`` and three workers hand chunks on::
 
-    thread "prepare":   tokenise chunk k+1 (only its own paragraphs) and cut its windows
+    thread "prepare":   tokenise chunk k+1 (its questions, and the paragraphs no earlier chunk
+                        needed: ``Preparer``) and cut its windows
     main thread:        the forward passes of chunk k (``decode.window_logits``, which itself
                         collates batch b+1 while batch b runs)
     thread "decode":    decode chunk k-1 into answers (``ensemble.vote_predictions``)
 
-Threads suffice: the Rust tokenizer, numpy's array operations and torch's operators release the
+Threads, because the Rust tokenizer, numpy's array operations and torch's operators release the
 GIL. What still holds it (the tokenizer output's conversion to Python lists, decoding's loop over
-questions) can delay the main thread's kernel launches by at most that long, while the GPU still
-has the queued batch to run.
+questions) competes with the main thread, whose forward pass is many short operators that each
+release and retake the GIL: while a worker runs Python, the main thread waits up to the switch
+interval (5 ms) to get it back. On this project's CPU that costs more than the overlap gains
+(docs/benchmarks.md); on a GPU, where the GPU's queue may hide it, it is to be measured.
 
-Answers are those of the whole-file path, with two differences of float rounding only: each
-question's windows are the same and in the same order, and each question is decoded on its own,
-but batches are sorted by length within a chunk rather than over the file, so a window may share
-its batch with other windows, as with another ``eval_batch_size`` (CPU logits then move by
-~1e-7; answers are identical on the sample and the first 600 questions of the 2021 dev file in
-``tests/test_pipeline.py``). ``Prediction.window`` is the window's index in the whole file.
+Answers are those of the whole-file path: each question's windows are the same and in the same
+order, and each question is decoded on its own. Only the batches differ, sorted by length within a
+chunk rather than over the file, so a window may share its batch with other windows, as with
+another ``eval_batch_size``, and its logits move by float rounding (~1e-7 on the CPU; answers are
+identical on the sample and on the first 600 questions of the 2021 dev file,
+``tests/test_pipeline.py``). ``Prediction.window`` is the window's index in the whole file, and
+the logits come back in the file's window order, as ``run.run_logits`` caches them.
 
-Why a knob, off by default, and not always on: on a CPU it gains nothing (the forward passes are
-the work; docs/benchmarks.md), its batches differ from the whole-file path's at the float rounding
-level, and whether it reaches its purpose (end to end ≥ 0.9 of the forward passes alone on a GPU,
-``forward_seconds``) is for a GPU to measure. ``inference_chunk=256`` is a starting point: a chunk
-short enough that the first chunk's tokenising and the last chunk's decoding (not overlapped) are
-small, long enough that the short last batch of each chunk costs little.
+Why a knob, off by default, and not always on: on a CPU it is slower with a real model (1.3× with
+a tiny BERT, docs/benchmarks.md), its batches differ from the whole-file path's at the float
+rounding level, and whether it reaches its purpose (end to end ≥ 0.9 of the forward passes alone
+on a GPU, ``forward_seconds``) is for a GPU to measure. ``inference_chunk=256`` is a starting point:
+a chunk short enough that the first chunk's tokenising and the last chunk's decoding (not
+overlapped) are small, long enough that the short last batch of each chunk costs little.
 """
 from __future__ import annotations
 
@@ -157,8 +161,8 @@ def forward_seconds(model, tokenizer, data: QAData, cfg) -> float:
     ``inference_chunk`` is set) and copied to the model's device beforehand; then only the forward
     passes, at ``cfg``'s precision, timed until the device has finished them. ``predict``'s time
     over this is what the pipeline loses. The first call of a compiled model compiles: time a
-    second call. Holds every batch on the device at once (e.g. 180 MB for the 2021 dev file at
-    doc_stride 32)."""
+    second call. Holds every batch on the device at once (24 bytes per padded token: ids, mask and
+    token types as int64; about 75 MB for the 2021 dev file at the default windows)."""
     device = next(model.parameters()).device
     padding = padding_of(tokenizer)
     batches, prepare = [], Preparer(data, tokenizer, cfg, [cfg.doc_stride])

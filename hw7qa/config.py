@@ -40,12 +40,14 @@ CHOICES = {"train_windows": ("random", "center", "all"),
 AT_LEAST_1 = ("max_length", "max_question_tokens", "doc_stride", "epochs", "batch_size", "grad_accum",
               "max_skipped_steps", "log_every", "eval_batch_size", "n_best", "max_answer_length")
 AT_LEAST_0 = ("max_paragraph_tokens", "eval_every", "save_every", "keep_checkpoints", "seed",
-              "weight_decay", "max_grad_norm", "fgm_epsilon")
+              "weight_decay", "max_grad_norm", "fgm_epsilon", "inference_chunk")
 
 # Settings a resumed run may change: they do not shape the trained model. Every other field is
-# frozen in the run (see ``check_resume``).
+# frozen in the run (see ``check_resume``). ``compile`` is free: it changes how the same model is
+# computed, not what is trained (a resume that turns it on or off is then not bit-identical to an
+# uninterrupted run, as a resume on another GPU is not); ``tf32`` is frozen with ``mixed_precision``.
 FREE_ON_RESUME = ("eval_batch_size", "save_every", "keep_checkpoints", "log_every", "log_with",
-                  "max_skipped_steps", "test_file", "output_dir")
+                  "max_skipped_steps", "test_file", "output_dir", "compile", "inference_chunk")
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,11 @@ class Config:
     max_answer_length: int = 30      # tokens
     balance_quotes: bool = True      # repair unpaired 「」《》“”() at the answer's edges
     tta_strides: str = ""            # more doc_strides at inference, e.g. "64,96": their answers and doc_stride's vote per character span
+    # --- speed levers: each off until measured on a GPU; answers change by float rounding only ---
+    compile: bool = False            # torch.compile the model for training and inference (compiling.py); else eager
+    tf32: bool = False               # TF32 tensor cores for float32 matmuls on CUDA (Ampere and later), for the call only
+    inference_chunk: int = 0         # predict/evaluate by chunks of this many questions, tokenising and decoding beside
+                                     # the forward passes (pipeline.py, e.g. 256); 0: the whole file at once
     # --- output ---
     output_dir: str = ""             # run folder; empty: outputs/<model>-<time>
 

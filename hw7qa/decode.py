@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .compiling import compile_model
 from .config import DecodeSpec
 from .devices import inference_autocast
 from .submission import has_content
@@ -84,8 +85,19 @@ def unpack_logits(rows: np.ndarray, host: torch.Tensor, landed, length: np.ndarr
     return out
 
 
+def batch_rows(windows: Windows, batch_size: int, rank: int = 0, world: int = 1) -> list[np.ndarray]:
+    """The windows of each inference batch that process ``rank`` of ``world`` runs: all windows
+    sorted by length, longest first (equal lengths in window order), cut into batches of
+    ``batch_size`` in total, each process taking an equal part of every batch."""
+    order = np.argsort(-windows.length, kind="stable")
+    share = -(-batch_size // world)
+    batches = [order[b:b + batch_size][rank * share:(rank + 1) * share] for b in range(0, len(order), batch_size)]
+    return [rows for rows in batches if len(rows)]        # the last batch may have no windows left for this process
+
+
 def window_logits(model, tokenizer, windows: Windows, batch_size: int, precision: str = "no",
-                  desc: str = "inference", accelerator=None) -> list[tuple[np.ndarray, np.ndarray]]:
+                  desc: str = "inference", accelerator=None, progress: bool = True
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Start and end logits (float32, one array per window, unpadded) in the order of ``windows``
     (a ``Windows`` table, as ``eval_windows`` makes it).
 
@@ -98,20 +110,18 @@ def window_logits(model, tokenizer, windows: Windows, batch_size: int, precision
     the unwrapped model (``accelerator.unwrap_model``), not the DDP wrapper.
 
     On a GPU the CPU work overlaps the forward passes: batch k's logits are only collected after
-    batch k+1 has been collated and queued (see the loop).
+    batch k+1 has been collated and queued (see the loop). ``progress``: a progress bar of the
+    batches (on the main process).
     """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    order = np.argsort(-windows.length, kind="stable")      # longest first; equal lengths in window order
-    share = -(-batch_size // world)
-    batches = [order[b:b + batch_size][rank * share:(rank + 1) * share] for b in range(0, len(order), batch_size)]
-    batches = [rows for rows in batches if len(rows)]        # the last batch may have no windows left for this process
+    batches = batch_rows(windows, batch_size, rank, world)
     padding = padding_of(tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     mine, previous = [], None
     with torch.inference_mode(), inference_autocast(precision, device):
-        for rows in tqdm(batches, desc=desc, unit="batch", leave=False, disable=rank != 0):
+        for rows in tqdm(batches, desc=desc, unit="batch", leave=False, disable=rank != 0 or not progress):
             inputs = {k: to_device(v, device) for k, v in windows.model_inputs(rows, **padding).items()}
             # On a GPU, model() only queues the forward pass and returns. So the previous batch's
             # logits are unpacked, and the next batch collated, while this batch runs; waiting for
@@ -371,7 +381,8 @@ def oracle_logits(enc: Encoded, windows: Windows) -> list[tuple[np.ndarray, np.n
 
 def predict_encoded(model, tokenizer, enc: Encoded, cfg, accelerator=None, desc: str = "inference") -> list[Prediction]:
     """Answers for every question of an already tokenized file (training encodes dev once), with
-    ``cfg``'s inference batch size, precision and decoding."""
+    ``cfg``'s inference batch size, precision and decoding; ``model`` compiled first with ``compile``."""
+    compile_model(model, cfg.compile)
     windows = eval_windows(enc)
     logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, cfg.mixed_precision, desc, accelerator)
     return decode_predictions(enc, windows, logits, cfg.decoding)

@@ -1,4 +1,5 @@
-"""Which precision, and one fresh ``Accelerator`` per call of ``train``/``predict``/``evaluate``.
+"""Which precision (mixed, and ``tf32`` for float32 matmuls), and one fresh ``Accelerator`` per
+call of ``train``/``predict``/``evaluate``.
 
 accelerate keeps its state in process-wide singletons: a second ``Accelerator(mixed_precision=...)``
 with another precision raises "AcceleratorState has already been initialized", which is the
@@ -31,6 +32,30 @@ def inference_autocast(precision: str, device: torch.device):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool):
+    """TF32 tensor cores for float32 matrix multiplications and convolutions on CUDA (Ampere and
+    later) while the block runs, if ``enabled``; the previous settings are restored on exit, also
+    after an exception, so a later call without ``tf32`` (a notebook rerun) does not inherit them.
+
+    It acts where the arithmetic is float32: everything with ``mixed_precision=no``, and the
+    operations autocast keeps in float32 otherwise. The CUDA flags alone: CPU results never change
+    (``torch.set_float32_matmul_precision`` would also let oneDNN use reduced precision on the CPU).
+    These are the flags torch 2.4 to 2.13 all read; setting torch 2.9's ``fp32_precision``
+    attributes instead makes ``torch.get_float32_matmul_precision()``, which inductor calls, raise.
+    """
+    if not enabled:
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before
 
 
 def processes():

@@ -15,14 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .compiling import compile_model
 from .config import apply_overrides, check_resume, load_config
 from .data import QAData, load_qa_file
 from .decode import Prediction, decode_predictions, window_logits
-from .devices import accelerator_for, check_divisible, processes, resolve_precision
+from .devices import accelerator_for, check_divisible, processes, resolve_precision, tf32_matmuls
 from .ensemble import ensemble_predictions, vote_predictions
 from .files import atomic_write
 from .metrics import score
 from .models import check_max_length, load_model, run_tokenizer
+from .pipeline import pipelined_predictions
 from .report import unknown_characters, write_dev_predictions
 from .submission import SubmissionError, check_result_csv, write_result_csv
 from .windows import Encoded, encode, eval_windows, with_stride
@@ -38,13 +40,14 @@ SAMPLE = PACKAGE / "sample" if (PACKAGE / "sample").is_dir() else PACKAGE.parent
 def inference_processes(cfg):
     """An ``Accelerator`` when started by ``accelerate launch`` with several processes (each then
     runs an equal part of every batch of ``eval_batch_size`` windows), else None: inference runs in
-    this process alone."""
-    if processes().num_processes == 1:
-        yield None
-        return
-    with accelerator_for(cfg.mixed_precision) as accelerator:
-        check_divisible(cfg, accelerator.num_processes)
-        yield accelerator
+    this process alone. TF32 matmuls while it lasts if ``cfg.tf32``."""
+    with tf32_matmuls(cfg.tf32):
+        if processes().num_processes == 1:
+            yield None
+            return
+        with accelerator_for(cfg.mixed_precision) as accelerator:
+            check_divisible(cfg, accelerator.num_processes)
+            yield accelerator
 
 
 def is_main(accelerator) -> bool:
@@ -69,6 +72,26 @@ def split_logits(starts: np.ndarray, ends: np.ndarray, lengths: list[int]) -> li
     return [(starts[a:b], ends[a:b]) for a, b in zip(cuts, cuts[1:])]
 
 
+def logits_path(run_dir: str | Path, data: QAData, cfg) -> Path:
+    """Where the window logits of the run's model on ``data`` with ``cfg``'s windows are cached."""
+    return Path(run_dir) / "logits" / f"{logits_key(Path(run_dir), data, cfg)}.npz"
+
+
+def save_logits(path: Path, logits: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """The window logits concatenated, with each window's length, written whole or not at all."""
+    with atomic_write(path, "wb") as f:
+        np.savez(f, starts=np.concatenate([s for s, _ in logits]), ends=np.concatenate([e for _, e in logits]),
+                 lengths=np.array([len(s) for s, _ in logits]))
+
+
+def run_model(run_dir: Path, cfg, accelerator=None):
+    """The run's saved model on the inference device, compiled if ``cfg.compile``."""
+    model = load_model(str(run_dir / "model"))
+    check_max_length(model.config, cfg.max_length)
+    model.to(accelerator.device if accelerator else "cuda" if torch.cuda.is_available() else "cpu")
+    return compile_model(model, cfg.compile)
+
+
 def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: str = "inference", tokenizer=None,
                enc: Encoded | None = None):
     """``(enc, windows, logits)`` of the run's model on ``data`` with ``cfg``'s windows.
@@ -84,21 +107,17 @@ def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: s
     tokenizer = tokenizer or run_tokenizer(run_dir, cfg)
     enc = enc or encode(data, tokenizer, cfg.windows)
     windows = eval_windows(enc)
-    path = run_dir / "logits" / f"{logits_key(run_dir, data, cfg)}.npz"
+    path = logits_path(run_dir, data, cfg)
     if path.exists():
         with np.load(path) as saved:
             lengths = windows.length.tolist()
             if saved["lengths"].tolist() == lengths:
                 # each access of an NpzFile key reads the whole array again: read once, hand out views
                 return enc, windows, split_logits(saved["starts"], saved["ends"], lengths)
-    model = load_model(str(run_dir / "model"))
-    check_max_length(model.config, cfg.max_length)
-    model.to(accelerator.device if accelerator else "cuda" if torch.cuda.is_available() else "cpu")
+    model = run_model(run_dir, cfg, accelerator)
     logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, cfg.mixed_precision, desc, accelerator)
     if is_main(accelerator):
-        with atomic_write(path, "wb") as f:
-            np.savez(f, starts=np.concatenate([s for s, _ in logits]), ends=np.concatenate([e for _, e in logits]),
-                     lengths=np.array([len(s) for s, _ in logits]))
+        save_logits(path, logits)
     return enc, windows, logits
 
 
@@ -114,6 +133,26 @@ def stride_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc
             for stride in cfg.inference_strides]
 
 
+def stride_predictions(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: str = "inference",
+                       tokenizer=None) -> list[Prediction]:
+    """The run's answers on ``data`` at each of ``cfg.inference_strides``, voted
+    (``vote_predictions``). With ``inference_chunk`` set and no stride's logits cached yet, the
+    file goes through the pipeline by chunks (``pipeline.py``) and each stride's logits are cached
+    as ``run_logits`` caches them; else through ``stride_logits``."""
+    run_dir = Path(run_dir)
+    tokenizer = tokenizer or run_tokenizer(run_dir, cfg)
+    strides = cfg.inference_strides
+    paths = [logits_path(run_dir, data, dataclasses.replace(cfg, doc_stride=stride)) for stride in strides]
+    if not cfg.inference_chunk or any(path.exists() for path in paths):
+        return vote_predictions(stride_logits(run_dir, cfg, data, accelerator, desc, tokenizer), cfg.decoding)
+    model = run_model(run_dir, cfg, accelerator)
+    predictions, logits = pipelined_predictions(model, tokenizer, data, cfg, strides, accelerator, desc)
+    if is_main(accelerator):
+        for path, member in zip(paths, logits):
+            save_logits(path, member)
+    return predictions
+
+
 def predict_test(run_dir: str | Path, test_file: str = "", out: str = "", overrides: list[str] | None = None) -> Path:
     """Answer ``test_file`` (default: the run's) with the run's model (at each of the config's
     ``inference_strides``, voted); write and check the CSV.
@@ -124,7 +163,7 @@ def predict_test(run_dir: str | Path, test_file: str = "", out: str = "", overri
     cfg = run_config(run_dir, overrides)
     data = load_qa_file(data_file_of(cfg, "test", test_file, run_dir))
     with inference_processes(cfg) as accelerator:
-        predictions = vote_predictions(stride_logits(run_dir, cfg, data, accelerator, desc="test"), cfg.decoding)
+        predictions = stride_predictions(run_dir, cfg, data, accelerator, desc="test")
         path = out or output_path(run_dir, "result.csv", cfg.test_file, test_file)
         return write_and_check(data, predictions, path, accelerator)
 
@@ -161,8 +200,7 @@ def evaluate_run(run_dir: str | Path, dev_file: str = "", overrides: list[str] |
     data = load_qa_file(data_file_of(cfg, "dev", dev_file, run_dir), need_answers=True)
     tokenizer = run_tokenizer(run_dir, cfg)
     with inference_processes(cfg) as accelerator:
-        members = stride_logits(run_dir, cfg, data, accelerator, desc="dev", tokenizer=tokenizer)
-        predictions = vote_predictions(members, cfg.decoding)
+        predictions = stride_predictions(run_dir, cfg, data, accelerator, desc="dev", tokenizer=tokenizer)
         path = output_path(run_dir, "dev_predictions.jsonl", cfg.dev_file, dev_file)
         scores = report_dev(data, predictions, tokenizer, path, accelerator)
     return scores, predictions

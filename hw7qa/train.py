@@ -22,6 +22,9 @@ Promises kept here, each tested:
   ``<run>/checkpoints/step-NNNNNNN`` every ``save_every`` steps and at each epoch end
   (``runs.save_checkpoint``). ``train(cfg, resume=True)`` continues from the newest one, mid-epoch
   included, and ends with the same weights and metrics as an uninterrupted run.
+- ``compile=true`` compiles the model in place (``compiling.py``) after the moving average's copy is
+  made: checkpoints and the saved model hold the plain model's keys, and a resumed compiled run
+  ends as an uninterrupted compiled one does. ``tf32=true`` holds for the call only.
 
 The opt-in techniques of ``techniques.py`` hook in at four places, each off by default: the
 optimizer's parameter groups (``layer_lr_decay``), a second backward pass in ``train_step``
@@ -43,10 +46,11 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .batches import EpochBatches, EpochWindows, choose_batches
+from .compiling import compile_model
 from .config import Config, TrainingError
 from .data import QAData, concat_data, load_qa_file
 from .decode import predict_encoded
-from .devices import accelerator_for, check_divisible, check_tracker, processes
+from .devices import accelerator_for, check_divisible, check_tracker, processes, tf32_matmuls
 from .metrics import score
 from .models import check_max_length, load_model_and_tokenizer
 from .runs import (TrainState, decided_on_main, list_checkpoints, log_metrics, prepare_run_dir, read_trainer_state,
@@ -181,7 +185,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, on_step: C
     inputs = load_inputs(cfg)         # bad data, model or max_length stop the run before anything is written
     cfg = inputs.cfg                  # with max_answer_length from the training answers (answer_length_quantile)
     run_dir, checkpoint = decided_on_main(started, lambda: prepare_run_dir(cfg, resume, overwrite))
-    with accelerator_for(cfg.mixed_precision, cfg.grad_accum, cfg.log_with, run_dir) as accelerator:
+    with accelerator_for(cfg.mixed_precision, cfg.grad_accum, cfg.log_with, run_dir) as accelerator, \
+            tf32_matmuls(cfg.tf32):
         run = start_run(cfg, accelerator, inputs, run_dir, checkpoint)
         run.on_step = on_step
         fit(run)
@@ -245,6 +250,7 @@ def start_run(cfg: Config, accelerator, inputs: Inputs, run_dir: Path, checkpoin
     optimizer = make_optimizer(model, cfg, accelerator.device)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
     ema = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
+    compile_model(model, cfg.compile)     # in place: checkpoints hold the keys of the plain model
     model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)     # saved and restored with the checkpoints

@@ -114,22 +114,32 @@ class Encoded:
     spec: WindowSpec                                     # the window settings it is cut with
 
 
-def encode(data: QAData, tokenizer, spec: WindowSpec) -> Encoded:
+# only ids (and offsets where asked): every list asked for is converted from Rust for every text
+LEAN = dict(add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, verbose=False)
+
+
+def tokenize_paragraphs(texts: list[str], tokenizer) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Token ids of each text (no special tokens) and their character offsets (``trimmed_offsets``)."""
+    if not texts:
+        return [], []
+    para = tokenizer(texts, return_offsets_mapping=True, **LEAN)
+    return para["input_ids"], [trimmed_offsets(text, offs) for text, offs in zip(texts, para["offset_mapping"])]
+
+
+def encode(data: QAData, tokenizer, spec: WindowSpec, paragraphs: tuple[list, list] | None = None) -> Encoded:
     """Tokenize every paragraph and question of ``data`` once, and map answers to tokens.
 
     ``spec`` travels with the result: ``eval_windows`` and ``train_windows`` cut it by its
-    ``max_length``, ``max_paragraph_tokens`` and ``doc_stride``.
+    ``max_length``, ``max_paragraph_tokens`` and ``doc_stride``. ``paragraphs``: what
+    ``tokenize_paragraphs(data.paragraphs, tokenizer)`` gives, where the caller has it already.
     """
     template = learn_template(tokenizer)
     if spec.max_length - spec.max_question_tokens - template.n_special < 8:
         raise ValueError(f"max_length {spec.max_length} leaves fewer than 8 paragraph tokens")
-    # only ids and offsets: every list asked for is converted from Rust for every text
-    lean = dict(add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, verbose=False)
-    para = tokenizer(data.paragraphs, return_offsets_mapping=True, **lean)
-    quest = tokenizer([q.question_text.strip() for q in data.questions], **lean)
+    paragraph_ids, offsets = paragraphs or tokenize_paragraphs(data.paragraphs, tokenizer)
+    quest = tokenizer([q.question_text.strip() for q in data.questions], **LEAN)
     question_ids = [ids[:spec.max_question_tokens] for ids in quest["input_ids"]]
-    offsets = [trimmed_offsets(text, offs) for text, offs in zip(data.paragraphs, para["offset_mapping"])]
-    return Encoded(data, question_ids, para["input_ids"], offsets, answer_tokens(data, offsets), template, spec)
+    return Encoded(data, question_ids, paragraph_ids, offsets, answer_tokens(data, offsets), template, spec)
 
 
 def with_stride(enc: Encoded, doc_stride: int) -> Encoded:

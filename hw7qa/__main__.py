@@ -7,6 +7,7 @@
     python -m hw7qa evaluate outputs/RUN                # dev_file of the run → EM and F1
     python -m hw7qa ensemble outputs/RUN1 outputs/RUN2 --split dev   # members' and ensemble's EM/F1
     python -m hw7qa ensemble outputs/RUN1 outputs/RUN2 --split test  # → outputs/ensemble-<time>/result.csv
+    python -m hw7qa ask outputs/RUN --question 問題 --paragraph 段落   # answer, score, n-best alternatives
     python -m hw7qa check outputs/RUN/result.csv data/hw7_test.json
     python -m hw7qa demo                                # the whole pipeline offline on the shipped sample
 
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune; predicts the test file too when one is configured")
     p.add_argument("--config", help="a preset's name (bert-base, macbert-base, macbert-large, small-model, "
                    "sample-recipe, demo) or a JSON file")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
+    # action="extend": a second --set adds to the first instead of replacing it
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="override config values")
     p.add_argument("--resume", metavar="RUN", help="continue this run folder from its newest checkpoint "
                    "(with the run's own config.json; --set may change only eval_batch_size, save_every, "
                    "keep_checkpoints, log_every, max_skipped_steps, test_file)")
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("run", help="a run folder made by train")
         p.add_argument("--file", default="", help="HW7 or DRCD JSON (default: the run's test/dev file)")
-        p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+        p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                        help="override inference settings, e.g. doc_stride=32")
         if name == "predict":
             p.add_argument("--out", default="", help="CSV path (default: RUN/result.csv for the run's own test "
@@ -94,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("auto", "chars"), default="auto",
                    help="auto: average logits of members with the same tokenizer and windows, combine the rest "
                         "at the character level; chars: every member at the character level")
+    p = sub.add_parser("ask", help="answer your own question about your own paragraph with a run's model")
+    p.add_argument("run", help="a run folder made by train")
+    p.add_argument("--question", help="the question")
+    p.add_argument("--paragraph", help="the text in which the answer is to be found")
+    p.add_argument("--file", help="many questions instead: HW7 or DRCD JSON, or JSON lines (*.jsonl) of "
+                   '{"question": ..., "paragraph": ...}')
+    p.add_argument("--n-best", type=int, default=5, help="alternatives listed per question (default 5)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override inference settings, e.g. doc_stride=32")
     p = sub.add_parser("check", help="validate a result.csv against a test JSON")
     p.add_argument("csv")
     p.add_argument("test_json")
@@ -105,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="data", help="where they go (default: data)")
     p = sub.add_parser("demo", help="the whole pipeline offline on data/sample with a tiny random model")
     p.add_argument("--output-dir", default="", help="run folder (default: outputs/tiny-random-bert-<time>)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE")
     return parser
 
 
@@ -117,11 +128,15 @@ def run_command(args: argparse.Namespace) -> int:
         return 1 if problems else 0
     if args.command in ("submit", "download"):
         return kaggle_command(args)
+    if args.command == "ask":
+        return ask_command(args)
     from .run import (demo_config, ensemble_runs, evaluate_run, predict_test, preset_path, resume_config,
                       train_and_predict)
     if args.command == "train" and args.resume:
         if args.config:
             raise ValueError("--resume uses the run's own config.json; leave out --config")
+        if args.overwrite:
+            raise ValueError("--resume continues the run and --overwrite deletes it; give only one of them")
         train_and_predict(resume_config(args.resume, args.set), resume=True)
     elif args.command == "train":
         train_and_predict(load_config(preset_path(args.config), args.set), overwrite=args.overwrite)
@@ -140,12 +155,27 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def ask_command(args: argparse.Namespace) -> int:
+    """``ask``: one question (``--question`` and ``--paragraph``) or a ``--file`` of them."""
+    from .ask import ask_many, format_answer, load_reader, questions_data, read_questions
+    if args.file and (args.question is not None or args.paragraph is not None):
+        raise ValueError("give either --file or --question with --paragraph, not both")
+    if not args.file and (args.question is None or args.paragraph is None):
+        raise ValueError("give --question and --paragraph (or --file with many questions)")
+    questions = read_questions(args.file) if args.file else questions_data([(args.question, args.paragraph)])
+    answers = ask_many(load_reader(args.run, args.set), questions, args.n_best)
+    print("\n\n".join((f"id {a.id}\n" if args.file else "") + format_answer(a) for a in answers))
+    return 0
+
+
 def kaggle_command(args: argparse.Namespace) -> int:
     from . import kaggle
     if args.command == "download":
         print("\n".join(str(p) for p in kaggle.download(args.dir)))
         return 0
     run = Path(args.run)
+    if not run.exists():
+        raise FileNotFoundError(f"{run}: no such run folder or CSV file")
     csv_path = run / "result.csv" if run.is_dir() else run
     test_file = args.test_file or (load_config(run / "config.json").test_file if run.is_dir() else "")
     if not test_file:
@@ -154,9 +184,35 @@ def kaggle_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def end_processes(together: bool) -> None:
+    """Take down the process group of ``accelerate launch`` once a command is done. Left to the
+    interpreter's exit, gloo's threads are torn down in no set order and a process may abort
+    ("terminate called without an active exception", exit -6) after its work is done, failing the
+    whole launch. ``together``: the command ended normally on every process, so they can meet at a
+    barrier first; after an error a barrier could wait forever for a process that failed elsewhere."""
+    import sys
+    if "torch.distributed" not in sys.modules:          # a command that never started torch
+        return
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
+    code = 1
+    try:
+        code = run_reporting_errors(args)
+        return code
+    finally:
+        end_processes(together=code == 0)
+
+
+def run_reporting_errors(args: argparse.Namespace) -> int:
+    """``run_command``, with an expected failure printed as one line and turned into its exit code."""
     try:
         return run_command(args)
     except SubmissionError as e:

@@ -22,6 +22,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import atomic_write
+
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says which knobs to change. (Here, not in train.py, so that
     the command line can catch it without importing torch.)"""
@@ -217,6 +219,11 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict) -> Config:
         bad = [item for item, pair in zip(overrides, pairs) if len(pair) != 2]
         if bad:
             raise ValueError(f"override {bad[0]!r} is not key=value")
+        keys = [key for key, _ in pairs]
+        twice = [key for key in dict.fromkeys(keys) if keys.count(key) > 1]
+        if twice:
+            values = " and ".join(repr(text) for key, text in pairs if key == twice[0])
+            raise ValueError(f"{twice[0]} is set twice ({values}); give each setting once")
         overrides = {key: _parse_value(fields[key], text) if key in fields else text
                      for key, text in pairs}
     unknown = [key for key in overrides if key not in fields]
@@ -233,7 +240,7 @@ def read_json(path: str | Path) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is damaged or not JSON ({e}); restore it or start a new run") from None
+        raise ValueError(f"{path} is not valid JSON ({e}); correct it, or restore it if it was damaged") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a JSON object of config keys")
     return values
@@ -251,7 +258,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(cfg.to_json() + "\n", encoding="utf-8")
+    """Write ``cfg`` as JSON to ``path``, whole or not at all (a full disk keeps the old file)."""
+    with atomic_write(path, encoding="utf-8") as f:
+        f.write(cfg.to_json() + "\n")
 
 
 def check_resume(saved: Config, requested: Config, run_dir: str | Path) -> Config:

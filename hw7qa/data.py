@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import atomic_write
+
 
 class DataError(ValueError):
     """A data file that cannot be used; the message lists every problem found."""
@@ -47,11 +49,12 @@ class QAData:
         return self.paragraphs[question.paragraph_id]
 
 
-def load_qa_file(path: str | Path, need_answers: bool = False) -> QAData:
-    """Load an HW7 or DRCD/SQuAD JSON file (format detected from its keys) and validate it."""
+def load_qa_file(path: str | Path, need_answers: bool = False, setting: str = "") -> QAData:
+    """Load an HW7 or DRCD/SQuAD JSON file (format detected from its keys) and validate it.
+    ``setting``: where the path came from (``train_file``, ``--file``), named if there is no such file."""
     path = str(path)
     if not Path(path).is_file():
-        raise DataError(f"{path}: no such file")
+        raise DataError(not_a_file(path, setting))
     try:
         with open(path, encoding="utf-8-sig") as f:
             raw = json.load(f)
@@ -66,6 +69,18 @@ def load_qa_file(path: str | Path, need_answers: bool = False) -> QAData:
                         f"nor DRCD/SQuAD JSON (key 'data')")
     validate(data, need_answers)
     return data
+
+
+def not_a_file(path: str, setting: str = "", kind: str = "json") -> str:
+    """Why ``path`` (of ``setting``; a ``kind`` file: json, csv) is not a file that can be read, in one sentence."""
+    name = f"{setting}={path!r}" if setting else path
+    if not path:
+        return f"{setting or 'the data file'} is empty; give the path of an HW7 or DRCD JSON file"
+    if Path(path).is_dir():
+        inside = sorted(p.name for p in Path(path).glob(f"*.{kind}"))[:3]
+        return f"{name} is a folder; give a {kind.upper()} file" + (f" in it ({', '.join(inside)})" if inside else "")
+    where = "" if Path(path).is_absolute() else f" (a relative path, read from the current folder {Path.cwd()})"
+    return f"{name}: no such file{where}"
 
 
 ANSWER_KEYS = ("answer_text", "answer_start", "answer_end")
@@ -129,6 +144,9 @@ def _from_squad(path: str, raw: dict) -> QAData:
 def validate(data: QAData, need_answers: bool = False) -> None:
     """Check ids (unique as result.csv writes them), paragraph ids, empty texts and that every
     answer is where it says it is."""
+    if need_answers and data.questions and not any(q.answer_text is not None for q in data.questions):
+        raise DataError(f"{data.path}: no answer in any of its {len(data.questions)} questions (a test file?); "
+                        f"training and evaluation need a file with answers (a train or dev file)")
     errors, seen = [], {}
     for p_id, paragraph in enumerate(data.paragraphs):
         if not paragraph.strip():
@@ -183,9 +201,10 @@ def concat_data(first: QAData, second: QAData) -> QAData:
 
 
 def save_hw7(data: QAData, path: str | Path) -> None:
-    """Write ``data`` as HW7 JSON (e.g. to convert DRCD for a notebook that expects HW7 files)."""
+    """Write ``data`` as HW7 JSON (e.g. to convert DRCD for a notebook that expects HW7 files), whole
+    or not at all."""
     questions = [{"id": q.id, "paragraph_id": q.paragraph_id, "question_text": q.question_text,
                   "answer_text": q.answer_text, "answer_start": q.answer_start, "answer_end": q.answer_end}
                  for q in data.questions]
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path, encoding="utf-8") as f:
         json.dump({"questions": questions, "paragraphs": data.paragraphs}, f, ensure_ascii=False)

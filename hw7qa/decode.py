@@ -121,7 +121,10 @@ def window_logits(model, tokenizer, windows: Windows, batch_size: int, precision
     model.eval()
     mine, previous = [], None
     with torch.inference_mode(), inference_autocast(precision, device):
-        for rows in tqdm(batches, desc=desc, unit="batch", leave=False, disable=rank != 0 or not progress):
+        # On the line of an open bar (training's), cleared when done: a nested bar would add a line at
+        # every update where the output does not move the cursor back up (a notebook without widgets).
+        for rows in tqdm(batches, desc=desc, unit="batch", leave=False, position=0,
+                         disable=rank != 0 or not progress):
             inputs = {k: to_device(v, device) for k, v in windows.model_inputs(rows, **padding).items()}
             # On a GPU, model() only queues the forward pass and returns. So the previous batch's
             # logits are unpacked, and the next batch collated, while this batch runs; waiting for

@@ -14,6 +14,8 @@ import contextlib
 
 import torch
 
+from .files import refused_as
+
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -81,7 +83,9 @@ def accelerator_for(precision: str = "no", grad_accum: int = 1, log_with: str = 
 
     ``log_with`` (``tensorboard``, ``wandb`` or ``none``) names accelerate's tracker; TensorBoard
     writes below ``project_dir``. On exit the trackers are finished (not ``end_training``, which
-    would also end the process group that later calls still need).
+    would also end the process group that later calls still need); a tracker's write the system
+    refuses (a full disk) is an ``OSError`` naming its folder, and the accelerate state is cleared
+    all the same.
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
@@ -92,13 +96,47 @@ def accelerator_for(precision: str = "no", grad_accum: int = 1, log_with: str = 
                               dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True),
                               log_with=None if log_with == "none" else log_with,
                               project_dir=None if project_dir is None else str(project_dir))
+    with quiet_writer_threads():
+        try:
+            yield accelerator
+        except BaseException:
+            release(accelerator, project_dir, quietly=True)
+            raise
+        release(accelerator, project_dir)
+
+
+def release(accelerator, project_dir=None, quietly: bool = False) -> None:
+    """Finish the trackers and clear accelerate's state. A tracker's write the system refuses is an
+    ``OSError`` naming the tracker's folder, unless ``quietly``: another error is already on its way
+    (a tracker that failed to start cannot finish either)."""
     try:
-        yield accelerator
-    finally:
         for tracker in accelerator.trackers:
-            tracker.finish()
+            with refused_as(getattr(tracker, "logging_dir", None) or project_dir or "."):
+                tracker.finish()
+    except Exception:
+        if not quietly:
+            raise
+    finally:
         accelerator.free_memory()
         reset_accelerate_state()
+
+
+@contextlib.contextmanager
+def quiet_writer_threads():
+    """TensorBoard writes its files from a thread of its own. When a write fails (a full disk) that
+    thread ends printing a traceback, and the training thread meets the same error at its next log,
+    where it becomes one line (``files.refused_as``); the thread's traceback is left out here."""
+    import threading
+    previous = threading.excepthook
+
+    def hook(args):
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard")):
+            previous(args)
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}

@@ -39,14 +39,13 @@ def average_logits(members: list[list[tuple[np.ndarray, np.ndarray]]]) -> list[t
             for w in range(len(members[0]))]
 
 
-def span_probabilities(enc: Encoded, windows: list[Window], logits: list[tuple[np.ndarray, np.ndarray]],
-                       spec: DecodeSpec = DecodeSpec()) -> list[dict[tuple[int, int], float]]:
-    """Per question, ``{(char_start, char_end): probability}`` over its candidate spans.
+def span_scores(enc: Encoded, windows: list[Window], logits: list[tuple[np.ndarray, np.ndarray]],
+                spec: DecodeSpec = DecodeSpec()) -> list[dict[tuple[int, int], float]]:
+    """Per question, ``{(char_start, char_end): score}`` over its candidate spans.
 
     Candidates are ``best_spans`` of every window of the question (spans of only whitespace and
-    commas left out: ``submission.has_content``), as paragraph character spans; a span seen in
-    several windows keeps its highest score; probabilities are the softmax of the scores over the
-    question's candidates.
+    commas left out: ``submission.has_content``), as paragraph character spans, in window order;
+    a span seen in several windows keeps its highest score (start logit + end logit).
     """
     scores: list[dict[tuple[int, int], float]] = [{} for _ in enc.data.questions]
     for w, (start_logits, end_logits) in zip(windows, logits):
@@ -60,15 +59,23 @@ def span_probabilities(enc: Encoded, windows: list[Window], logits: list[tuple[n
             span = w.char_span(enc, s, e)
             if has_content(paragraph[span[0]:span[1]]) and score > found.get(span, -np.inf):
                 found[span] = float(score)
-    probabilities = []
-    for found in scores:
-        if not found:
-            probabilities.append({})
-            continue
-        values = np.array(list(found.values()), dtype=np.float64)
-        weights = np.exp(values - values.max())
-        probabilities.append(dict(zip(found, (weights / weights.sum()).tolist())))
-    return probabilities
+    return scores
+
+
+def softmax(scores: dict) -> dict:
+    """``scores``' values turned into probabilities (the same keys; {} stays {})."""
+    if not scores:
+        return {}
+    values = np.array(list(scores.values()), dtype=np.float64)
+    weights = np.exp(values - values.max())
+    return dict(zip(scores, (weights / weights.sum()).tolist()))
+
+
+def span_probabilities(enc: Encoded, windows: list[Window], logits: list[tuple[np.ndarray, np.ndarray]],
+                       spec: DecodeSpec = DecodeSpec()) -> list[dict[tuple[int, int], float]]:
+    """Per question, ``{(char_start, char_end): probability}`` over its candidate spans: the
+    softmax of their ``span_scores`` over the question's candidates."""
+    return [softmax(found) for found in span_scores(enc, windows, logits, spec)]
 
 
 def combine_at_characters(enc: Encoded, groups: list[list[dict[tuple[int, int], float]]], weights: list[float],

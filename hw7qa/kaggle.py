@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 from .data import QAData
+from .files import atomic_write
 from .submission import SubmissionError, check_result_csv
 
 COMPETITION = "ml2022spring-hw7"
@@ -47,7 +48,8 @@ def download(data_dir: str | Path = "data") -> list[Path]:
         for member in archive.namelist():
             if member.endswith(".json"):
                 target = data_dir / Path(member).name
-                target.write_bytes(archive.read(member))
+                with atomic_write(target, "wb") as f:
+                    f.write(archive.read(member))
                 extracted.append(target)
     return extracted
 

@@ -1,18 +1,30 @@
 """Loading a model and its tokenizer: for training (a hub name, a local folder, or the demo's tiny
 random BERT) and from a run folder (``<run>/model``, for predict, evaluate, ensemble and the notebook).
 
+A run folder's model is loaded from its own files only: an absolute path, ``local_files_only``,
+every file checked first (``run_model_dir``: missing, empty, cut short or overwritten is one
+sentence naming the file), and the tokenizer checked against the model (``check_pair``), so that a
+damaged folder is named, never used, and never stands in for a hub name.
+
 Used by the trainer and by inference alike; nothing here imports the trainer.
 """
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from pathlib import Path
 
 import torch
 
 from . import tiny
-from .config import TINY_MODEL, Config
+from .config import TINY_MODEL, Config, read_json
 from .data import QAData
+from .files import refused_as
+from .integrity import DamagedFile, check_file, check_folder
 from .windows import load_tokenizer
+
+# what save_model writes besides the weights: the model's config and a fast tokenizer's two files
+MODEL_FILES = ["config.json", "tokenizer_config.json", "tokenizer.json"]
 
 
 def looks_like_path(name: str) -> bool:
@@ -25,6 +37,8 @@ def from_pretrained(what: str, load, name_or_dir: str):
     folder = Path(name_or_dir).expanduser()
     if not folder.exists() and looks_like_path(name_or_dir):
         raise ValueError(f"model_name={name_or_dir!r}: no such folder")
+    if what == "model" and folder.exists():
+        check_model_folder(folder, name_or_dir)
     try:
         return load(str(folder) if folder.exists() else name_or_dir)
     except Exception as e:  # transformers raises OSError, ValueError or safetensors' own errors here
@@ -33,7 +47,47 @@ def from_pretrained(what: str, load, name_or_dir: str):
         raise ValueError(f"cannot load the {what} of {where}: {reason}") from e
 
 
-def load_model(name_or_dir: str):
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' own progress bars ("Loading weights", "Writing model shards") off inside.
+
+    hw7qa loads and saves a model many times in a run (every best dev score, every predict); each
+    drew its bars between hw7qa's own lines. Through transformers' tqdm hook, so downloads from the
+    hub keep their bars, and transformers calls outside (a notebook user's own) keep theirs.
+    A transformers without the hook (4.57 has none) draws bars only for sharded checkpoints: unchanged.
+    """
+    from transformers.utils import logging
+    if not hasattr(logging, "set_tqdm_hook"):
+        yield
+        return
+    previous = logging.set_tqdm_hook(lambda factory, args, kwargs: logging.EmptyTqdm(*args, **kwargs))
+    try:
+        yield
+    finally:
+        logging.set_tqdm_hook(previous)
+
+
+def check_model_folder(folder: Path, name: str) -> None:
+    """A local folder given as ``model_name`` holds a model: its config.json and weights (transformers'
+    own error for a tokenizer-only folder is about a ``model_type`` key or a repo id)."""
+    if folder.is_file():
+        raise ValueError(f"model_name={name!r} is a file; give the folder that holds the model's config.json and "
+                         f"weights, or a hub name")
+    missing = ([] if (folder / "config.json").is_file() else ["config.json"]) + (
+        [] if any((folder / name).is_file() for name in weight_names()) else
+        [f"weights ({' or '.join(weight_names())})"])
+    if missing:
+        raise ValueError(f"model_name={name!r}: the folder has no {' and no '.join(missing)}, so it holds no model "
+                         f"(only a tokenizer?); give a folder written by save_pretrained, or a hub name")
+
+
+def weight_names() -> list[str]:
+    """The file names transformers loads weights from: safetensors first, then PyTorch's, each whole or sharded."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+    return [SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME]
+
+
+def load_model(name_or_dir: str, local_files_only: bool = False):
     """``AutoModelForQuestionAnswering`` in float32 whatever dtype its files hold.
 
     transformers 5 loads weights in the checkpoint's dtype; a model stored in fp16 would then be
@@ -44,16 +98,19 @@ def load_model(name_or_dir: str):
     # ``dtype`` since transformers 4.56; ``torch_dtype`` before (and deprecated after)
     new = tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (4, 56)
     dtype = {"dtype" if new else "torch_dtype": torch.float32}
-    return from_pretrained("model", lambda name: transformers.AutoModelForQuestionAnswering.from_pretrained(
-        name, **dtype), name_or_dir)
+    with quiet_transformers():
+        return from_pretrained("model", lambda name: transformers.AutoModelForQuestionAnswering.from_pretrained(
+            name, local_files_only=local_files_only, **dtype), name_or_dir)
 
 
 def load_tokenizer_for(cfg: Config, train_data: QAData | None = None):
     """The run's tokenizer: ``cfg.model_name``'s, or for ``tiny-random-bert`` one built from the
-    characters of the training file (``train_data``)."""
+    characters of the training file (``train_data``) in a temporary folder (a write the system
+    refuses there names that folder)."""
     if cfg.model_name == TINY_MODEL:
         texts = train_data.paragraphs + [q.question_text for q in train_data.questions]
-        return tiny.build_tiny_tokenizer(texts, isolate_digits=cfg.isolate_digits)
+        with refused_as(tempfile.gettempdir()):
+            return tiny.build_tiny_tokenizer(texts, isolate_digits=cfg.isolate_digits)
     return from_pretrained("tokenizer", lambda name: load_tokenizer(name, cfg.isolate_digits, cfg.isolate_cjk),
                            cfg.model_name)
 
@@ -80,6 +137,45 @@ def check_max_length(model_config, max_length: int) -> None:
                          f"or less")
 
 
+def run_model_dir(run_dir: str | Path) -> Path:
+    """``<run>/model`` as an absolute path (never taken for a hub name), once its files are checked:
+    config.json, the weights (with every shard an index names), tokenizer.json and
+    tokenizer_config.json are there, and every file in it is whole (``integrity``)."""
+    folder = (Path(run_dir) / "model").resolve()
+    if not folder.is_dir():
+        raise DamagedFile(Path(run_dir) / "model", "is missing", "is this a run folder made by 'train'? (a run "
+                          "stopped before its first dev evaluation has no model yet: resume it)")
+    fix = f"restore {Path(run_dir) / 'model'} from a copy of the run, or train the run again"
+    present = [name for name in weight_names() if (folder / name).is_file()]
+    weights = present[:1] or weight_names()[:1]           # none there: name the one save_model writes
+    if weights[0].endswith(".index.json"):
+        check_file(folder / weights[0], fix)
+        weights += sorted(set(read_json(folder / weights[0]).get("weight_map", {}).values()))
+    check_folder(folder, MODEL_FILES + weights, fix)
+    return folder
+
+
 def run_tokenizer(run_dir: str | Path, cfg: Config):
-    """The tokenizer saved with the run's model, with the run's ``isolate_*`` knobs applied."""
-    return load_tokenizer(Path(run_dir) / "model", cfg.isolate_digits, cfg.isolate_cjk)
+    """The tokenizer saved with the run's model (its files checked, ``run_model_dir``), with the run's
+    ``isolate_*`` knobs applied, checked against the model (``check_pair``)."""
+    folder = run_model_dir(run_dir)
+    tokenizer = from_pretrained("tokenizer", lambda name: load_tokenizer(
+        name, cfg.isolate_digits, cfg.isolate_cjk, local_files_only=True), str(folder))
+    check_pair(Path(run_dir) / "model", tokenizer)
+    return tokenizer
+
+
+def check_pair(folder: Path, tokenizer) -> None:
+    """The tokenizer belongs to the model saved beside it in ``folder``: every token id has an
+    embedding row, and it has most of the model's vocabulary (models pad their embedding by a few
+    rows at most; a tokenizer that lost its vocabulary keeps only its special tokens)."""
+    rows = read_json(folder / "config.json").get("vocab_size")
+    if isinstance(rows, int) and not rows // 2 < len(tokenizer) <= rows:
+        raise DamagedFile(folder / "tokenizer.json", f"does not belong to the model beside it: {len(tokenizer):,} "
+                          f"tokens, but config.json gives the model {rows:,} embedding rows", f"restore {folder} "
+                          f"from a copy of the run, or train the run again")
+
+
+def load_run_model(run_dir: str | Path):
+    """The run's saved model (``load_model``) from its own checked files only (``run_model_dir``)."""
+    return load_model(str(run_model_dir(run_dir)), local_files_only=True)

@@ -1,14 +1,21 @@
-"""Small views for people: an example with its answer marked, training curves, wrong answers."""
+"""Small views for people: an example with its answer marked, the windows of a paragraph drawn,
+training curves, wrong answers as a table.
+
+The drawings (matplotlib, an optional dependency: the ``notebook`` extra) return a Figure, or None
+with a note when matplotlib is missing; they use ASCII text only (the default fonts have no CJK).
+"""
 from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from pathlib import Path
 
 from .data import QAData, Question
 from .decode import Prediction
 from .files import atomic_write
 from .metrics import char_f1, exact_match
+from .windows import Encoded, question_budgets, question_windows
 
 
 def format_example(data: QAData, question: Question, width: int = 60) -> str:
@@ -29,12 +36,59 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def plot_metrics(run_dir: str | Path):
-    """Loss, learning rate and dev EM against optimizer steps; None if matplotlib is not installed."""
+def pyplot():
+    """``matplotlib.pyplot``, or None with a note to install it."""
     try:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot_windows(enc: Encoded, qi: int):
+    """The inference windows of question ``qi`` over its paragraph, to see what ``doc_stride`` does.
+
+    The top row is the paragraph as a bar of tokens, the answer's tokens marked; below it one bar
+    per window (green where it holds the whole answer), each starting ``doc_stride`` tokens after
+    the previous one, so that their overlap shows. The bars carry gids ``paragraph``, ``answer``
+    and ``window-<k>``, in paragraph tokens (x). None if matplotlib is not installed.
+    """
+    plt = pyplot()
+    if plt is None:
+        return None
+    spans, answer = question_windows(enc, qi), enc.answer_tokens[qi]
+    n_tokens = len(enc.paragraph_ids[enc.data.questions[qi].paragraph_id])
+    budget = int(question_budgets(enc)[qi])
+    stride = min(enc.spec.doc_stride, budget)       # as the windows are cut: no token between two windows
+    fig, ax = plt.subplots(figsize=(12, 1.2 + 0.36 * len(spans)))
+    ax.barh(0, n_tokens, height=0.6, color="lightgray", gid="paragraph")
+    for k, (start, end) in enumerate(spans, 1):
+        holds = answer is not None and start <= answer[0] and answer[1] < end
+        ax.barh(k, end - start, left=start, height=0.6, color="tab:green" if holds else "tab:blue", alpha=0.7,
+                gid=f"window-{k - 1}")
+    if answer is not None:
+        ax.barh(0, answer[1] + 1 - answer[0], left=answer[0], height=0.6, color="tab:red", gid="answer")
+        ax.axvspan(answer[0], answer[1] + 1, color="tab:red", alpha=0.15)
+    if len(spans) > 1:       # the stride: from the first window's start to the second's, between their rows
+        ax.annotate("", xy=(spans[1][0], 1.5), xytext=(spans[0][0], 1.5), arrowprops={"arrowstyle": "<->"})
+        ax.text(spans[1][0] + n_tokens / 200, 1.5, f"doc_stride {stride}", va="center", fontsize=8)
+    ax.set_yticks(range(len(spans) + 1), ["paragraph"] + [f"window {k}" for k in range(len(spans))])
+    ax.invert_yaxis()
+    ax.set_xlim(0, n_tokens)
+    ax.set_xlabel("paragraph token (red: the answer; green: a window that holds all of it)")
+    shared = f", neighbours share {budget - stride}" if len(spans) > 1 else ""
+    ax.set_title(f"{n_tokens} paragraph tokens; {len(spans)} windows of up to {budget} tokens, a new one every "
+                 f"{stride}{shared}")
+    fig.tight_layout()
+    return fig
+
+
+def plot_metrics(run_dir: str | Path):
+    """Loss, learning rate, and dev EM and F1, against optimizer steps; None if matplotlib is not
+    installed. F1 beside EM: on a small or young run EM may stay 0 while F1 already moves."""
+    plt = pyplot()
+    if plt is None:
         return None
     records = read_metrics(run_dir)
     train = [r for r in records if "loss" in r]
@@ -44,8 +98,11 @@ def plot_metrics(run_dir: str | Path):
     axes[0].set_title("training loss")
     axes[1].plot([r["step"] for r in train], [r["lr"] for r in train])
     axes[1].set_title("learning rate")
-    axes[2].plot([r["step"] for r in dev], [r["dev_em"] for r in dev], marker="o")
-    axes[2].set_title("dev exact match")
+    for key, name in (("dev_em", "exact match"), ("dev_f1", "F1")):
+        axes[2].plot([r["step"] for r in dev], [r[key] for r in dev], marker="o", label=name)
+    axes[2].set_ylim(bottom=0)
+    axes[2].legend()
+    axes[2].set_title("dev exact match and F1")
     for ax in axes:
         ax.set_xlabel("optimizer step")
     fig.tight_layout()
@@ -60,6 +117,57 @@ def wrong_answers(data: QAData, predictions: list[Prediction], limit: int = 10) 
             rows.append({"id": q.id, "question": q.question_text, "gold": q.answer_text,
                          "predicted": p.answer, "f1": round(char_f1(p.answer, q.answer_text), 3)})
     return rows[:limit]
+
+
+def display_width(text: str) -> int:
+    """Columns ``text`` takes in a monospaced font: two for a wide character (Chinese), one otherwise."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def clip(text: str, width: int) -> str:
+    """``text`` cut to at most ``width`` columns, with "…" where it was cut."""
+    if display_width(text) <= width:
+        return text
+    while display_width(text) > width - 1:
+        text = text[:-1]
+    return text + "…"
+
+
+def format_table(rows: list[dict], max_width: int = 32) -> str:
+    """``rows`` (dicts with the same keys) as a plain text table, columns aligned for Chinese text
+    too; numbers right-aligned, other cells left-aligned and cut at ``max_width`` columns."""
+    if not rows:
+        return "(no rows)"
+    keys = list(rows[0])
+    cells = [[str(k) for k in keys]] + [[clip(str(r[k]).replace("\n", " "), max_width) for k in keys] for r in rows]
+    widths = [max(display_width(row[i]) for row in cells) for i in range(len(keys))]
+    numeric = [all(isinstance(r[k], (int, float)) for r in rows) for k in keys]
+    lines = []
+    for row in cells:
+        pads = [" " * (w - display_width(c)) for c, w in zip(row, widths)]
+        lines.append("  ".join(p + c if right else c + p for c, p, right in zip(row, pads, numeric)).rstrip())
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+class TextTable:
+    """Rows shown as ``format_table`` by a notebook (and by ``print``)."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __repr__(self) -> str:
+        return format_table(self.rows)
+
+
+def as_table(rows: list[dict]):
+    """``rows`` as a table for a notebook's ``display``: a pandas DataFrame where pandas is installed
+    (Colab), else a ``TextTable``."""
+    try:
+        import pandas as pd
+    except ImportError:
+        return TextTable(rows)
+    return pd.DataFrame(rows)
 
 
 def error_kind(predicted: str, gold: str, unknown_chars: set[str] = frozenset()) -> str:

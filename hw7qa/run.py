@@ -9,7 +9,9 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import shlex
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,8 @@ from .devices import accelerator_for, check_divisible, processes, resolve_precis
 from .ensemble import ensemble_predictions, vote_predictions
 from .files import atomic_write
 from .metrics import score
-from .models import check_max_length, load_model, run_tokenizer
+from .integrity import check_file
+from .models import check_max_length, load_run_model, run_tokenizer
 from .pipeline import pipelined_predictions
 from .report import unknown_characters, write_dev_predictions
 from .submission import SubmissionError, check_result_csv, write_result_csv
@@ -86,7 +89,7 @@ def save_logits(path: Path, logits: list[tuple[np.ndarray, np.ndarray]]) -> None
 
 def run_model(run_dir: Path, cfg, accelerator=None):
     """The run's saved model on the inference device, compiled if ``cfg.compile``."""
-    model = load_model(str(run_dir / "model"))
+    model = load_run_model(run_dir)
     check_max_length(model.config, cfg.max_length)
     model.to(accelerator.device if accelerator else "cuda" if torch.cuda.is_available() else "cpu")
     return compile_model(model, cfg.compile)
@@ -98,27 +101,39 @@ def run_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: s
 
     The logits are saved in ``<run>/logits/<key>.npz`` and read back the next time the same model
     meets the same questions with the same window settings (``logits_key``), so evaluating,
-    predicting and ensembling a run again does not run the model again. ``tokenizer``: the run's,
-    if the caller has loaded it already; ``enc``: ``data`` already tokenized with it at ``cfg``'s windows.
+    predicting and ensembling a run again does not run the model again; a cached file that cannot
+    be read is computed again and replaced. ``tokenizer``: the run's, if the caller has loaded it
+    already; ``enc``: ``data`` already tokenized with it at ``cfg``'s windows.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "model").is_dir():
-        raise FileNotFoundError(f"{run_dir}: no model/ folder; is this a run folder made by 'train'?")
     tokenizer = tokenizer or run_tokenizer(run_dir, cfg)
     enc = enc or encode(data, tokenizer, cfg.windows)
     windows = eval_windows(enc)
     path = logits_path(run_dir, data, cfg)
-    if path.exists():
-        with np.load(path) as saved:
-            lengths = windows.length.tolist()
-            if saved["lengths"].tolist() == lengths:
-                # each access of an NpzFile key reads the whole array again: read once, hand out views
-                return enc, windows, split_logits(saved["starts"], saved["ends"], lengths)
+    cached = read_cached_logits(path, windows.length.tolist())
+    if cached is not None:
+        return enc, windows, cached
     model = run_model(run_dir, cfg, accelerator)
     logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, cfg.mixed_precision, desc, accelerator)
     if is_main(accelerator):
         save_logits(path, logits)
     return enc, windows, logits
+
+
+def read_cached_logits(path: Path, lengths: list[int]) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """The windows' logits saved at ``path`` for windows of these ``lengths``; None if there are none,
+    or if the file was written for other windows or cannot be read whole (a cache: it is computed again)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as saved:
+            # each access of an NpzFile key reads the whole array again: read once, hand out views
+            starts, ends, saved_lengths = saved["starts"], saved["ends"], saved["lengths"].tolist()
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):   # numpy's errors for a damaged file
+        return None
+    if saved_lengths != lengths or not starts.shape == ends.shape == (sum(lengths),):
+        return None
+    return split_logits(starts, ends, lengths)
 
 
 def stride_logits(run_dir: str | Path, cfg, data: QAData, accelerator=None, desc: str = "inference", tokenizer=None
@@ -161,7 +176,7 @@ def predict_test(run_dir: str | Path, test_file: str = "", out: str = "", overri
     replaces the run's own ``result.csv``. Raises ``SubmissionError`` if the CSV fails its check.
     """
     cfg = run_config(run_dir, overrides)
-    data = load_qa_file(data_file_of(cfg, "test", test_file, run_dir))
+    data = load_data_of(cfg, "test", test_file, run_dir)
     with inference_processes(cfg) as accelerator:
         predictions = stride_predictions(run_dir, cfg, data, accelerator, desc="test")
         path = out or output_path(run_dir, "result.csv", cfg.test_file, test_file)
@@ -197,7 +212,7 @@ def evaluate_run(run_dir: str | Path, dev_file: str = "", overrides: list[str] |
     see ``output_path``) and prints how the wrong answers are wrong.
     """
     cfg = run_config(run_dir, overrides)
-    data = load_qa_file(data_file_of(cfg, "dev", dev_file, run_dir), need_answers=True)
+    data = load_data_of(cfg, "dev", dev_file, run_dir, need_answers=True)
     tokenizer = run_tokenizer(run_dir, cfg)
     with inference_processes(cfg) as accelerator:
         predictions = stride_predictions(run_dir, cfg, data, accelerator, desc="dev", tokenizer=tokenizer)
@@ -218,18 +233,26 @@ def report_dev(data: QAData, predictions: list[Prediction], tokenizer, path: Pat
     return scores
 
 
-def data_file_of(cfg, split: str, given: str = "", run_dir: str | Path = "") -> str:
-    """``given`` if set, else the run's dev_file or test_file; a clear error if neither exists."""
+def load_data_of(cfg, split: str, given: str = "", run_dir: str | Path = "", need_answers: bool = False) -> QAData:
+    """``given`` (``--file``) if set, else the run's dev_file or test_file, loaded; an error names which."""
     path = given or getattr(cfg, f"{split}_file")
     if not path:
         raise ValueError(f"no {split} file: the run {run_dir} has no {split}_file in its config; give one with --file")
-    return path
+    return load_qa_file(path, need_answers, setting="--file" if given else f"{split}_file")
 
 
 def run_config(run_dir: str | Path, overrides: list[str] | dict | None = None):
-    path = Path(run_dir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir}: no config.json; is this a run folder made by 'train'?")
+    """The run's ``config.json`` with ``overrides`` applied, once ``run_dir`` is known to be a run
+    folder and the file whole (``model/hw7qa_config.json`` holds a copy to restore it from)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        what = "a file, not a run folder" if run_dir.exists() else "no such folder"
+        raise FileNotFoundError(f"{run_dir}: {what}; give a run folder made by 'train'")
+    path, copy = run_dir / "config.json", run_dir / "model" / "hw7qa_config.json"
+    if not path.exists() and not copy.exists():
+        raise FileNotFoundError(f"{run_dir} holds no config.json: is this a run folder made by 'train'?")
+    check_file(path, f"copy {copy} over it (the same settings, saved with the model)" if copy.is_file() else
+               "restore it from a copy of the run")
     return load_config(path, overrides)
 
 
@@ -247,8 +270,7 @@ def ensemble_runs(run_dirs: list[str | Path], split: str = "dev", data_file: str
     if len(run_dirs) < 2:
         raise ValueError("an ensemble needs at least two run folders")
     cfgs = [run_config(run_dir) for run_dir in run_dirs]
-    path = data_file_of(cfgs[0], split, data_file, run_dirs[0])
-    data = load_qa_file(path, need_answers=split == "dev")
+    data = load_data_of(cfgs[0], split, data_file, run_dirs[0], need_answers=split == "dev")
     tokenizers = [run_tokenizer(run_dir, cfg) for run_dir, cfg in zip(run_dirs, cfgs)]
     output_dir = Path(output_dir or Path("outputs") / f"ensemble-{time.strftime('%Y%m%d-%H%M%S')}")
     with inference_processes(cfgs[0]) as accelerator:
@@ -257,7 +279,7 @@ def ensemble_runs(run_dirs: list[str | Path], split: str = "dev", data_file: str
         predictions, how = ensemble_predictions(members, cfgs[0].decoding, method)
         if is_main(accelerator):
             output_dir.mkdir(parents=True, exist_ok=True)
-            print(f"ensemble of {len(run_dirs)} runs on {path}: {how}")
+            print(f"ensemble of {len(run_dirs)} runs on {data.path}: {how}")
         if split == "test":
             write_and_check(data, predictions, output_dir / "result.csv", accelerator)
             return None, predictions
@@ -283,9 +305,15 @@ def train_and_predict(cfg, resume: bool = False, overwrite: bool = False) -> Pat
 def resume_config(run_dir: str | Path, overrides: list[str] | dict | None = None):
     """The config an interrupted run was started with (``<run>/config.json``), pointed at that run
     folder, with ``overrides`` applied; refused (``check_resume``) if an override would change what
-    the run trains."""
+    the run trains, or move it to another ``output_dir``."""
     saved = dataclasses.replace(run_config(run_dir), output_dir=str(run_dir))
-    return check_resume(saved, apply_overrides(saved, overrides or []), run_dir)
+    cfg = check_resume(saved, apply_overrides(saved, overrides or []), run_dir)
+    if Path(cfg.output_dir).resolve() != Path(run_dir).resolve():
+        raise ValueError(f"a resume continues {run_dir} in its own folder, not in output_dir={cfg.output_dir}; "
+                         f"leave output_dir out, or start a new run there: python -m hw7qa train --config "
+                         f"{shlex.quote(str(Path(run_dir) / 'config.json'))} --set "
+                         f"{shlex.quote(f'output_dir={cfg.output_dir}')}")
+    return cfg
 
 
 def preset_path(name_or_path: str | None) -> Path | None:
@@ -296,6 +324,8 @@ def preset_path(name_or_path: str | None) -> Path | None:
     if preset.is_file() and Path(name_or_path).parent == Path("."):
         return preset
     names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.json")))
+    if Path(name_or_path).is_dir():
+        raise ValueError(f"--config {name_or_path} is a folder; give a JSON file or a preset's name ({names})")
     raise FileNotFoundError(f"{name_or_path}: no such file, and no preset of that name ({names})")
 
 

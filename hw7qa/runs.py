@@ -2,19 +2,36 @@
 saved model, ``metrics.jsonl`` records, and the trainer's state that a checkpoint holds.
 
 Layout of a run folder (README): ``config.json``, ``metrics.jsonl``, ``model/``,
-``checkpoints/step-NNNNNNN/`` (each written under a ``.partial`` name and renamed when complete),
-``logits/``, ``result.csv``.
+``checkpoints/step-NNNNNNN/`` (each written under a ``.partial`` name and renamed when complete,
+its ``trainer_state.json`` listing its files and their sizes), ``logits/``, ``result.csv``.
+
+A resume checks what it will use before it changes anything (``check_resumable``): a damaged
+newest checkpoint, ``metrics.jsonl`` or saved model is named, never loaded, skipped or passed over.
+
+Every write here can meet a full disk or a read-only folder: it then fails as an ``OSError`` naming
+what it wrote (``files.refused_as``; one line and exit code 4 on the command line), removes its
+partial folder, and leaves the last complete checkpoint, the saved ``model/`` and every line of
+``metrics.jsonl`` as they were, so that ``--resume`` and ``predict`` go on from them.
+
+A resume continues the run it is given or refuses, saying why, before anything is touched
+(``resume_point``); it starts the run again by itself only where nothing would be lost.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import re
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, check_resume, load_config, read_json, save_config
+from .files import append_whole, atomic_write, refused_as
+from .integrity import DamagedFile, check_file, check_folder
+from .models import quiet_transformers, run_model_dir
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -25,11 +42,36 @@ def new_run_dir(cfg: Config) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (``.partial`` folders are unfinished saves)."""
+    """The checkpoints of a run, oldest first: its ``step-N`` folders (``.partial`` ones are unfinished
+    saves, ``.old`` ones replaced saves). A ``step-N`` folder is renamed only once complete, so one
+    that lacks files is damaged: it is listed, and a resume names it (``check_resumable``) instead of
+    passing over it."""
     root = Path(run_dir) / "checkpoints"
-    found = [d for d in root.glob("step-*") if d.is_dir() and not d.name.endswith(".partial")
-             and (d / "trainer_state.json").exists()]
+    found = [d for d in root.glob("step-*") if d.is_dir() and re.fullmatch(r"step-\d+", d.name)]
     return sorted(found, key=lambda d: int(d.name.split("-")[1]))
+
+
+def check_resumable(run_dir: Path, checkpoints: list[Path]) -> None:
+    """Before a resume changes anything: the newest of ``checkpoints`` (every file it lists, at its
+    size, and every file in it whole), ``metrics.jsonl`` and the saved model are whole. An older
+    checkpoint, whose trainer_state.json lists no files, has the files it holds checked only."""
+    checkpoint = checkpoints[-1]
+    fix = (f"delete {checkpoint} to resume from {checkpoints[-2].name} instead" if len(checkpoints) > 1 else
+           "it is the run's only checkpoint: restore it from a copy of the run, or start the run over with --overwrite")
+    check_file(checkpoint / "trainer_state.json", fix)
+    for name, size in read_json(checkpoint / "trainer_state.json").get("files", {}).items():
+        check_file(checkpoint / name, fix, size)
+    check_folder(checkpoint, [], fix)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:    # none, or empty: killed before (or while) writing a record
+        check_file(metrics, "delete that line and those after it (records after the checkpoint are written "
+                            "again), or restore the file, then resume again")
+    model = run_dir / "model"
+    if model.is_dir():
+        run_model_dir(run_dir)
+    elif read_trainer_state(checkpoint).best_em >= 0:
+        raise DamagedFile(model, f"is missing, but {checkpoint.name} says the best model so far was saved there",
+                          "restore it from a copy of the run, or start the run over with --overwrite")
 
 
 def clear_folder(folder: Path) -> None:
@@ -41,29 +83,21 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> tuple[Path, P
     """The run folder, ready for this run, and the checkpoint to continue from (None: from the start).
 
     A new run goes only into a new or empty folder, or, with ``overwrite``, into an old run's folder
-    that it empties first. A resume checks that ``cfg`` continues the run (``check_resume``); with no
-    checkpoint yet it starts again and drops the records of the attempt it replaces, so the folder's
-    files always describe one run. Writes ``config.json``. Main process only.
+    that it empties first. A resume continues from the newest checkpoint, or starts again where
+    ``resume_point`` allows it (dropping the records of the attempt it replaces, so the folder's
+    files always describe one run), or is refused. Refusals touch nothing. Writes ``config.json``.
+    Main process only.
     """
     if resume and not cfg.output_dir:
         raise ValueError("resume needs the run folder (output_dir)")
     run_dir = new_run_dir(cfg)
-    is_run = (run_dir / "config.json").is_file()
-    if resume and is_run:
-        check_resume(load_config(run_dir / "config.json"), cfg, run_dir)
-    elif run_dir.is_dir() and any(run_dir.iterdir()):
-        if not is_run:
-            raise ValueError(f"output_dir {run_dir} is not empty and holds no run: choose a new or empty folder")
-        if not overwrite:
-            raise ValueError(f"{run_dir} already holds a run. Continue it with: python -m hw7qa train --resume "
-                             f"{run_dir} (notebook: RESUME = True); start it over, deleting it, with --overwrite "
-                             f"(notebook: OVERWRITE = True); or choose another output_dir")
-        clear_folder(run_dir)
+    checkpoint = resume_point(cfg, run_dir) if resume else None
+    if not resume:
+        claim_for_new_run(run_dir, overwrite)
+    elif checkpoint is None:
+        clear_folder(run_dir)                  # an attempt stopped before it recorded a step
     for unfinished in run_dir.glob("checkpoints/*.partial"):    # saves cut off by a kill
         shutil.rmtree(unfinished, ignore_errors=True)
-    checkpoint = (list_checkpoints(run_dir) or [None])[-1] if resume else None
-    if resume and checkpoint is None and run_dir.is_dir():
-        clear_folder(run_dir)                  # an attempt killed before its first checkpoint
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.json")
     if checkpoint is not None:
@@ -71,52 +105,166 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> tuple[Path, P
     return run_dir, checkpoint
 
 
-def decided_on_main(accelerator, decide):
-    """``decide()`` run by the main process alone; its result, or its error, reaches every process
-    (a process that decided by itself could pick another folder, or wait forever for one that failed)."""
+def claim_for_new_run(run_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder that holds something (a run, without ``overwrite``; anything else, always);
+    empty a run's folder with ``overwrite``."""
+    if not (run_dir.is_dir() and any(run_dir.iterdir())):
+        return
+    if not (run_dir / "config.json").is_file():
+        raise ValueError(f"output_dir {run_dir} is not empty and holds no run: choose a new or empty folder")
+    if not overwrite:
+        raise ValueError(f"{run_dir} already holds a run. Continue it with: python -m hw7qa train --resume "
+                         f"{run_dir} (notebook: RESUME = True); start it over, deleting it, with --overwrite "
+                         f"(notebook: OVERWRITE = True); or choose another output_dir")
+    clear_folder(run_dir)
+
+
+def resume_point(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint a resume of the run in ``run_dir`` with ``cfg`` continues from: its newest
+    complete one. None where it has none and holds nothing past its start (``past_the_start``): it
+    was stopped before it recorded a step, and starting it again loses nothing. Every other case is
+    a ValueError that says why and what to do: no run there, a setting the run cannot change
+    (``check_resume``), or no checkpoint beside a saved model or records that starting again would
+    delete (a run with ``keep_checkpoints=0``, or one stopped before its first checkpoint)."""
+    if not (run_dir / "config.json").is_file():
+        raise ValueError(f"cannot resume {run_dir}: it holds no run (no config.json); start a new run there "
+                         f"without resume")
+    saved = load_config(run_dir / "config.json")
+    check_resume(saved, cfg, run_dir)
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        check_resumable(run_dir, checkpoints)   # a damaged newest checkpoint is named, never passed over
+        return checkpoints[-1]
+    kept = past_the_start(run_dir)
+    if not kept:
+        return None
+    why = ("keep_checkpoints=0 saves none" if saved.keep_checkpoints == 0 else
+           "it stopped before its first checkpoint")
+    raise ValueError(f"cannot resume {run_dir}: it has no checkpoint to continue from ({why}), and starting it "
+                     f"again would delete its {', '.join(kept)} (nothing was changed); to train it again from step 0, "
+                     f"deleting them: python -m hw7qa train --config {shlex.quote(str(run_dir / 'config.json'))} --set "
+                     f"{shlex.quote(f'output_dir={run_dir}')} --overwrite (notebook: RESUME = False, "
+                     f"OVERWRITE = True), or choose another output_dir")
+
+
+def past_the_start(run_dir: Path) -> list[str]:
+    """What in ``run_dir`` a run writes only once it has trained: everything but ``config.json``,
+    a ``metrics.jsonl`` without records past step 0, TensorBoard's folder and checkpoint saves that
+    never completed."""
+    found = []
+    for item in sorted(run_dir.iterdir()):
+        if item.name == "metrics.jsonl":
+            step = last_logged_step(run_dir)
+            found += [f"records up to step {step} (metrics.jsonl)"] if step else []
+        elif item.name == "checkpoints" and item.is_dir():
+            found += ["checkpoints/"] if any(not d.name.endswith(".partial") for d in item.iterdir()) else []
+        elif item.name not in ("config.json", "tensorboard"):
+            found.append(item.name + ("/" if item.is_dir() else ""))
+    return found
+
+
+def last_logged_step(run_dir: Path) -> int:
+    """The highest step of the records in ``metrics.jsonl`` (0 if none); lines that are not whole
+    records are passed over."""
+    steps = [0]
+    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            steps.append(int(json.loads(line).get("step", 0)))
+        except (ValueError, TypeError, AttributeError):
+            continue
+    return max(steps)
+
+
+def done_on_main(accelerator, work):
+    """``work()`` run by the main process alone; its result, or its error, reaches every process (a
+    process that decided by itself could pick another folder, or wait forever for one that failed).
+    Used for the run folder's choice and for the writes only the main process makes."""
     result, error = None, None
     if accelerator.is_main_process:
         try:
-            result = decide()
+            result = work()
         except (ValueError, OSError) as e:
             if accelerator.num_processes == 1:
                 raise
             error = e
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
-        shared = broadcast_object_list([result, None if error is None else str(error)])
-        if error is not None:
-            raise error
+        shared = broadcast_object_list([result, error])
         if shared[1] is not None:
-            raise ValueError(shared[1])
+            raise shared[1]
         result = shared[0]
     return result
 
 
+def raise_on_every_process(accelerator, error: Exception | None) -> None:
+    """Raise on every process the error any process met (``error``: this one's, or None); a call every
+    process makes, so that none waits forever for one that stopped."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+        met = gather_object([error])                  # every process calls it, whether it failed or not
+        error = error or next((e for e in met if e is not None), None)
+    if error is not None:
+        raise error
+
+
 def save_model(model, tokenizer, cfg: Config, directory: Path) -> None:
     """Save model (safetensors), tokenizer and the run's config (``hw7qa_config.json``) to
-    ``directory``, replacing it only once complete."""
+    ``directory``, replacing it only once complete (``replace_folder``), without transformers' progress bars. A save that fails (a full
+    disk) removes its partial folder, keeps the old ``directory`` and names ``directory``."""
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    save_config(cfg, partial / "hw7qa_config.json")
-    shutil.rmtree(directory, ignore_errors=True)
-    partial.rename(directory)
+    with removed_on_failure(partial), refused_as(directory, partial), quiet_transformers():
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        save_config(cfg, partial / "hw7qa_config.json")
+    replace_folder(partial, directory)
+
+
+@contextlib.contextmanager
+def removed_on_failure(partial: Path):
+    """A block that fills the folder ``partial``; the folder is removed if the block fails (on a full
+    disk that frees what the failed save took)."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def replace_folder(partial: Path, directory: Path) -> None:
+    """``partial`` renamed to ``directory``. An old ``directory`` is set aside (``.old``) and deleted
+    only once the new one is in place: a failure leaves the old one where it was; a kill between the
+    two renames leaves it as ``.old``, which the next replacement puts back first."""
+    old = directory.with_name(directory.name + ".old")
+    with removed_on_failure(partial), refused_as(directory, partial):
+        if old.exists() and not directory.exists():     # a replacement killed between its two renames
+            old.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+        if directory.exists():
+            directory.rename(old)
+        try:
+            partial.rename(directory)
+        except BaseException:
+            if old.exists() and not directory.exists():
+                old.rename(directory)
+            raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def log_metrics(run_dir: Path, record: dict) -> None:
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append ``record`` to ``metrics.jsonl`` as one line, whole or not at all (``append_whole``)."""
+    append_whole(run_dir / "metrics.jsonl", json.dumps(record) + "\n")
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop ``metrics.jsonl`` records after ``step``: the resumed run logs them again."""
+    """Drop ``metrics.jsonl`` records after ``step``: the resumed run logs them again. The file is
+    replaced whole (``atomic_write``)."""
     path = run_dir / "metrics.jsonl"
     if path.exists():
         records = [line for line in path.read_text(encoding="utf-8").splitlines()
                    if line.strip() and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in records), encoding="utf-8")
+        with atomic_write(path, encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in records))
 
 
 # ---------------------------------------------------------------- the state a checkpoint holds
@@ -150,24 +298,41 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) ->
     """Everything needed to continue training, into ``<run>/checkpoints/step-NNNNNNN``.
 
     ``accelerator.save_state`` writes model, optimizer, scheduler, GradScaler and every process's RNG
-    states; ``state`` goes to ``trainer_state.json``, written last. The folder is filled under a
+    states; ``state`` goes to ``trainer_state.json``, written last, with the names and sizes of
+    the files beside it (what a resume checks). The folder is filled under a
     ``.partial`` name and renamed when complete, so an interruption never leaves a half-written
-    checkpoint that looks complete. Checkpoints beyond the newest ``keep`` are deleted after that.
-    Every process must call this.
+    checkpoint that looks complete; a save that fails on any process (a full disk) is raised on every
+    process as an ``OSError`` naming the checkpoint, and its partial folder is removed. Checkpoints
+    beyond the newest ``keep`` are deleted after a save completes. Every process must call this.
     """
     final = run_dir / "checkpoints" / f"step-{state.step:07d}"
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        text = json.dumps(dataclasses.asdict(state), indent=1) + "\n"
-        (partial / "trainer_state.json").write_text(text, encoding="utf-8")
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    error = None
+    try:
+        with refused_as(final, partial):
+            accelerator.save_state(str(partial))
+    except OSError as e:
+        error = e
+    try:
+        raise_on_every_process(accelerator, error)
+        done_on_main(accelerator, lambda: complete_checkpoint(run_dir, partial, final, state, keep))
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     return final
+
+
+def complete_checkpoint(run_dir: Path, partial: Path, final: Path, state: TrainState, keep: int) -> None:
+    """Write ``trainer_state.json`` into ``partial``, put it in place as ``final``, and delete the
+    checkpoints beyond the newest ``keep``. Main process only."""
+    files = {p.name: p.stat().st_size for p in sorted(partial.iterdir()) if p.is_file()}  # check_resumable's list
+    text = json.dumps({**dataclasses.asdict(state), "files": files}, indent=1) + "\n"
+    with refused_as(final, partial):
+        (partial / "trainer_state.json").write_text(text, encoding="utf-8")
+    replace_folder(partial, final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .data import QAData
+from .data import DataError, QAData, not_a_file
 from .files import atomic_write
 
 HEADER = ["ID", "Answer"]
@@ -47,25 +47,49 @@ def write_result_csv(data: QAData, answers: list[str], path: str | Path) -> Path
     return Path(path)
 
 
+def read_rows(path: str | Path) -> tuple[list[tuple[int, list[str]]], list[str]]:
+    """The rows of the CSV file ``path``, each with the line it is on, and the problems of rows that
+    run over several lines. result.csv never holds a line break inside a field (``csv_answer``), so
+    such a row is a quote (") left open, which takes the lines after it into one field, up to the
+    next quote or to the end of the file (where csv stops at its field size limit)."""
+    if not Path(path).is_file():
+        raise DataError(not_a_file(str(path), kind="csv"))
+    rows, problems = [], []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        start = 1
+        try:
+            for row in reader:
+                if reader.line_num > start:
+                    problems.append(f"line {start}: a quote (\") opened here runs on to line {reader.line_num}, making "
+                                    f"those lines one row; close it on line {start} or remove it")
+                else:
+                    rows.append((start, row))
+                start = reader.line_num + 1
+        except csv.Error as e:
+            problems.append(f"line {start}: a quote (\") opened here is never closed, and takes the rest of the file "
+                            f"into one field ({e}); close it on line {start} or remove it")
+    return rows, problems
+
+
 def check_result_csv(path: str | Path, data: QAData) -> list[str]:
-    """Everything wrong with ``path`` as a submission for ``data`` (an empty list means valid).
+    """Everything wrong with ``path`` as a submission for ``data`` (an empty list means valid); a
+    DataError if ``path`` is not a file.
 
     Read as ``utf-8-sig``: a CSV saved by a Windows editor starts with a byte order mark that is
     not part of the header.
     """
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError) as e:
+        rows, problems = read_rows(path)
+    except UnicodeDecodeError as e:
         return [f"{path}: cannot be read as UTF-8 text ({e})"]
-    if not rows:
+    if not rows and not problems:
         return [f"{path}: empty file"]
-    problems = []
-    if rows[0] != HEADER:
-        problems.append(f"line 1: header is {','.join(rows[0])!r}, expected 'ID,Answer'")
+    if rows and rows[0] != (1, HEADER):
+        problems.append(f"line 1: header is {','.join(rows[0][1])!r}, expected 'ID,Answer'")
     expected = [str(q.id) for q in data.questions]
     wanted, seen = set(expected), {}
-    for line, row in enumerate(rows[1:], start=2):
+    for line, row in rows[1:]:
         if len(row) != 2:
             problems.append(f"line {line}: {len(row)} fields, expected 2 (ID,Answer)")
             continue

@@ -23,19 +23,30 @@ def build_tiny_tokenizer(texts: list[str], directory: str | Path | None = None, 
 
     ASCII letters and digits are added with and without ``##`` so that English words and numbers
     are split into characters rather than becoming [UNK]; characters not in ``texts`` are [UNK].
+    Its files are written to ``directory`` and kept there (to save a model beside them); without
+    one, to a temporary folder that is removed once they are loaded: a fast tokenizer lives in
+    memory and ``save_pretrained`` writes it from there.
     """
+    if directory:
+        write_tokenizer_files(texts, Path(directory))
+        return load_tokenizer(directory, isolate_digits)
+    with tempfile.TemporaryDirectory(prefix="hw7qa-tiny-tokenizer-") as folder:
+        write_tokenizer_files(texts, Path(folder))
+        return load_tokenizer(folder, isolate_digits)
+
+
+def write_tokenizer_files(texts: list[str], directory: Path) -> None:
+    """``vocab.txt`` and ``tokenizer_config.json`` of the tiny tokenizer of ``texts`` in ``directory``."""
     chars = sorted({c for text in texts for c in text.lower() if not c.isspace()})
     ascii_chars = string.ascii_lowercase + string.digits
     vocab = SPECIAL_TOKENS + [c for c in chars if c not in ascii_chars] + list(ascii_chars)
     vocab += ["##" + c for c in ascii_chars]
-    directory = Path(directory or tempfile.mkdtemp(prefix="hw7qa-tiny-tokenizer-"))
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "BertTokenizer", "do_lower_case": True, "tokenize_chinese_chars": True,
         "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
         "mask_token": "[MASK]", "model_max_length": 512}), encoding="utf-8")
-    return load_tokenizer(directory, isolate_digits)
 
 
 def build_tiny_model(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2):

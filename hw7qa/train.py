@@ -22,6 +22,9 @@ Promises kept here, each tested:
   ``<run>/checkpoints/step-NNNNNNN`` every ``save_every`` steps and at each epoch end
   (``runs.save_checkpoint``). ``train(cfg, resume=True)`` continues from the newest one, mid-epoch
   included, and ends with the same weights and metrics as an uninterrupted run.
+- Every write (metrics, tracker, model, checkpoint) that the system refuses, on any process, stops
+  every process with the same ``OSError`` naming the file: the main process's writes go through
+  ``runs.done_on_main``, a checkpoint's through ``runs.raise_on_every_process``.
 - ``compile=true`` compiles the model in place (``compiling.py``) after the moving average's copy is
   made: checkpoints and the saved model hold the plain model's keys, and a resumed compiled run
   ends as an uninterrupted compiled one does. ``tf32=true`` holds for the call only.
@@ -51,9 +54,10 @@ from .config import Config, TrainingError
 from .data import QAData, concat_data, load_qa_file
 from .decode import predict_encoded
 from .devices import accelerator_for, check_divisible, check_tracker, processes, tf32_matmuls
+from .files import refused_as
 from .metrics import score
 from .models import check_max_length, load_model_and_tokenizer
-from .runs import (TrainState, decided_on_main, list_checkpoints, log_metrics, prepare_run_dir, read_trainer_state,
+from .runs import (TrainState, done_on_main, list_checkpoints, log_metrics, prepare_run_dir, read_trainer_state,
                    save_checkpoint, save_model)
 from .techniques import WeightAverage, adversarial_backward, answer_length_from, layer_parameter_groups
 from .windows import Encoded, encode, padding_of
@@ -135,6 +139,12 @@ def is_better(scores: dict, state: TrainState) -> bool:
 # accelerate's trackers: TensorBoard writes to <run>/tensorboard; Weights & Biases to the project hw7qa
 TRACKER_PROJECT = {"tensorboard": "tensorboard", "wandb": "hw7qa"}
 
+
+def tracker_folder(cfg: Config, run_dir: Path) -> Path:
+    """Where the tracker writes, as a write it fails names it: TensorBoard's folder, or the run's."""
+    return run_dir / TRACKER_PROJECT["tensorboard"] if cfg.log_with == "tensorboard" else run_dir
+
+
 @dataclass
 class Run:
     """One training run: settings, the prepared objects, the state, and the device-side counters."""
@@ -171,8 +181,9 @@ class Run:
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, on_step: Callable | None = None) -> Path:
     """Train with ``cfg``; returns the run folder, holding config.json, metrics.jsonl and model/.
 
-    ``resume=True`` continues the run in ``cfg.output_dir`` from its newest checkpoint (or starts it
-    there if it has none yet); ``cfg`` may differ from the run's config only in ``FREE_ON_RESUME``.
+    ``resume=True`` continues the run in ``cfg.output_dir`` from its newest checkpoint, starts it
+    again where it stopped before recording a step, or refuses (``runs.resume_point``); ``cfg`` may
+    differ from the run's config only in ``FREE_ON_RESUME``.
     ``overwrite=True`` lets a new run replace the run in ``cfg.output_dir``; without it a new run
     refuses an existing one. ``on_step(run)``, if given, is called after every optimizer step (and
     its logging, evaluation and checkpoint) with the ``Run``; an exception it raises ends training
@@ -184,7 +195,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, on_step: C
     set_seed(cfg.seed)                # the new QA head's weights and dropout: python, numpy, torch, cuda
     inputs = load_inputs(cfg)         # bad data, model or max_length stop the run before anything is written
     cfg = inputs.cfg                  # with max_answer_length from the training answers (answer_length_quantile)
-    run_dir, checkpoint = decided_on_main(started, lambda: prepare_run_dir(cfg, resume, overwrite))
+    run_dir, checkpoint = done_on_main(started, lambda: prepare_run_dir(cfg, resume, overwrite))
     with accelerator_for(cfg.mixed_precision, cfg.grad_accum, cfg.log_with, run_dir) as accelerator, \
             tf32_matmuls(cfg.tf32):
         run = start_run(cfg, accelerator, inputs, run_dir, checkpoint)
@@ -212,8 +223,8 @@ def load_inputs(cfg: Config) -> Inputs:
     """The data, model and tokenizer of ``cfg``, the training data tokenized, and ``cfg`` itself with
     ``max_answer_length`` set from the training answers when ``answer_length_quantile`` asks for it
     (that value is what config.json records, and what evaluate and predict use)."""
-    train_data = load_qa_file(cfg.train_file, need_answers=True)
-    dev_data = load_qa_file(cfg.dev_file, need_answers=True) if cfg.dev_file else None
+    train_data = load_qa_file(cfg.train_file, need_answers=True, setting="train_file")
+    dev_data = load_qa_file(cfg.dev_file, need_answers=True, setting="dev_file") if cfg.dev_file else None
     if cfg.final_fit:
         train_data, dev_data = concat_data(train_data, dev_data), None
     model, tokenizer = load_model_and_tokenizer(cfg, train_data)
@@ -256,7 +267,10 @@ def start_run(cfg: Config, accelerator, inputs: Inputs, run_dir: Path, checkpoin
         accelerator.register_for_checkpointing(ema)     # saved and restored with the checkpoints
     dev_enc = encode(inputs.dev_data, tokenizer, cfg.windows) if inputs.dev_data else None
     if cfg.log_with != "none":
-        accelerator.init_trackers(TRACKER_PROJECT[cfg.log_with], config=dataclasses.asdict(cfg))
+        def init_trackers():
+            with refused_as(tracker_folder(cfg, run_dir)):
+                accelerator.init_trackers(TRACKER_PROJECT[cfg.log_with], config=dataclasses.asdict(cfg))
+        done_on_main(accelerator, init_trackers)
     state = dataclasses.replace(saved or TrainState(), micro_batch=micro_batch, grad_accum=grad_accum)
     run = Run(cfg, accelerator, run_dir, model, tokenizer, optimizer, scheduler, loader, dataset, batches,
               inputs.dev_data, dev_enc, steps_per_epoch, state, ema)
@@ -273,9 +287,9 @@ def report_training_data(cfg: Config, accelerator, run_dir: Path, train_data: QA
     if cfg.final_fit:
         accelerator.print("final_fit: training on train + dev. There is NO dev evaluation in this run: its dev "
                           "scores cannot be measured. Choose the recipe on a normal run first.")
-        if accelerator.is_main_process and checkpoint is None:
-            log_metrics(run_dir, {"step": 0, "note": f"final_fit: trained on {cfg.train_file} + {cfg.dev_file}, "
-                                                     f"no dev evaluation"})
+        if checkpoint is None:
+            done_on_main(accelerator, lambda: log_metrics(run_dir, {
+                "step": 0, "note": f"final_fit: trained on {cfg.train_file} + {cfg.dev_file}, no dev evaluation"}))
 
 
 def restore(run: Run, checkpoint: Path | None) -> None:
@@ -380,8 +394,8 @@ def after_step(run: Run, epoch_position: float) -> None:
         log(run, epoch_position)
     if run.dev_data is not None and evaluate_due(step, run.steps_per_epoch, run.total_steps, cfg):
         evaluate(run, epoch_position)
-    if run.dev_data is None and run.state.batches_done == 0 and run.accelerator.is_main_process:
-        save_model(run.kept_model(), run.tokenizer, cfg, run.run_dir / "model")
+    if run.dev_data is None and run.state.batches_done == 0:
+        done_on_main(run.accelerator, lambda: save_model(run.kept_model(), run.tokenizer, cfg, run.run_dir / "model"))
     if checkpoint_due(step, run.steps_per_epoch, cfg):
         checkpoint(run)
 
@@ -411,13 +425,19 @@ def log(run: Run, epoch_position: float) -> None:
     totals = run.accelerator.reduce(torch.stack([run.loss_sum, run.loss_n]), "sum")
     loss_sum, n = totals.tolist()
     lr = run.scheduler.get_last_lr()[0]
-    if n and run.accelerator.is_main_process:
-        log_metrics(run.run_dir, {"step": run.state.step, "epoch": round(epoch_position, 4), "loss": loss_sum / n,
-                                  "lr": lr})
     if n:
-        run.accelerator.log({"train/loss": loss_sum / n, "train/lr": lr}, step=run.state.step)
+        done_on_main(run.accelerator, lambda: record(run, {"epoch": round(epoch_position, 4), "loss": loss_sum / n,
+                                                           "lr": lr}, {"train/loss": loss_sum / n, "train/lr": lr}))
     run.loss_sum.zero_()
     run.loss_n.zero_()
+
+
+def record(run: Run, values: dict, tracked: dict) -> None:
+    """``values`` at this step as a metrics.jsonl record, and ``tracked`` to the tracker of ``log_with``.
+    Main process only (``done_on_main``): every process learns if a write failed."""
+    log_metrics(run.run_dir, {"step": run.state.step, **values})
+    with refused_as(tracker_folder(run.cfg, run.run_dir)):
+        run.accelerator.log(tracked, step=run.state.step)
 
 
 def evaluate(run: Run, epoch_position: float) -> None:
@@ -429,12 +449,12 @@ def evaluate(run: Run, epoch_position: float) -> None:
     improved = is_better(scores, state)
     accelerator.print(f"step {state.step} (epoch {epoch_position:.2f}): dev EM {scores['em']:.4f} F1 "
                       f"{scores['f1']:.4f}" + ("  (best so far, saved)" if improved else ""))
-    accelerator.log({"dev/em": scores["em"], "dev/f1": scores["f1"]}, step=state.step)
-    if accelerator.is_main_process:
-        log_metrics(run.run_dir, {"step": state.step, "epoch": round(epoch_position, 4), "dev_em": scores["em"],
-                                  "dev_f1": scores["f1"]})
+    def record_and_save():
+        record(run, {"epoch": round(epoch_position, 4), "dev_em": scores["em"], "dev_f1": scores["f1"]},
+               {"dev/em": scores["em"], "dev/f1": scores["f1"]})
         if improved:
             save_model(model, run.tokenizer, run.cfg, run.run_dir / "model")
+    done_on_main(accelerator, record_and_save)
     if improved:
         state.best_em, state.best_f1 = scores["em"], scores["f1"]
 

@@ -38,7 +38,7 @@ from .data import QAData
 CJK_CHARACTERS = r"[\u2e80-\u2fff\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]"
 
 
-def load_tokenizer(name_or_dir, isolate_digits: bool = False, isolate_cjk: bool = False):
+def load_tokenizer(name_or_dir, isolate_digits: bool = False, isolate_cjk: bool = False, **options):
     """A fast ``AutoTokenizer``, optionally splitting digits and CJK characters before subwords.
 
     A token is the smallest thing an answer can start or end on. BERT's WordPiece keeps "1900"
@@ -47,11 +47,12 @@ def load_tokenizer(name_or_dir, isolate_digits: bool = False, isolate_cjk: bool 
     CJK character its own pre-token (as BERT already does for CJK), so every such character
     boundary is a token boundary. Sentencepiece's "▁" is then kept only where the text had it.
     The change is not saved with the tokenizer: the run's config carries it and every load applies it.
+    ``options`` go to ``AutoTokenizer.from_pretrained`` (a run folder's: ``local_files_only=True``).
     """
     import json
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_dir), use_fast=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_dir), use_fast=True, **options)
     isolate = [{"type": "Digits", "individual_digits": True}] if isolate_digits else []
     if isolate_cjk:
         isolate.append({"type": "Split", "pattern": {"Regex": CJK_CHARACTERS}, "behavior": "Isolated", "invert": False})
@@ -454,16 +455,20 @@ def features(windows: list[Window], with_labels: bool = False) -> list[dict]:
     return out
 
 
+def question_windows(enc: Encoded, qi: int) -> list[tuple[int, int]]:
+    """``(token_start, token_end)`` of each inference window of question ``qi``: the paragraph
+    tokens it holds, end exclusive (as ``eval_windows`` cuts them)."""
+    n_tokens = len(enc.paragraph_ids[enc.data.questions[qi].paragraph_id])
+    budget = int(question_budgets(enc)[qi])
+    return [(start, min(start + budget, n_tokens)) for start in window_starts(n_tokens, budget, enc.spec.doc_stride)]
+
+
 def describe_windows(enc: Encoded, qi: int) -> list[dict]:
     """The inference windows of question ``qi`` as rows: where each starts and ends, in tokens and
     characters, and whether it holds the whole answer (to see what ``doc_stride`` does)."""
-    q = enc.data.questions[qi]
-    offsets = enc.paragraph_offsets[q.paragraph_id]
+    offsets = enc.paragraph_offsets[enc.data.questions[qi].paragraph_id]
     answer = enc.answer_tokens[qi]
-    starts = window_starts(len(offsets), int(question_budgets(enc)[qi]), enc.spec.doc_stride)
-    rows = []
-    for k, w in enumerate(cut_windows(enc, [qi] * len(starts), starts)):
-        rows.append({"window": k, "tokens": f"{w.token_start}-{w.token_end - 1}",
-                     "characters": f"{offsets[w.token_start][0]}-{offsets[w.token_end - 1][1] - 1}",
-                     "holds_answer": bool(answer and w.token_start <= answer[0] and answer[1] < w.token_end)})
-    return rows
+    return [{"window": k, "tokens": f"{start}-{end - 1}",
+             "characters": f"{offsets[start][0]}-{offsets[end - 1][1] - 1}",
+             "holds_answer": bool(answer and start <= answer[0] and answer[1] < end)}
+            for k, (start, end) in enumerate(question_windows(enc, qi))]

@@ -1,6 +1,8 @@
 """Shared fixtures: the bundled sample data, tiny tokenizers built here, ../shared where it exists."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -16,12 +18,51 @@ SHARED = Path(os.environ.get("HW7QA_SHARED", ROOT.parent / "shared"))
 STAND_IN = Path(os.environ.get("HW7QA_STAND_IN", Path.home() / ".cache/stand-in/multilingual-e5-small"))
 
 
+# Float results computed in another order (other batch splits, process counts, thread counts)
+# differ in their last bits: 0.907834529876709 against 0.9078345894813538 for one dev score.
+FLOAT_TOLERANCE = {"rel": 1e-5, "abs": 1e-5}
+
+
+def prediction_records(predictions) -> list[dict]:
+    """``predictions`` as a list of dicts: the text of a ``.jsonl`` file (``dev_predictions.jsonl``),
+    or a list of dicts or dataclasses (``Prediction``)."""
+    if isinstance(predictions, str):
+        return [json.loads(line) for line in predictions.splitlines()]
+    return [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else dict(p) for p in predictions]
+
+
+def assert_same_predictions(a, b) -> None:
+    """``a`` and ``b`` (see ``prediction_records``), computed in different orders, are the same
+    predictions: every field but the floats equal (answers, windows, spans), the floats (scores, sums
+    of logits; EM and F1, which follow from the answers) within ``FLOAT_TOLERANCE``. Bit-identical
+    results are promised only for a resumed run against an uninterrupted one on the same machine
+    and process count, and for a cache read back: compare those exactly."""
+    a, b = prediction_records(a), prediction_records(b)
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        floats = {k for k, v in x.items() if isinstance(v, float)}
+        assert x.keys() == y.keys() and {k: x[k] for k in x.keys() - floats} == {k: y[k] for k in y.keys() - floats}, \
+            (i, x, y)
+        assert {k: y[k] for k in floats} == pytest.approx({k: x[k] for k in floats}, **FLOAT_TOLERANCE), (i, x, y)
+
+
 def shared_path(relative: str) -> Path:
     """A file of ../shared, or a skip that says why the test cannot run here."""
     path = SHARED / relative
     if not path.exists():
         pytest.skip(f"{path} not found: this test needs ../shared beside the checkout (CI has it)")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def child_temp_folder(tmp_path_factory):
+    """The temporary folder (``TMPDIR``) of every process the tests start: one inside pytest's own,
+    which pytest prunes (it keeps the newest 3 sessions'). torchrun, which ``accelerate launch``
+    starts, leaves a ``torchelastic_*`` folder in the temporary folder at every launch."""
+    folder = tmp_path_factory.mktemp("child-temp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@
     HW7QA_FAULT=nan:RANK:FIRST[:LAST]   process RANK's loss is NaN in optimizer steps FIRST..LAST (no LAST: to the end)
     HW7QA_FAULT=crash:STEP              every process stops (KeyboardInterrupt) right after optimizer step STEP,
                                         as a kill or a disconnect would end a run mid-epoch
+    HW7QA_FAULT=full:RANK:REGEX         process RANK's first write matching REGEX (tests/writes.py) fails as on a
+                                        full disk
 """
 import os
 import sys
@@ -41,9 +43,19 @@ def inject_crash(at_step: int) -> None:
     train_module.after_step = after_step
 
 
+def inject_full_disk(rank: int, pattern: str) -> None:
+    if int(os.environ.get("RANK", 0)) == rank:
+        import re
+        import pytest
+        from writes import WriteFaults
+        WriteFaults(pytest.MonkeyPatch(), re.compile(pattern), "full")
+
+
 if __name__ == "__main__":
-    kind, *numbers = os.environ["HW7QA_FAULT"].split(":")
-    if kind == "nan":
+    kind, *numbers = os.environ["HW7QA_FAULT"].split(":", 2)
+    if kind == "full":
+        inject_full_disk(int(numbers[0]), numbers[1])
+    elif kind == "nan":
         rank, first, *last = map(int, numbers)
         inject_nan(rank, first, last[0] if last else float("inf"))
     else:

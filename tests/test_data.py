@@ -70,8 +70,11 @@ def test_test_file_without_answer_keys_loads_but_not_for_training(tmp_path):
     bare = {k: v for k, v in question().items() if not k.startswith("answer_")}
     path = write(tmp_path, hw7([bare]))
     assert load_qa_file(path).questions[0] == Question(0, "問?", 0)
-    with pytest.raises(DataError, match="question id 0: no answer, but this file is used for training or evaluation"):
+    with pytest.raises(DataError, match=r"no answer in any of its 1 questions \(a test file\?\); training and"):
         load_qa_file(path, need_answers=True)
+    answered = write(tmp_path, hw7([question(), {**bare, "id": 1}]))
+    with pytest.raises(DataError, match="question id 1: no answer, but this file is used for training or evaluation"):
+        load_qa_file(answered, need_answers=True)
 
 
 def test_json_with_a_byte_order_mark_loads(tmp_path):

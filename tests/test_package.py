@@ -1,8 +1,12 @@
 """The package as users install it: a wheel, installed outside the checkout, runs the demo with
 the presets and sample data it ships; the command line answers at once where it needs no model."""
+import importlib
+import json
+import site
 import subprocess
 import sys
 import venv
+from pathlib import Path
 
 import pytest
 
@@ -16,12 +20,37 @@ def installed(tmp_path_factory):
     root = tmp_path_factory.mktemp("package")
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(root / "wheel")], check=True, capture_output=True)
-    venv.create(root / "env", system_site_packages=True, with_pip=False)
+    venv.create(root / "env", with_pip=False)
     python = root / "env" / "bin" / "python"
     [wheel] = (root / "wheel").glob("hw7qa-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
                    check=True, capture_output=True)
+    # after the install: through the .pth file pip would see this interpreter's hw7qa and try to uninstall it
+    share_site_packages(python)
     return root, python
+
+
+def site_folders() -> list[str]:
+    """This interpreter's site-packages folders (its own; the base interpreter's, with
+    ``--system-site-packages``; the user's) in the order ``sys.path`` has them."""
+    folders = set(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        folders.add(site.getusersitepackages())
+    return [p for p in sys.path if p in folders]
+
+
+def share_site_packages(python: Path) -> None:
+    """Let the virtual environment of ``python`` import this interpreter's packages, after its own.
+
+    ``venv.create(system_site_packages=True)`` would share the base interpreter's folders, and in a
+    virtual environment torch & co. are not there (or at other versions). A ``.pth`` file of plain
+    folders adds the folders alone: the ``.pth`` files inside them are not run, so an editable
+    install of the checkout stays out of sight.
+    """
+    ask = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                         check=True, capture_output=True, text=True)
+    (Path(ask.stdout.strip()) / "tests-site-packages.pth").write_text("\n".join(site_folders()) + "\n",
+                                                                    encoding="utf-8")
 
 
 def run_in(folder, *command):
@@ -40,6 +69,21 @@ def test_the_installed_wheel_runs_the_demo_outside_the_checkout(installed):
     assert rows[0] == "ID,Answer" and len(rows) == 14                 # the 13 questions of the shipped sample
     preset = run_in(root / "work", python, "-m", "hw7qa", "train", "--config", "no-such-preset")
     assert preset.returncode == 2 and "bert-base, demo, macbert-base" in preset.stderr
+
+
+DEPENDENCIES = ("torch", "transformers", "accelerate", "tokenizers", "numpy", "safetensors", "tqdm")
+WHERE = ("import importlib, json, sys; "
+         "print(json.dumps({n: [m.__version__, m.__file__] for n in sys.argv[1:] for m in [importlib.import_module(n)]}))")
+
+
+def test_the_environment_imports_exactly_this_interpreters_packages(installed):
+    """hw7qa's dependencies come from the same files, so at the same versions, as in the interpreter
+    that runs the tests, not from the one a virtual environment was made from."""
+    root, python = installed
+    done = run_in(root, python, "-c", WHERE, *DEPENDENCIES)
+    assert done.returncode == 0, done.stderr[-2000:]
+    outer = {n: [m.__version__, m.__file__] for n in DEPENDENCIES for m in [importlib.import_module(n)]}
+    assert json.loads(done.stdout) == outer
 
 
 PROBE = """

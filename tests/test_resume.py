@@ -70,22 +70,54 @@ def test_resume_ignores_an_unfinished_checkpoint_and_a_finished_run_stays_finish
     steps = [c.name for c in list_checkpoints(run)]
     # every 3 steps and at the ends of the 5-step epochs: 3, 5, 6, 9, 10; the newest 3 are kept
     assert steps == ["step-0000006", "step-0000009", "step-0000010"]
-    # a save cut off half way: a .partial folder, and a folder without trainer_state.json
+    # a save cut off half way: a .partial folder
     (run / "checkpoints" / "step-0000011.partial").mkdir()
-    (run / "checkpoints" / "step-0000012").mkdir()
     assert list_checkpoints(run)[-1].name == "step-0000010"
     before = read_metrics(run)
     assert main(["train", "--resume", str(run)]) == 0
     assert "already finished" in capsys.readouterr().out
     assert read_metrics(run) == before
     assert not (run / "checkpoints" / "step-0000011.partial").exists()      # no stray half-saves left
+    # a step folder is renamed only once complete: one without trainer_state.json is damaged, named, not passed over
+    damaged = run / "checkpoints" / "step-0000012"
+    damaged.mkdir()
+    assert main(["train", "--resume", str(run)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: {damaged / 'trainer_state.json'} is missing; delete "
+                                                         f"{damaged} to resume from step-0000010 instead")
+    assert read_metrics(run) == before and damaged.is_dir()
 
 
 def test_resume_needs_a_run_folder(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
-    assert "no config.json" in capsys.readouterr().err
+    assert "nothing: no such folder; give a run folder made by 'train'" in capsys.readouterr().err
 
 
-def test_keep_checkpoints_zero_saves_none(tmp_path):
-    run = train(demo_config(str(tmp_path / "run"), {"epochs": 1, "keep_checkpoints": 0, "test_file": ""}))
+def snapshot(folder) -> dict:
+    """Every file and folder under ``folder``, with each file's bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_a_resume_that_cannot_continue_refuses_and_touches_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["demo", "--output-dir", str(run), "--set", "epochs=1", "keep_checkpoints=0"]) == 0
     assert not (run / "checkpoints").exists() and (run / "model" / "model.safetensors").exists()
+    before = snapshot(tmp_path)
+    # a finished run that kept no checkpoint is never started over
+    assert main(["train", "--resume", str(run)]) == 2
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said.startswith(f"error: cannot resume {run}: it has no checkpoint to continue from (keep_checkpoints=0 "
+                           f"saves none), and starting it again would delete its logits/, records up to step ")
+    assert "(metrics.jsonl), model/, result.csv (nothing was changed)" in said
+    assert snapshot(tmp_path) == before
+    # nor moved to another folder
+    assert main(["train", "--resume", str(run), "--set", f"output_dir={tmp_path / 'other'}"]) == 2
+    assert (f"error: a resume continues {run} in its own folder, not in output_dir={tmp_path / 'other'}"
+            in capsys.readouterr().err)
+    assert snapshot(tmp_path) == before
+    # the notebook's way: a folder that holds no run is not resumed (nor made)
+    with pytest.raises(ValueError, match="it holds no run"):
+        train(demo_config(str(tmp_path / "new"), {"epochs": 1}), resume=True)
+    assert snapshot(tmp_path) == before
+    # the run's model still answers
+    assert main(["predict", str(run), "--out", str(tmp_path / "again.csv")]) == 0
+    assert (tmp_path / "again.csv").read_bytes() == (run / "result.csv").read_bytes()

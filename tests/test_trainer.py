@@ -5,6 +5,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import shlex
+import shutil
 
 import numpy as np
 import pytest
@@ -196,24 +198,46 @@ def test_a_new_run_never_reuses_an_existing_run_folder(tmp_path, capsys):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
 
 
-def test_restart_before_the_first_checkpoint_keeps_one_runs_records(tmp_path, monkeypatch):
+def test_a_resume_without_a_checkpoint_starts_over_only_where_nothing_is_lost(tmp_path, monkeypatch, capsys):
     knobs = {**QUICK, "save_every": 0}                                      # first checkpoint at step 5
     whole = train(demo_config(str(tmp_path / "whole"), knobs))
+    cut = tmp_path / "cut"
+    # stopped before its first step: nothing but config.json, so a resume starts it again
+    def stopped(run, batch):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patched:
+        patched.setattr(train_module, "train_step", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            train(demo_config(str(cut), knobs))
+    assert [p.name for p in cut.iterdir()] == ["config.json"]
+    assert main(["train", "--resume", str(cut)]) == 0
+    assert read_metrics(cut) == read_metrics(whole)
+    assert folder_digest(cut / "model")["model.safetensors"] == folder_digest(whole / "model")["model.safetensors"]
+
+    # stopped after logging steps 1-3, before its first checkpoint: a resume would start over, so it refuses
+    shutil.rmtree(cut)
     real = train_module.log_metrics
 
     def crash_at_step_3(run_dir, record):
         real(run_dir, record)
         if record.get("step") == 3:
             raise KeyboardInterrupt
-    monkeypatch.setattr(train_module, "log_metrics", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(demo_config(str(tmp_path / "cut"), knobs))
-    monkeypatch.undo()
-    cut = tmp_path / "cut"
+    with monkeypatch.context() as patched:
+        patched.setattr(train_module, "log_metrics", crash_at_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            train(demo_config(str(cut), knobs))
     assert not list_checkpoints(cut) and [r["step"] for r in read_metrics(cut)] == [1, 2, 3]
-    assert main(["train", "--resume", str(cut)]) == 0
-    assert read_metrics(cut) == read_metrics(whole)                         # steps 1-3 once, not twice
-    assert folder_digest(cut / "model")["model.safetensors"] == folder_digest(whole / "model")["model.safetensors"]
+    before = folder_digest(cut)
+    assert main(["train", "--resume", str(cut)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (f"error: cannot resume {cut}: it has no checkpoint to continue from (it stopped before its first "
+            f"checkpoint), and starting it again would delete its records up to step 3 (metrics.jsonl)") in err
+    assert folder_digest(cut) == before
+    # what the message says to do starts it over, as one run
+    command = shlex.split(err.split("deleting them: python -m hw7qa ")[1].split(" (notebook")[0])
+    assert command == ["train", "--config", str(cut / "config.json"), "--set", f"output_dir={cut}", "--overwrite"]
+    assert main(command) == 0
+    assert read_metrics(cut) == read_metrics(whole)
 
 
 # ---------------------------------------------------------------- the resume contract

@@ -572,8 +572,8 @@ class Budget:
 
 def run_tasks(tasks: list, jobs: int, collect, budget: Budget | None = None, work=None) -> list:
     """``work(task)`` (default ``run_task``) for each task while ``budget`` allows, each result to
-    ``collect`` in task order (so partial results stay paired). ``jobs`` > 1: that many at once, each
-    in a fresh process. Returns the tasks never started."""
+    ``collect`` as soon as it is there (a benchmark killed at a time limit keeps every finished run).
+    ``jobs`` > 1: that many at once, each in a fresh process. Returns the tasks never started."""
     work, budget, pending = work or run_task, budget or Budget(0, 0), list(tasks)
     if jobs <= 1:
         while pending and budget.allows():
@@ -585,20 +585,18 @@ def run_tasks(tasks: list, jobs: int, collect, budget: Budget | None = None, wor
     import concurrent.futures
     import multiprocessing
     extra = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
-    running: list = []                        # (future, start time), in task order
+    running: dict = {}                        # future → its start time
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                                 **extra) as pool:
         while pending or running:
-            while pending and sum(not f.done() for f, _ in running) < jobs and budget.allows():
-                running.append((pool.submit(work, pending.pop(0)), budget.clock()))
-            while running and running[0][0].done():
-                future, started = running.pop(0)
-                budget.took(budget.clock() - started)     # at least the run's time: a finished run may wait here
-                collect(future.result())
+            while pending and len(running) < jobs and budget.allows():
+                running[pool.submit(work, pending.pop(0))] = budget.clock()
             if not running:
                 break
-            concurrent.futures.wait([f for f, _ in running if not f.done()],
-                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                budget.took(budget.clock() - running.pop(future))
+                collect(future.result())
     return pending
 
 
@@ -622,6 +620,7 @@ def run_benchmark(args, extra_setup: dict | None = None) -> tuple[str, list[dict
 
     def collect(results: list[dict]) -> str:
         runs.extend(results)
+        runs.sort(key=lambda r: (rows.index(r["recipe"]), r["seed"]))     # rows in the planned order
         return write_results(out, setup, question_ids, runs, summarize_runs(runs, baseline, args.n_boot,
                                                                             args.confidence))
 

@@ -11,10 +11,11 @@ model runs in half precision (bf16 where supported, else fp16). Rows:
 
 (a) dev-set inference at doc_stride 32 and 150 with the sample's windows (40-token questions,
     150-token paragraph windows): the sample's loop (one question per batch, all its windows,
-    padded to the full 193 tokens, argmax per window) against ``hw7qa.decode.predict`` (windows of
-    many questions per batch, sorted by length, padded to the batch's longest, n-best decoding);
+    padded to the full 193 tokens, argmax per window) against ``hw7qa.pipeline.predict`` (windows of
+    many questions per batch, sorted by length, padded to the batch's longest, n-best decoding;
+    ``hw7qa.decode.predict`` unless ``inference_chunk`` pipelines it);
 (b) the project's end-to-end inference (tokenise, windows, forward, decode) against the forward
-    passes alone on the same, already collated batches;
+    passes alone on the same, already collated batches (``hw7qa.pipeline.forward_seconds``);
 (c) training windows per second (forward, backward, optimizer step) with every batch padded to
     max_length against dynamic padding, and dynamic padding with length-grouped batches.
 
@@ -48,7 +49,8 @@ from transformers import (AutoModelForQuestionAnswering, BertConfig, BertForQues
 
 from hw7qa.config import Config  # noqa: E402
 from hw7qa.data import QAData, load_qa_file  # noqa: E402
-from hw7qa.decode import decode_predictions, predict, window_logits  # noqa: E402
+from hw7qa.decode import decode_predictions, window_logits  # noqa: E402
+from hw7qa.pipeline import forward_seconds, predict  # noqa: E402
 from hw7qa.batches import length_grouped_batches  # noqa: E402
 from hw7qa.windows import encode, eval_windows, features, load_tokenizer, train_windows  # noqa: E402
 
@@ -91,23 +93,6 @@ def sample_loop(model, enc, windows, seq_len, device) -> float:
             for k in range(len(group)):   # what the sample's evaluate() does per window
                 torch.max(out.start_logits[k], dim=0)
                 torch.max(out.end_logits[k], dim=0)
-    sync(device)
-    return time.perf_counter() - started
-
-
-def forward_only(model, tokenizer, windows, batch_size, device) -> float:
-    """The forward passes alone, on batches collated beforehand exactly as ``window_logits`` makes them."""
-    order = np.argsort(-windows.length, kind="stable")
-    padding = dict(pad_token_id=tokenizer.pad_token_id, pad_type_id=tokenizer.pad_token_type_id,
-                   pad_left=tokenizer.padding_side == "left")
-    batches = [{k: torch.from_numpy(v).to(device)
-                for k, v in windows.model_inputs(order[b:b + batch_size], **padding).items()}
-               for b in range(0, len(order), batch_size)]
-    sync(device)
-    started = time.perf_counter()
-    with torch.inference_mode(), half_autocast(device):
-        for batch in batches:
-            model(**batch)
     sync(device)
     return time.perf_counter() - started
 
@@ -237,11 +222,13 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
-def inference_rows(model, tokenizer, dev: QAData, eval_batch_size: int, device, strides=(32, 150)) -> list[dict]:
-    """Rows (a) and (b) at each doc_stride of ``strides``, with the sample's windows (193 tokens)."""
+def inference_rows(model, tokenizer, dev: QAData, eval_batch_size: int, device, strides=(32, 150),
+                   settings: dict | None = None) -> list[dict]:
+    """Rows (a) and (b) at each doc_stride of ``strides``, with the sample's windows (193 tokens);
+    the project's inference with ``settings`` (e.g. ``{"inference_chunk": 256}``) of its Config."""
     rows = []
     for stride in strides:
-        cfg = Config(**SAMPLE_WINDOWS, doc_stride=stride, eval_batch_size=eval_batch_size)
+        cfg = Config(**SAMPLE_WINDOWS, doc_stride=stride, eval_batch_size=eval_batch_size, **(settings or {}))
         enc = encode(dev, tokenizer, cfg.windows)
         windows = eval_windows(enc)
         predict(model, tokenizer, QAData(dev.path, dev.questions[:20], dev.paragraphs), cfg)   # warm-up
@@ -251,7 +238,7 @@ def inference_rows(model, tokenizer, dev: QAData, eval_batch_size: int, device, 
         predict(model, tokenizer, dev, cfg, desc=f"stride {stride}")
         sync(device)
         project_s = time.perf_counter() - started
-        forward_s = forward_only(model, tokenizer, windows, cfg.eval_batch_size, device)
+        forward_s = forward_seconds(model, tokenizer, dev, cfg)
         rows.append({"row": f"(a) inference, doc_stride {stride}", "windows": len(windows),
                      "sample_loop_s": round(sample_s, 2), "project_s": round(project_s, 2),
                      "speedup": round(sample_s / project_s, 2)})

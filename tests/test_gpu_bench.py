@@ -40,15 +40,21 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """``python bench/gpu.py --part both --smoke``, as CI and a user run it, with ``$OUT`` set."""
+    """``python bench/gpu.py --part speed --smoke`` and ``--part accuracy --smoke``, as CI and a user
+    run them, with ``$OUT`` set; the two at once (each uses one core)."""
     tmp = tmp_path_factory.mktemp("gpu-smoke")
     (tmp / "out").mkdir()
-    done = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--part", "both", "--smoke", "--results",
-                           str(tmp / "results"), "--work", str(tmp / "work")], capture_output=True, text=True,
-                          timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp / "out")})
-    assert done.returncode == 0, done.stderr[-3000:]
+    parts = {part: subprocess.Popen([sys.executable, str(BENCH / "gpu.py"), "--part", part, "--smoke", "--results",
+                                     str(tmp / "results"), "--work", str(tmp / f"work-{part}")],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp / "out")})
+             for part in ("speed", "accuracy")}
+    stdout = {}
+    for part, process in parts.items():
+        stdout[part], stderr = process.communicate(timeout=900)
+        assert process.returncode == 0, stderr[-3000:]
     results = {path.name.split("-")[1]: path for path in (tmp / "results").glob("*.json")}
-    return SimpleNamespace(stdout=done.stdout, tmp=tmp, speed=json.loads(results["speed"].read_text("utf-8")),
+    return SimpleNamespace(stdout=stdout, tmp=tmp, speed=json.loads(results["speed"].read_text("utf-8")),
                            accuracy=json.loads(results["accuracy"].read_text("utf-8")), results=tmp / "results")
 
 
@@ -79,6 +85,17 @@ def test_speed_smoke_runs_every_measurement_through_train_and_predict(smoke):
     assert rows["base bf16 batch 8x4"]["micro_batch"] == 8 and rows["base bf16 batch 8x4"]["grad_accum"] == 4
 
 
+def test_speed_smoke_runs_the_levers_and_they_keep_the_loss(smoke):
+    rows = {r["name"]: r for r in smoke.speed["measurements"]}
+    # compile traced with aot_eager: eager's arithmetic, so the same loss at the same step
+    assert rows["base bf16 compile"]["loss"] == pytest.approx(rows["base bf16"]["loss"], abs=2e-4)
+    assert rows["large bf16 compile"]["loss"] == pytest.approx(rows["large bf16"]["loss"], abs=2e-4)
+    assert "cannot compile" not in smoke.stdout["speed"]               # compiled, not fallen back to eager
+    assert rows["base fp32 tf32"]["loss"] == rows["base fp32"]["loss"]   # a CUDA switch: the CPU's arithmetic stays
+    chunked, whole = rows["inference base chunked"]["strides"], rows["inference base"]["strides"]
+    assert [s["windows"] for s in chunked] == [s["windows"] for s in whole]
+
+
 def test_speed_smoke_reports_model_flops_of_the_timed_windows(smoke):
     row = next(r for r in smoke.speed["measurements"] if r["name"] == "base bf16")
     # tiny shape, max_length 48: every timed window holds between 20 and 48 real tokens
@@ -89,7 +106,8 @@ def test_speed_smoke_reports_model_flops_of_the_timed_windows(smoke):
 
 
 def test_smoke_prints_and_writes_one_json_and_one_markdown_per_part_and_copies_them_to_out(smoke):
-    assert "# Speed on CPU (smoke run" in smoke.stdout and "# Accuracy on CPU (smoke run" in smoke.stdout
+    assert "# Speed on CPU (smoke run" in smoke.stdout["speed"]
+    assert "# Accuracy on CPU (smoke run" in smoke.stdout["accuracy"]
     written = sorted(p.name for p in smoke.results.iterdir())
     assert [Path(name).suffix for name in written] == [".json", ".md", ".json", ".md"]
     out = sorted(p.name for p in (smoke.tmp / "out").iterdir())
@@ -108,8 +126,8 @@ def test_accuracy_smoke_runs_every_technique_and_seed_and_says_what_each_allows(
     decisions = smoke.accuracy["setup"]["decisions"]
     assert len(decisions) == len(rows) - 1 and all("2 paired seeds (needs ≥ 3): no decision" in d for d in decisions)
     assert smoke.accuracy["summary"]["baseline"] == "project"
-    assert smoke.accuracy["setup"]["command"].endswith("bench/gpu.py --part both --smoke --results "
-                                                       f"{smoke.results} --work {smoke.tmp / 'work'}")
+    assert smoke.accuracy["setup"]["command"].endswith("bench/gpu.py --part accuracy --smoke --results "
+                                                       f"{smoke.results} --work {smoke.tmp / 'work-accuracy'}")
 
 
 # ---------------------------------------------------------------- budget, names, carry: in this process

@@ -74,6 +74,13 @@ def check_resumable(run_dir: Path, checkpoints: list[Path]) -> None:
                           "restore it from a copy of the run, or start the run over with --overwrite")
 
 
+def what_is_kept(run_dir: Path) -> str:
+    """A sentence naming the saved model and the last checkpoint of a stopped run, where they exist."""
+    model, checkpoints = run_dir / "model", list_checkpoints(run_dir)
+    return ((f" The best model so far is in {model}." if model.is_dir() else "") +
+            (f" The last good checkpoint is {checkpoints[-1]}." if checkpoints else ""))
+
+
 def clear_folder(folder: Path) -> None:
     for item in folder.iterdir():
         shutil.rmtree(item) if item.is_dir() else item.unlink()

@@ -1,10 +1,10 @@
 """Fine-tune a model for extractive QA: the Accelerator training loop.
 
-Read it top to bottom: the optimizer and schedule, the policies (when to log, evaluate, save), and
-the loop (``train`` → ``fit`` → ``run_epoch`` → ``train_step`` and ``after_step``). What the loop
-uses lives beside it, one concern per file: ``models.py`` loads the model and tokenizer,
-``batches.py`` makes the batches of an epoch and fits the micro-batch to memory, ``runs.py`` keeps
-the run folder, its checkpoints and the state they hold. It follows accelerate's
+Read it top to bottom: the policies (when to log, evaluate, save), and the loop (``train`` → ``fit``
+→ ``run_epoch`` → ``train_step`` and ``after_step``). What the loop uses lives beside it, one concern
+per file: ``models.py`` loads the model and tokenizer, ``optim.py`` makes the optimizer and its
+schedule, ``batches.py`` makes the batches of an epoch and fits the micro-batch to memory, ``runs.py``
+keeps the run folder, its checkpoints and the state they hold. It follows accelerate's
 ``complete_nlp_example.py``: ``Accelerator(mixed_precision, gradient_accumulation_steps)``,
 ``accelerator.accumulate``, ``accelerator.backward``, ``save_state``/``load_state``.
 
@@ -57,56 +57,11 @@ from .devices import accelerator_for, check_divisible, check_tracker, processes,
 from .files import refused_as
 from .metrics import score
 from .models import check_max_length, load_model_and_tokenizer
+from .optim import make_optimizer, make_scheduler, step_unless
 from .runs import (TrainState, done_on_main, list_checkpoints, log_metrics, prepare_run_dir, read_trainer_state,
-                   save_checkpoint, save_model)
-from .techniques import WeightAverage, adversarial_backward, answer_length_from, layer_parameter_groups
+                   save_checkpoint, save_model, what_is_kept)
+from .techniques import WeightAverage, adversarial_backward, answer_length_from
 from .windows import Encoded, encode, padding_of
-
-
-# ---------------------------------------------------------------- optimizer and schedule
-
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: biases and LayerNorm weights (1-D parameters) get none."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    # the fused kernel updates all parameters at once (much faster for large embedding tables) and
-    # can skip a step on the device (``step_unless``)
-    groups = (layer_parameter_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_lr_decay)
-              if cfg.layer_lr_decay < 1 else parameter_groups(model, cfg.weight_decay))
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
-
-
-def make_scheduler(optimizer, cfg: Config, total_steps: int):
-    """``transformers.get_scheduler`` with ``warmup_ratio`` of the steps warming up; the project's
-    ``constant`` warms up too (``constant_with_warmup``)."""
-    from transformers import get_scheduler
-    name = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
-    return get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
-                         num_training_steps=total_steps)
-
-
-def step_unless(optimizer, skip: torch.Tensor) -> None:
-    """``optimizer.step()`` unless ``skip`` (a 0-dim bool tensor), deciding on the device.
-
-    fp16: the GradScaler skips steps with non-finite gradients by itself. A fused AdamW takes
-    ``found_inf`` and leaves weights, moments and step count alone when it is 1. Any other optimizer
-    has to ask the host.
-    """
-    inner = optimizer.optimizer
-    if optimizer.scaler is not None:
-        optimizer.step()
-    elif inner.defaults.get("fused"):
-        inner.found_inf = skip.float()
-        try:
-            optimizer.step()
-        finally:
-            del inner.found_inf
-    elif not bool(skip):
-        optimizer.step()
 
 
 # ---------------------------------------------------------------- policies
@@ -327,7 +282,8 @@ def fit(run: Run) -> None:
         raise TrainingError(
             f"GPU out of memory ({str(e).splitlines()[0]}). Set auto_batch=true, or lower batch_size (now "
             f"{run.state.micro_batch}) and raise grad_accum (now {run.state.grad_accum}) by the same factor, lower "
-            f"max_length (now {cfg.max_length}), or set gradient_checkpointing=true.{what_is_kept(run)}") from None
+            f"max_length (now {cfg.max_length}), or set gradient_checkpointing=true."
+            f"{what_is_kept(run.run_dir)}") from None
     except KeyboardInterrupt:
         last = list_checkpoints(run.run_dir)
         accelerator.print(f"\ninterrupted at step {run.state.step}. " + (
@@ -408,15 +364,8 @@ def stop_if_diverging(run: Run) -> int:
         raise TrainingError(
             f"{streak} optimizer steps in a row had a non-finite loss or gradients (step {run.state.step}). "
             f"The learning rate may be too high (lr={run.cfg.lr}); with fp16, try mixed_precision=bf16 (newer "
-            f"GPUs) or no, a lower lr, or max_grad_norm=1.{what_is_kept(run)}")
+            f"GPUs) or no, a lower lr, or max_grad_norm=1.{what_is_kept(run.run_dir)}")
     return streak
-
-
-def what_is_kept(run: Run) -> str:
-    """A sentence naming the saved model and the last checkpoint of a stopped run, where they exist."""
-    model, checkpoints = run.run_dir / "model", list_checkpoints(run.run_dir)
-    return ((f" The best model so far is in {model}." if model.is_dir() else "") +
-            (f" The last good checkpoint is {checkpoints[-1]}." if checkpoints else ""))
 
 
 def log(run: Run, epoch_position: float) -> None:

@@ -1,0 +1,54 @@
+"""The optimizer and its schedule: AdamW with weight decay on matrices only (or layer-wise lr,
+``layer_lr_decay``), warmup then the configured decay (``transformers.get_scheduler``), and an
+optimizer step that a non-finite gradient skips on the device, without asking the host.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import Config
+from .techniques import layer_parameter_groups
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases and LayerNorm weights (1-D parameters) get none."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    # the fused kernel updates all parameters at once (much faster for large embedding tables) and
+    # can skip a step on the device (``step_unless``)
+    groups = (layer_parameter_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_lr_decay)
+              if cfg.layer_lr_decay < 1 else parameter_groups(model, cfg.weight_decay))
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
+
+
+def make_scheduler(optimizer, cfg: Config, total_steps: int):
+    """``transformers.get_scheduler`` with ``warmup_ratio`` of the steps warming up; the project's
+    ``constant`` warms up too (``constant_with_warmup``)."""
+    from transformers import get_scheduler
+    name = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
+def step_unless(optimizer, skip: torch.Tensor) -> None:
+    """``optimizer.step()`` unless ``skip`` (a 0-dim bool tensor), deciding on the device.
+
+    fp16: the GradScaler skips steps with non-finite gradients by itself. A fused AdamW takes
+    ``found_inf`` and leaves weights, moments and step count alone when it is 1. Any other optimizer
+    has to ask the host.
+    """
+    inner = optimizer.optimizer
+    if optimizer.scaler is not None:
+        optimizer.step()
+    elif inner.defaults.get("fused"):
+        inner.found_inf = skip.float()
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+    elif not bool(skip):
+        optimizer.step()

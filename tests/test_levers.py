@@ -40,9 +40,13 @@ needs_compile = pytest.mark.skipif(compiling.torch_version() < compiling.MIN_TOR
 
 @pytest.fixture(scope="module", autouse=True)
 def aot_eager():
+    # dynamo's caches are process-wide: compiled graphs of earlier tests (bench/gpu.py's smoke run)
+    # count against its recompile limit, after which it runs frames eagerly; each module starts clean
+    torch._dynamo.reset()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(compiling, "COMPILE_OPTIONS", AOT_EAGER)
         yield
+    torch._dynamo.reset()
 
 
 @pytest.fixture

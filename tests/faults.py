@@ -52,9 +52,9 @@ def inject_full_disk(rank: int, pattern: str) -> None:
 
 
 if __name__ == "__main__":
-    kind, *numbers = os.environ["HW7QA_FAULT"].split(":", 2)
+    kind, *numbers = os.environ["HW7QA_FAULT"].split(":")
     if kind == "full":
-        inject_full_disk(int(numbers[0]), numbers[1])
+        inject_full_disk(int(numbers[0]), ":".join(numbers[1:]))
     elif kind == "nan":
         rank, first, *last = map(int, numbers)
         inject_nan(rank, first, last[0] if last else float("inf"))

@@ -196,9 +196,9 @@ def test_tensorboard_on_a_full_disk(reference, tmp_path, monkeypatch, capsys):
     run, printed = tmp_path / "run", []
     with monkeypatch.context() as patched:
         patched.setattr(threading, "excepthook", lambda args: printed.append(args.exc_value))
-        # the events file is opened again for every append: the first (at the start) goes through, the
-        # writer thread meets the full disk at the next
-        faults = WriteFaults(patched, re.compile(r"^open .*/tensorboard/events\.out\.tfevents\.[^/]*\.0$"), "full",
+        # the run's events file (not hparams' in a subfolder) is opened again for every append: the first
+        # (at the start) goes through, the writer thread meets the full disk at the next
+        faults = WriteFaults(patched, re.compile(r"^open .*/tensorboard/events\.out\.tfevents\.[^/]*$"), "full",
                              nth=2)
         assert main(["demo", "--output-dir", str(run), "--set", *KNOBS, "log_with=tensorboard"]) == 4
     assert printed == []                                  # no traceback of the writer thread

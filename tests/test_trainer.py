@@ -267,7 +267,7 @@ def test_damaged_run_files_and_bad_model_paths_are_named(tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[:1000])
     assert main(["evaluate", str(run)]) == 2
     err = capsys.readouterr().err
-    assert f"cannot load the model of the folder {run / 'model'}" in err and len(err.strip().splitlines()) == 1
+    assert f"{weights} is damaged: not a whole safetensors file" in err and len(err.strip().splitlines()) == 1
     (run / "config.json").write_text('{"model_name": "tin')
     assert main(["evaluate", str(run)]) == 2
     assert f"{run / 'config.json'} is damaged" in capsys.readouterr().err

@@ -32,7 +32,7 @@ from .config import Config, DecodeSpec
 from .data import DataError, QAData, Question, load_qa_file
 from .decode import balance_quotes, window_logits
 from .ensemble import softmax, span_scores, vote_predictions
-from .models import check_max_length, load_model, run_tokenizer
+from .models import check_max_length, load_run_model, run_tokenizer
 from .run import run_config
 from .windows import encode, eval_windows, with_stride
 
@@ -71,7 +71,7 @@ def load_reader(run_dir: str | Path, overrides: list[str] | dict | None = None) 
     cfg = run_config(run_dir, overrides)
     if not (run_dir / "model").is_dir():
         raise FileNotFoundError(f"{run_dir}: no model/ folder; is this a run folder made by 'train'?")
-    model = load_model(str(run_dir / "model"))
+    model = load_run_model(run_dir)
     check_max_length(model.config, cfg.max_length)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     return Reader(run_dir, cfg, model, run_tokenizer(run_dir, cfg))

@@ -2,7 +2,7 @@
 
 A damaged run folder is named, never used: every file of a real demo run folder, missing, empty,
 cut short or overwritten, makes each command that reads it (predict, evaluate, ensemble,
-train --resume) exit with 2 and a line naming that file, leaving every file as it was; a damaged
+train --resume, ask) exit with 2 and a line naming that file, leaving every file as it was; a damaged
 cached logits file is computed again instead. Files a command never reads are shown to be
 harmless: with them damaged, the command writes what it writes with the whole folder.
 """
@@ -96,13 +96,16 @@ def command_line(command: str, p: Pristine) -> list[str]:
     return {"predict": ["predict", str(p.run)], "evaluate": ["evaluate", str(p.run)],
             "ensemble": ["ensemble", str(p.run), str(p.other), "--split", "test", "--output-dir",
                          str(p.base / "ensemble")],
-            "resume": ["train", "--resume", str(p.run)]}[command]
+            "resume": ["train", "--resume", str(p.run)],
+            "ask": ["ask", str(p.run), "--question", "甲在哪裡", "--paragraph", "乙說甲在丙"]}[command]
 
 
 def reads(command: str, rel: str, p: Pristine) -> bool:
     """Whether ``command`` reads the run folder's file ``rel`` (resume ends with a predict)."""
     if rel == "config.json" or rel.startswith("model/"):
         return True
+    if command == "ask":                                  # the model and settings only, no cache
+        return False
     if command == "resume" and (rel == "metrics.jsonl" or rel.startswith(p.newest + "/")):
         return True
     return rel == (p.dev_logits if command == "evaluate" else p.test_logits)
@@ -161,7 +164,7 @@ def run_case(command: str, damaged: dict, expected: int | None, p: Pristine, cap
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("command", ["predict", "evaluate", "ensemble", "resume"])
+@pytest.mark.parametrize("command", ["predict", "evaluate", "ensemble", "resume", "ask"])
 def test_every_file_of_a_run_folder_damaged(pristine, command, kind, capsys):
     """Each file the command reads, damaged alone; all the files it never reads, damaged together."""
     problems = []

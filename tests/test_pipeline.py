@@ -147,7 +147,7 @@ def test_evaluate_pipelined_writes_the_whole_file_results_and_the_same_cache(run
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded although its logits are cached")
-    monkeypatch.setattr(run_module, "load_model", no_model)
+    monkeypatch.setattr(run_module, "load_run_model", no_model)
     assert evaluate_run(run_dir, overrides=[*extra, "inference_chunk=4"])[1] == pipelined    # read from the cache
 
 

@@ -33,7 +33,8 @@ EXIT_CODES = """exit codes:
   0    done
   1    a result.csv is not a valid submission (check, or the one train / predict / ensemble wrote)
   2    bad arguments or input: unknown setting, bad data file, missing file or run folder,
-       a file where a folder is needed or the other way round
+       a file where a folder is needed or the other way round, a damaged run folder (the file
+       named), a --resume the run cannot continue, an output_dir that already holds a run
   3    training stopped (non-finite loss, GPU out of memory)
   4    the system refused to read or write: permission denied, read-only or full disk
   5    the kaggle command is missing or refused (credentials, rules not accepted)

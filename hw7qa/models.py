@@ -142,6 +142,9 @@ def run_model_dir(run_dir: str | Path) -> Path:
     config.json, the weights (with every shard an index names), tokenizer.json and
     tokenizer_config.json are there, and every file in it is whole (``integrity``)."""
     folder = (Path(run_dir) / "model").resolve()
+    if not folder.is_dir() and folder.with_name("model.old").is_dir():
+        raise DamagedFile(Path(run_dir) / "model", "is missing: a save of a better model was cut off (the last "
+                          "one is model.old)", "resume the run, which puts model.old back first, or rename it to model")
     if not folder.is_dir():
         raise DamagedFile(Path(run_dir) / "model", "is missing", "is this a run folder made by 'train'? (a run "
                           "stopped before its first dev evaluation has no model yet: resume it)")

@@ -98,12 +98,14 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> tuple[Path, P
     if resume and not cfg.output_dir:
         raise ValueError("resume needs the run folder (output_dir)")
     run_dir = new_run_dir(cfg)
+    if resume:
+        put_back_replaced(run_dir)
     checkpoint = resume_point(cfg, run_dir) if resume else None
     if not resume:
         claim_for_new_run(run_dir, overwrite)
     elif checkpoint is None:
         clear_folder(run_dir)                  # an attempt stopped before it recorded a step
-    for unfinished in run_dir.glob("checkpoints/*.partial"):    # saves cut off by a kill
+    for unfinished in [*run_dir.glob("checkpoints/*.partial"), run_dir / "model.partial"]:  # saves cut off by a kill
         shutil.rmtree(unfinished, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.json")
@@ -241,7 +243,8 @@ def removed_on_failure(partial: Path):
 def replace_folder(partial: Path, directory: Path) -> None:
     """``partial`` renamed to ``directory``. An old ``directory`` is set aside (``.old``) and deleted
     only once the new one is in place: a failure leaves the old one where it was; a kill between the
-    two renames leaves it as ``.old``, which the next replacement puts back first."""
+    two renames leaves it as ``.old``, which the next replacement, or a resume (``put_back_replaced``),
+    puts back first."""
     old = directory.with_name(directory.name + ".old")
     with removed_on_failure(partial), refused_as(directory, partial):
         if old.exists() and not directory.exists():     # a replacement killed between its two renames
@@ -256,6 +259,17 @@ def replace_folder(partial: Path, directory: Path) -> None:
                 old.rename(directory)
             raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def put_back_replaced(run_dir: Path) -> None:
+    """Undo what a kill between ``replace_folder``'s two renames left: ``model.old`` (or a checkpoint's
+    ``.old``) without the folder it was set aside from is renamed back, as the next replacement would
+    do first, so that a resume finds the run's saved model where it was before that save began."""
+    for old in [run_dir / "model.old", *run_dir.glob("checkpoints/step-*.old")]:
+        directory = old.with_name(old.name.removesuffix(".old"))
+        if old.is_dir() and not directory.exists():
+            with refused_as(directory, old):
+                old.rename(directory)
 
 
 def log_metrics(run_dir: Path, record: dict) -> None:

@@ -1,5 +1,7 @@
 """Checkpoints and resume: an interrupted run, resumed, ends exactly where an uninterrupted one does."""
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -62,6 +64,28 @@ def test_interrupted_run_resumes_to_identical_weights_and_metrics(tmp_path, monk
     assert_same_weights(cut / "checkpoints" / last, whole / "checkpoints" / last)
     assert (torch.load(cut / "checkpoints" / last / "optimizer.bin", weights_only=True)["state"][0]["exp_avg"]
             .equal(torch.load(whole / "checkpoints" / last / "optimizer.bin", weights_only=True)["state"][0]["exp_avg"]))
+
+
+def test_a_kill_between_the_renames_of_a_save_loses_nothing(tmp_path, monkeypatch, capsys):
+    """``replace_folder`` sets the old folder aside (``.old``) before it renames the new one in: a
+    kill between the two renames leaves no ``model/``. Evaluate names the cause; a resume puts the
+    old model back and ends where an uninterrupted run does."""
+    knobs = {"epochs": 2, "batch_size": 8, "log_every": 1, "save_every": 2, "test_file": ""}
+    whole = train(demo_config(str(tmp_path / "whole"), knobs))
+    crash_during_step(monkeypatch, 7)
+    with pytest.raises(KeyboardInterrupt):
+        train(demo_config(str(tmp_path / "cut"), knobs))
+    monkeypatch.undo()
+    cut = tmp_path / "cut"
+    (cut / "model").rename(cut / "model.old")                     # the state such a kill leaves
+    shutil.copytree(cut / "model.old", cut / "model.partial")
+
+    assert main(["evaluate", str(cut)]) == 2
+    assert "model is missing: a save of a better model was cut off" in capsys.readouterr().err
+    assert main(["train", "--resume", str(cut)]) == 0
+    assert read_metrics(cut) == read_metrics(whole)
+    assert_same_weights(cut / "model", whole / "model")
+    assert not (cut / "model.old").exists() and not (cut / "model.partial").exists()
 
 
 def test_resume_ignores_an_unfinished_checkpoint_and_a_finished_run_stays_finished(tmp_path, capsys):

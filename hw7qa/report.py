@@ -14,6 +14,7 @@ from pathlib import Path
 from .data import QAData, Question
 from .decode import Prediction
 from .files import atomic_write
+from .integrity import check_file
 from .metrics import char_f1, exact_match
 from .windows import Encoded, question_budgets, question_windows
 
@@ -31,8 +32,10 @@ def format_example(data: QAData, question: Question, width: int = 60) -> str:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of ``<run>/metrics.jsonl``: training ({step, loss, lr}) and dev ({step, dev_em, dev_f1})."""
+    """The records of ``<run>/metrics.jsonl``: training ({step, loss, lr}) and dev ({step, dev_em, dev_f1});
+    a ``DamagedFile`` naming it if it is missing or a line is not a whole record."""
     path = Path(run_dir) / "metrics.jsonl"
+    check_file(path, "restore it from a copy of the run, or delete the damaged line")    # one line, not a traceback
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

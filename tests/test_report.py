@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from hw7qa.config import WindowSpec
+from hw7qa.integrity import DamagedFile
 from hw7qa.report import TextTable, as_table, display_width, format_table, plot_metrics, plot_windows
 from hw7qa.windows import encode, eval_windows, question_windows
 
@@ -57,6 +58,11 @@ def test_dev_curve_shows_f1_beside_exact_match(tmp_path):
     dev = {line.get_label(): list(line.get_ydata()) for line in fig.axes[2].get_lines()}
     assert dev == {"exact match": [0.0, 0.0], "F1": [0.1, 0.3]}
     plt.close(fig)
+
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 15, "lo')                         # a line cut short
+    with pytest.raises(DamagedFile, match=r"metrics.jsonl is damaged: line 5 is not a JSON record"):
+        plot_metrics(tmp_path)
 
 
 def test_table_columns_line_up_with_chinese_text():

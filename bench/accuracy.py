@@ -343,9 +343,9 @@ def seed_everything(seed: int) -> None:
 def run_task(task: dict) -> list[dict]:
     """Train (or reuse) one (recipe, seed) and evaluate it with each of its decodings; one result per
     decoding. Runs in this process or in a worker process (``--jobs``): everything it needs is in ``task``."""
-    from hw7qa.models import load_model
+    from hw7qa.models import load_run_model, run_tokenizer
     from hw7qa.train import train
-    from hw7qa.windows import encode, load_tokenizer, train_windows
+    from hw7qa.windows import encode, train_windows
     cfg: Config = task["cfg"]
     run_dir, action = Path(cfg.output_dir), task["action"]
     marker = run_dir / FINISHED
@@ -361,10 +361,10 @@ def run_task(task: dict) -> list[dict]:
     dev = load_qa_file(task["dev"], need_answers=True)
     if task["dev_limit"]:
         dev = QAData(dev.path, dev.questions[:task["dev_limit"]], dev.paragraphs)
-    tokenizer = load_tokenizer(run_dir / "model", cfg.isolate_digits, cfg.isolate_cjk)
+    tokenizer = run_tokenizer(run_dir, cfg)                  # the run's own files, checked (a reused run may be damaged)
     n_windows = len(train_windows(encode(load_qa_file(cfg.train_file), tokenizer, cfg.windows), cfg.train_windows,
                                   random.Random(0)))
-    model = load_model(str(run_dir / "model"))
+    model = load_run_model(run_dir)
     results = []
     for name, eval_cfg, sample_decoding in task["decodings"]:
         started = time.time()

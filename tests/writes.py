@@ -8,6 +8,11 @@ scheduler, RNG states) and safetensors' ``save_file`` (Rust: weights). Not cover
 ``tokenizer.json``, written by Rust code that cannot be replaced from Python (its error quotes
 ``(os error 28)`` as safetensors' does, see test_writes.py).
 
+With ``fault="kill"`` the process ends there instead (``os._exit``, as ``kill -9`` or an
+out-of-memory kill ends it: no ``except``, ``finally`` or buffer flush runs), leaving what that write
+had done by then: nothing for a call that writes a whole buffer or renames, the start of the file for
+torch's and safetensors' saves (``killed_command``, run in a child process by test_kills.py).
+
 A failed write raises what the real one raises: ``OSError`` ENOSPC naming no file at a Python
 write (after half the bytes, for ``os.write``), ``OSError`` EROFS naming the file where a file is
 created in a read-only folder, torch's ``RuntimeError`` without an errno (``unexpected pos``) and
@@ -21,6 +26,8 @@ import errno
 import importlib
 import io
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +45,7 @@ class WriteFaults:
 
     def __init__(self, monkeypatch, fail_at=None, fault: str = "full", nth: int = 1):
         self.fail_at, self.fault, self.writes, self.failed = fail_at, fault, [], None
-        self.matches_left = nth
+        self.matches_left, self.report = nth, None
         self.fds = {}                                  # fd → path, of files opened for writing
         real = {name: getattr(os, name) for name in ("open", "write", "close", "mkdir", "rename", "replace", "statvfs")}
         real_open, real_save = io.open, torch.save
@@ -69,6 +76,8 @@ class WriteFaults:
 
         def os_write(fd, data):
             if fd in self.fds and self.hit("os.write", self.fds[fd]):
+                if fault == "kill":                   # a kill lands between write calls, not inside one
+                    self.die()
                 real["write"](fd, bytes(data)[:len(data) // 2])     # the disk filled half way
                 raise self.error()
             return real["write"](fd, data)
@@ -145,13 +154,56 @@ class WriteFaults:
 
     def error(self, path=None, other=None) -> OSError:
         """What the system raises: a call that takes paths names them; a write to an open file names none."""
+        if self.fault == "kill":
+            self.die()
         number = errno.ENOSPC if self.fault == "full" else errno.EROFS
         if path is None:
             return OSError(number, os.strerror(number))
         return OSError(number, os.strerror(number), str(path), None, None if other is None else str(other))
 
     def leave(self, path, data: bytes) -> None:
-        """The start of a file a library's failed write leaves behind."""
-        if self.fault == "full":
+        """The start of a file a library's failed (or killed) write leaves behind."""
+        if self.fault in ("full", "kill"):
             with self.real_open(path, "wb") as f:
                 f.write(data)
+        if self.fault == "kill":
+            self.die()
+
+    def die(self) -> None:
+        if self.report:                                # which write it was, for the parent to check
+            with self.real_open(self.report, "w", encoding="utf-8") as f:
+                f.write(self.failed)
+        os._exit(KILLED)
+
+
+KILLED = 137        # the exit status a shell shows for a process ended by SIGKILL
+
+
+def kind_of(write: str, run) -> str:
+    """A write's description with its run folder as RUN, a tiny tokenizer's temporary folder as TMP/X,
+    step numbers as N and temporary names as .TMP: what kind of write it is, the same in every run.
+    (Not ``tempfile.gettempdir()``: a process's first call writes a file to probe the folder, and
+    from within a write that ``Kind`` counts it would wait forever for its own lock.)"""
+    text = re.sub(r"\S*/hw7qa-tiny-tokenizer-\w+", "TMP/X", write.replace(str(run), "RUN"))
+    return re.sub(r"(?<=step-)\d+|(?<=random_states_)\d+", "N", re.sub(r"\.[\w.]+\.tmp$", ".TMP", text))
+
+
+@dataclass(frozen=True)
+class Kind:
+    """Matches the writes of one kind (``kind_of``) in the run folder ``run``: a ``fail_at`` for WriteFaults."""
+    kind: str
+    run: str
+
+    def search(self, write: str) -> bool:
+        return kind_of(write, self.run) == self.kind
+
+
+def killed_command(command: list[str], fail_at, nth: int, report: str) -> None:
+    """``python -m hw7qa *command`` killed at the ``nth`` write that ``fail_at`` matches (an object
+    with ``search(description)``), after writing that write's description to ``report``; exits with
+    the command's code if it never gets there. The target of a forked child (test_kills.py)."""
+    import pytest
+    from hw7qa.__main__ import main
+    faults = WriteFaults(pytest.MonkeyPatch(), fail_at, "kill", nth)
+    faults.report = report
+    raise SystemExit(main(command))

@@ -6,7 +6,8 @@ makes (its config, metrics records, three saves of a better model, two checkpoin
 and result.csv), a child process runs the demo and is killed there (tests/writes.py, ``kill``); then
 ``train --resume`` either ends exactly where the uninterrupted run ends (metrics, weights and
 result.csv, bit for bit) or, where the kill came before the first checkpoint but after a logged
-step, refuses and touches nothing. Children are forked from a server that has imported the package
+step, refuses and touches nothing. ``predict``, ``evaluate`` and ``ensemble``, killed at each kind
+of write they make, leave their file as it was or whole, and run again write the same bytes. Children are forked from a server that has imported the package
 once (multiprocessing's forkserver), so each kill costs a training run, not an interpreter start.
 """
 import collections
@@ -16,7 +17,8 @@ import shutil
 import pytest
 
 from hw7qa.__main__ import main
-from test_writes import KNOBS, assert_same_as_reference, assert_usable, snapshot, what_a_resume_should_do
+from test_writes import (KNOBS, assert_same_as_reference, assert_usable, leftovers, snapshot,
+                         what_a_resume_should_do)
 from writes import KILLED, Kind, WriteFaults, kind_of, killed_command
 
 RUN_KNOBS = [*KNOBS, "eval_every=1"]     # a dev evaluation at each of the 3 steps: the model is saved 3 times
@@ -90,3 +92,58 @@ def resume_after_a_kill(run, uninterrupted, capsys) -> str:
     assert_usable(run, uninterrupted)
     assert_same_as_reference(run, uninterrupted)
     return then
+
+
+# what each inference command makes, under the case folder (the run is RUN/run, an ensemble's folder RUN/ens)
+MADE = {"predict": "run/result.csv", "evaluate": "run/dev_predictions.jsonl", "ensemble": "ens/result.csv"}
+
+
+def inference_command(command: str, case) -> list[str]:
+    run = str(case / "run")
+    return {"predict": ["predict", run], "evaluate": ["evaluate", run],
+            "ensemble": ["ensemble", run, run, "--split", "test", "--output-dir", str(case / "ens")]}[command]
+
+
+def inference_case(uninterrupted, case, command: str):
+    """A copy of the uninterrupted run without its logits cache, and a previous whole file where the
+    command writes (none for an ensemble's new folder); that previous file's bytes."""
+    shutil.copytree(uninterrupted["run"], case / "run", ignore=shutil.ignore_patterns("logits"))
+    previous = None if command == "ensemble" else f"previous {command} output\n".encode()
+    if previous:
+        (case / MADE[command]).write_bytes(previous)
+    return previous
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "ensemble"])
+def test_a_kill_at_each_kind_of_write_of_inference_leaves_whole_files(command, uninterrupted, forked, tmp_path):
+    """Killed at the last write of each kind (logits cache, the CSV or JSONL, their renames), the
+    command leaves its file as it was or whole and new; run again it writes what an uninterrupted one
+    writes and leaves no temporary file behind."""
+    reference = tmp_path / "reference"
+    inference_case(uninterrupted, reference, command)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        faults = WriteFaults(monkeypatch)
+        assert main(inference_command(command, reference)) == 0
+    expected = (reference / MADE[command]).read_bytes()
+    kinds = collections.Counter(kind_of(w, reference) for w in faults.writes)
+    assert any(kind.startswith("replace") for kind in kinds), kinds        # the file is put in place by a rename
+    problems = []
+    for number, (kind, count) in enumerate(kinds.items()):
+        case = tmp_path / str(number)
+        previous = inference_case(uninterrupted, case, command)
+        child = forked.Process(target=killed_command, args=(inference_command(command, case), Kind(kind, str(case)),
+                                                            count, str(tmp_path / f"{number}.killed-at")))
+        child.start()
+        child.join(timeout=300)
+        if child.is_alive():
+            child.kill()
+            child.join()
+        made = case / MADE[command]
+        left = made.read_bytes() if made.exists() else None
+        if child.exitcode != KILLED:
+            problems.append(f"{kind} #{count}: the child ended with {child.exitcode}, not at the kill")
+        elif left not in (previous, expected):
+            problems.append(f"killed at {kind} #{count}: {MADE[command]} is neither the previous file nor the new one")
+        elif main(inference_command(command, case)) != 0 or made.read_bytes() != expected or leftovers(case):
+            problems.append(f"killed at {kind} #{count}: run again, it differs or leaves {leftovers(case)}")
+    assert not problems, "\n".join(problems)

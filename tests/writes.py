@@ -181,11 +181,13 @@ KILLED = 137        # the exit status a shell shows for a process ended by SIGKI
 
 def kind_of(write: str, run) -> str:
     """A write's description with its run folder as RUN, a tiny tokenizer's temporary folder as TMP/X,
-    step numbers as N and temporary names as .TMP: what kind of write it is, the same in every run.
+    a logits file's key as KEY, step numbers as N and the random part of a temporary's name as .TMP
+    (``.result.csv.TMP``): what kind of write it is, the same in every run.
     (Not ``tempfile.gettempdir()``: a process's first call writes a file to probe the folder, and
     from within a write that ``Kind`` counts it would wait forever for its own lock.)"""
     text = re.sub(r"\S*/hw7qa-tiny-tokenizer-\w+", "TMP/X", write.replace(str(run), "RUN"))
-    return re.sub(r"(?<=step-)\d+|(?<=random_states_)\d+", "N", re.sub(r"\.[\w.]+\.tmp$", ".TMP", text))
+    text = re.sub(r"/logits/\.?\w+\.npz", "/logits/KEY.npz", text)      # the key names the model file's mtime
+    return re.sub(r"(?<=step-)\d+|(?<=random_states_)\d+", "N", re.sub(r"\.\w+\.tmp$", ".TMP", text))
 
 
 @dataclass(frozen=True)

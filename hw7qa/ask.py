@@ -69,9 +69,7 @@ def load_reader(run_dir: str | Path, overrides: list[str] | dict | None = None) 
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run folder; give a folder made by 'train' (outputs/<run>)")
     cfg = run_config(run_dir, overrides)
-    if not (run_dir / "model").is_dir():
-        raise FileNotFoundError(f"{run_dir}: no model/ folder; is this a run folder made by 'train'?")
-    model = load_run_model(run_dir)
+    model = load_run_model(run_dir)                     # names a missing or damaged model/ (integrity)
     check_max_length(model.config, cfg.max_length)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     return Reader(run_dir, cfg, model, run_tokenizer(run_dir, cfg))

@@ -99,7 +99,7 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> tuple[Path, P
         raise ValueError("resume needs the run folder (output_dir)")
     run_dir = new_run_dir(cfg)
     if resume:
-        put_back_replaced(run_dir)
+        put_back(run_dir / "model")
     checkpoint = resume_point(cfg, run_dir) if resume else None
     if not resume:
         claim_for_new_run(run_dir, overwrite)
@@ -243,33 +243,33 @@ def removed_on_failure(partial: Path):
 def replace_folder(partial: Path, directory: Path) -> None:
     """``partial`` renamed to ``directory``. An old ``directory`` is set aside (``.old``) and deleted
     only once the new one is in place: a failure leaves the old one where it was; a kill between the
-    two renames leaves it as ``.old``, which the next replacement, or a resume (``put_back_replaced``),
-    puts back first."""
-    old = directory.with_name(directory.name + ".old")
+    two renames leaves it as ``.old``, which ``put_back`` renames back."""
+    old = set_aside_name(directory)
     with removed_on_failure(partial), refused_as(directory, partial):
-        if old.exists() and not directory.exists():     # a replacement killed between its two renames
-            old.rename(directory)
+        put_back(directory)
         shutil.rmtree(old, ignore_errors=True)
         if directory.exists():
             directory.rename(old)
         try:
             partial.rename(directory)
         except BaseException:
-            if old.exists() and not directory.exists():
-                old.rename(directory)
+            put_back(directory)
             raise
     shutil.rmtree(old, ignore_errors=True)
 
 
-def put_back_replaced(run_dir: Path) -> None:
-    """Undo what a kill between ``replace_folder``'s two renames left: ``model.old`` (or a checkpoint's
-    ``.old``) without the folder it was set aside from is renamed back, as the next replacement would
-    do first, so that a resume finds the run's saved model where it was before that save began."""
-    for old in [run_dir / "model.old", *run_dir.glob("checkpoints/step-*.old")]:
-        directory = old.with_name(old.name.removesuffix(".old"))
-        if old.is_dir() and not directory.exists():
-            with refused_as(directory, old):
-                old.rename(directory)
+def set_aside_name(directory: Path) -> Path:
+    return directory.with_name(directory.name + ".old")
+
+
+def put_back(directory: Path) -> None:
+    """Undo what a kill between ``replace_folder``'s two renames left: ``directory.old`` without
+    ``directory`` is renamed back. The next replacement does it first; a resume does it for ``model/``
+    before it checks the run, so that it finds the model saved before the cut-off save began."""
+    old = set_aside_name(directory)
+    if old.is_dir() and not directory.exists():
+        with refused_as(directory, old):
+            old.rename(directory)
 
 
 def log_metrics(run_dir: Path, record: dict) -> None:

@@ -17,7 +17,7 @@ import shutil
 import pytest
 
 from hw7qa.__main__ import main
-from test_writes import (KNOBS, assert_same_as_reference, assert_usable, leftovers, snapshot,
+from test_writes import (KNOBS, assert_same_as_reference, assert_usable, commands, leftovers, outcome_of, snapshot,
                          what_a_resume_should_do)
 from writes import KILLED, Kind, WriteFaults, kind_of, killed_command
 
@@ -26,20 +26,14 @@ RUN_KNOBS = [*KNOBS, "eval_every=1"]     # a dev evaluation at each of the 3 ste
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """The uninterrupted run, what test_writes' checks compare with, and the number of the last write
-    of each kind it makes."""
-    from hw7qa.report import read_metrics
-    from hw7qa.runs import list_checkpoints
-    from safetensors.torch import load_file
+    """The uninterrupted run (``outcome_of``) and how many writes of each kind it makes."""
     run = tmp_path_factory.mktemp("uninterrupted") / "run"
     with pytest.MonkeyPatch.context() as monkeypatch:
         faults = WriteFaults(monkeypatch)
         assert main(["demo", "--output-dir", str(run), "--set", *RUN_KNOBS]) == 0
     kinds = collections.Counter(kind_of(w, run) for w in faults.writes)     # kind → how many (the last is killed)
     assert sum(w.startswith("rename") and w.endswith("/model") for w in faults.writes) == 2   # a model set aside twice
-    return {"run": run, "kinds": kinds, "writes": faults.writes, "metrics": read_metrics(run),
-            "weights": load_file(run / "model" / "model.safetensors"), "result": (run / "result.csv").read_bytes(),
-            "checkpoints": {c.name: snapshot(c) for c in list_checkpoints(run)}}
+    return {"kinds": kinds, **outcome_of(run)}
 
 
 @pytest.fixture(scope="module")
@@ -52,21 +46,32 @@ def forked():
     return context
 
 
+def killed_at(forked, command: list[str], kind: str, count: int, folder) -> int | None:
+    """Run ``command`` in a forked child killed at the ``count``-th write of ``kind`` (in ``folder``,
+    what ``kind_of`` names RUN); its exit code (``KILLED`` once the kill, checked to be at a write of
+    that kind, came; None if it hung)."""
+    report = folder.with_name(folder.name + ".killed-at")
+    report.parent.mkdir(parents=True, exist_ok=True)     # the killed child writes it, whatever it made by then
+    child = forked.Process(target=killed_command, args=(command, Kind(kind, str(folder)), count, str(report)))
+    child.start()
+    child.join(timeout=300)                          # a hang fails the test, not the whole suite
+    if child.is_alive():
+        child.kill()
+        child.join()
+        return None
+    if child.exitcode == KILLED:
+        assert kind_of(report.read_text(encoding="utf-8"), folder) == kind
+    return child.exitcode
+
+
 def test_a_kill_at_each_kind_of_write_loses_nothing(uninterrupted, forked, tmp_path, capsys):
     problems, outcomes = [], collections.Counter()
     for number, (kind, count) in enumerate(uninterrupted["kinds"].items()):
-        run, report = tmp_path / str(number) / "run", tmp_path / f"{number}.killed-at"
-        command = ["demo", "--output-dir", str(run), "--set", *RUN_KNOBS]
-        child = forked.Process(target=killed_command, args=(command, Kind(kind, str(run)), count, str(report)))
-        child.start()
-        child.join(timeout=300)                      # a hang fails here, not the whole suite
-        if child.is_alive():
-            child.kill()
-            child.join()
-        if child.exitcode != KILLED:
-            problems.append(f"{kind} #{count}: the child ended with {child.exitcode}, not at the kill")
+        run = tmp_path / str(number) / "run"
+        code = killed_at(forked, ["demo", "--output-dir", str(run), "--set", *RUN_KNOBS], kind, count, run)
+        if code != KILLED:
+            problems.append(f"{kind} #{count}: the child ended with {code}, not at the kill")
             continue
-        assert kind_of(report.read_text(encoding="utf-8"), run) == kind
         try:
             outcomes[resume_after_a_kill(run, uninterrupted, capsys)] += 1
         except AssertionError as e:
@@ -99,9 +104,7 @@ MADE = {"predict": "run/result.csv", "evaluate": "run/dev_predictions.jsonl", "e
 
 
 def inference_command(command: str, case) -> list[str]:
-    run = str(case / "run")
-    return {"predict": ["predict", run], "evaluate": ["evaluate", run],
-            "ensemble": ["ensemble", run, run, "--split", "test", "--output-dir", str(case / "ens")]}[command]
+    return commands(case / "run", case / "ens")[command]
 
 
 def inference_case(uninterrupted, case, command: str):
@@ -131,17 +134,11 @@ def test_a_kill_at_each_kind_of_write_of_inference_leaves_whole_files(command, u
     for number, (kind, count) in enumerate(kinds.items()):
         case = tmp_path / str(number)
         previous = inference_case(uninterrupted, case, command)
-        child = forked.Process(target=killed_command, args=(inference_command(command, case), Kind(kind, str(case)),
-                                                            count, str(tmp_path / f"{number}.killed-at")))
-        child.start()
-        child.join(timeout=300)
-        if child.is_alive():
-            child.kill()
-            child.join()
+        code = killed_at(forked, inference_command(command, case), kind, count, case)
         made = case / MADE[command]
         left = made.read_bytes() if made.exists() else None
-        if child.exitcode != KILLED:
-            problems.append(f"{kind} #{count}: the child ended with {child.exitcode}, not at the kill")
+        if code != KILLED:
+            problems.append(f"{kind} #{count}: the child ended with {code}, not at the kill")
         elif left not in (previous, expected):
             problems.append(f"killed at {kind} #{count}: {MADE[command]} is neither the previous file nor the new one")
         elif main(inference_command(command, case)) != 0 or made.read_bytes() != expected or leftovers(case):

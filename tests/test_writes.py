@@ -74,8 +74,13 @@ def reference(tmp_path_factory):
             faults.writes.clear()
             assert main(command) == 0
             writes[name] = list(faults.writes)
-    return {"run": run, "ens": ens, "writes": writes, "metrics": read_metrics(run),
-            "weights": load_file(run / "model" / "model.safetensors"), "result": (run / "result.csv").read_bytes(),
+    return {"ens": ens, "writes": writes, **outcome_of(run)}
+
+
+def outcome_of(run) -> dict:
+    """What an uninterrupted run leaves, as ``assert_usable`` and ``assert_same_as_reference`` compare it."""
+    return {"run": run, "metrics": read_metrics(run), "weights": load_file(run / "model" / "model.safetensors"),
+            "result": (run / "result.csv").read_bytes(),
             "checkpoints": {c.name: snapshot(c) for c in list_checkpoints(run)}}
 
 

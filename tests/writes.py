@@ -40,12 +40,13 @@ SAFETENSORS_SAVERS = [("safetensors.torch", "save_file"), ("transformers.modelin
 class WriteFaults:
     """Counts writes (``self.writes``: ``"<kind of write> <path>"`` in order) and fails one as
     ``fault`` (``full`` or ``read-only``) does: the write number ``fail_at`` (1-based), or the
-    ``nth`` whose description ``fail_at`` (a compiled regex) matches; None: none. ``self.failed`` is
+    ``nth`` whose description ``fail_at`` (a compiled regex, or any object with ``search``) matches;
+    None: none. ``self.failed`` is
     the failed write's description."""
 
-    def __init__(self, monkeypatch, fail_at=None, fault: str = "full", nth: int = 1):
+    def __init__(self, monkeypatch, fail_at=None, fault: str = "full", nth: int = 1, report: str | None = None):
         self.fail_at, self.fault, self.writes, self.failed = fail_at, fault, [], None
-        self.matches_left, self.report = nth, None
+        self.matches_left, self.report = nth, report       # report: where a kill writes which write it was
         self.fds = {}                                  # fd → path, of files opened for writing
         real = {name: getattr(os, name) for name in ("open", "write", "close", "mkdir", "rename", "replace", "statvfs")}
         real_open, real_save = io.open, torch.save
@@ -206,6 +207,5 @@ def killed_command(command: list[str], fail_at, nth: int, report: str) -> None:
     the command's code if it never gets there. The target of a forked child (test_kills.py)."""
     import pytest
     from hw7qa.__main__ import main
-    faults = WriteFaults(pytest.MonkeyPatch(), fail_at, "kill", nth)
-    faults.report = report
+    WriteFaults(pytest.MonkeyPatch(), fail_at, "kill", nth, report)
     raise SystemExit(main(command))

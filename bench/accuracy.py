@@ -259,22 +259,15 @@ def eval_device(choice: str = "auto"):
 
 def evaluate(cfg, model_dir, dev, sample_decoding=False, model=None, device="auto"):
     """Dev EM/F1 (and per question), decoding-oracle EM and empty answers of the model in ``model_dir``
-    with ``cfg``'s windows and decoding (at every one of ``cfg.inference_strides``, voted, as
-    ``hw7qa evaluate`` does), its forward passes on ``device`` (``auto``: the GPU if there is one)
-    under autocast at ``cfg.mixed_precision``. ``model``: the already loaded model of ``model_dir``
-    (moved to ``device`` here)."""
-    from hw7qa.decode import decode_predictions, oracle_logits, window_logits
-    from hw7qa.ensemble import vote_predictions
-    from hw7qa.models import load_model
-    from hw7qa.windows import encode, eval_windows, load_tokenizer, with_stride
+    with ``cfg``'s windows and decoding, through ``hw7qa.inference`` as ``hw7qa evaluate`` runs it,
+    its forward passes on ``device`` (``auto``: the GPU if there is one). ``model``: the already
+    loaded model of ``model_dir`` (moved to ``device`` here)."""
+    from hw7qa.decode import decode_predictions, oracle_logits, vote_predictions
+    from hw7qa.inference import Reader, stride_logits
+    from hw7qa.models import load_model, load_tokenizer
     tokenizer = load_tokenizer(model_dir, cfg.isolate_digits, cfg.isolate_cjk)
     model = (model if model is not None else load_model(str(model_dir))).to(eval_device(device))
-    members, tokenized = [], encode(dev, tokenizer, cfg.windows)
-    for stride in cfg.inference_strides:
-        enc = with_stride(tokenized, stride)
-        windows = eval_windows(enc)
-        members.append((enc, windows, window_logits(model, tokenizer, windows, cfg.eval_batch_size,
-                                                    cfg.mixed_precision, desc=f"dev (stride {stride})")))
+    members = stride_logits(Reader(cfg, tokenizer, model), dev, desc="dev")
     enc, windows, _ = members[0]
     gold = [q.answer_text for q in dev.questions]
     if sample_decoding:

@@ -11,11 +11,10 @@ model runs in half precision (bf16 where supported, else fp16). Rows:
 
 (a) dev-set inference at doc_stride 32 and 150 with the sample's windows (40-token questions,
     150-token paragraph windows): the sample's loop (one question per batch, all its windows,
-    padded to the full 193 tokens, argmax per window) against ``hw7qa.pipeline.predict`` (windows of
-    many questions per batch, sorted by length, padded to the batch's longest, n-best decoding;
-    ``hw7qa.decode.predict`` unless ``inference_chunk`` pipelines it);
+    padded to the full 193 tokens, argmax per window) against ``hw7qa.inference.answers`` (windows of
+    many questions per batch, sorted by length, padded to the batch's longest, n-best decoding);
 (b) the project's end-to-end inference (tokenise, windows, forward, decode) against the forward
-    passes alone on the same, already collated batches (``hw7qa.pipeline.forward_seconds``);
+    passes alone on the same, already collated batches (``forward_seconds`` below);
 (c) training windows per second (forward, backward, optimizer step) with every batch padded to
     max_length against dynamic padding, and dynamic padding with length-grouped batches.
 
@@ -49,10 +48,12 @@ from transformers import (AutoModelForQuestionAnswering, BertConfig, BertForQues
 
 from hw7qa.config import Config  # noqa: E402
 from hw7qa.data import QAData, load_qa_file  # noqa: E402
-from hw7qa.decode import decode_predictions, window_logits  # noqa: E402
-from hw7qa.pipeline import forward_seconds, predict  # noqa: E402
 from hw7qa.batches import length_grouped_batches  # noqa: E402
-from hw7qa.windows import encode, eval_windows, features, load_tokenizer, train_windows  # noqa: E402
+from hw7qa.decode import decode_predictions  # noqa: E402
+from hw7qa.devices import inference_autocast  # noqa: E402
+from hw7qa.inference import Reader, answers, batch_rows, window_logits  # noqa: E402
+from hw7qa.models import load_tokenizer  # noqa: E402
+from hw7qa.windows import encode, eval_windows, features, padding_of, train_windows  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 SHAPES = {"bert-base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
@@ -222,10 +223,32 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+def predict(model, tokenizer, data: QAData, cfg: Config, desc: str = "inference"):
+    return answers(Reader(cfg, tokenizer, model), data, desc=desc)
+
+
+def forward_seconds(model, tokenizer, data: QAData, cfg: Config) -> float:
+    """Seconds of the forward passes alone that ``predict`` runs: every batch collated and copied to
+    the device beforehand, then only the forward passes, timed until the device has finished."""
+    device = next(model.parameters()).device
+    windows = eval_windows(encode(data, tokenizer, cfg.windows))
+    batches = [{key: torch.from_numpy(value).to(device) for key, value in
+                windows.model_inputs(rows, **padding_of(tokenizer)).items()}
+               for rows in batch_rows(windows, cfg.eval_batch_size)]
+    model.eval()
+    with torch.inference_mode(), inference_autocast(cfg.mixed_precision, device):
+        sync(device)
+        started = time.perf_counter()
+        for batch in batches:
+            model(**batch)
+        sync(device)
+    return time.perf_counter() - started
+
+
 def inference_rows(model, tokenizer, dev: QAData, eval_batch_size: int, device, strides=(32, 150),
                    settings: dict | None = None) -> list[dict]:
     """Rows (a) and (b) at each doc_stride of ``strides``, with the sample's windows (193 tokens);
-    the project's inference with ``settings`` (e.g. ``{"inference_chunk": 256}``) of its Config."""
+    the project's inference with ``settings`` of its Config."""
     rows = []
     for stride in strides:
         cfg = Config(**SAMPLE_WINDOWS, doc_stride=stride, eval_batch_size=eval_batch_size, **(settings or {}))

@@ -11,8 +11,8 @@
     python -m hw7qa check outputs/RUN/result.csv data/hw7_test.json
     python -m hw7qa demo                                # the whole pipeline offline on the shipped sample
 
-Expected failures print a message on stderr, not a traceback (an OSError as one line
-``error: <what> (<path>)``), and exit with one of ``EXIT_CODES``.
+Expected failures print one line on stderr, not a traceback (an OSError as ``error: <what> (<path>)``),
+and exit with one of ``EXIT_CODES``.
 """
 from __future__ import annotations
 
@@ -23,22 +23,32 @@ from pathlib import Path
 
 # Only what every command needs: torch, transformers and accelerate are imported by the commands
 # that use them (run_command), so that --help, check and a mistyped argument answer at once.
-from .config import TrainingError, load_config
+from . import __version__
+from .config import FREE_ON_RESUME, TrainingError, demo_config, load_config, preset_names, preset_path
 from .data import DataError, load_qa_file
 from .kaggle import KaggleError
 from .submission import SubmissionError, check_result_csv
 
 
-EXIT_CODES = """exit codes:
-  0    done
-  1    a result.csv is not a valid submission (check, or the one train / predict / ensemble wrote)
-  2    bad arguments or input: unknown setting, bad data file, missing file or run folder,
-       a file where a folder is needed or the other way round, a damaged run folder (the file
-       named), a --resume the run cannot continue, an output_dir that already holds a run
-  3    training stopped (non-finite loss, GPU out of memory)
-  4    the system refused to read or write: permission denied, read-only or full disk
-  5    the kaggle command is missing or refused (credentials, rules not accepted)
-  130  interrupted (Ctrl-C)"""
+# Every exit code and what it means: the --help epilog and the README's table are made from this.
+EXIT_CODES = {
+    0: "done",
+    1: "a result.csv is not a valid submission (check, or the one train / predict / ensemble wrote)",
+    2: "bad arguments or input: unknown setting, bad data file, missing file or run folder, a file where a "
+       "folder is needed or the other way round, a damaged run folder (the file named), a --resume the run "
+       "cannot continue, an output_dir that already holds a run",
+    3: "training stopped (non-finite loss, GPU out of memory)",
+    4: "the system refused to read or write: permission denied, read-only or full disk",
+    5: "the kaggle command is missing or refused (credentials, rules not accepted)",
+    130: "interrupted (Ctrl-C)",
+}
+
+
+def exit_codes_epilog() -> str:
+    import textwrap
+    return "exit codes:\n" + "\n".join(textwrap.fill(text, 100, initial_indent=f"  {code:<5}", subsequent_indent=" " * 7)
+                                       for code, text in EXIT_CODES.items())
+
 
 # errno → what went wrong, in words, and the exit code (see EXIT_CODES)
 OS_ERRORS = {
@@ -66,29 +76,28 @@ def os_error_message(e: OSError) -> tuple[str, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hw7qa", description="HW7 Chinese extractive QA",
-                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="fine-tune; predicts the test file too when one is configured")
-    p.add_argument("--config", help="a preset's name (bert-base, macbert-base, macbert-large, small-model, "
-                   "sample-recipe, demo) or a JSON file")
+                                     epilog=exit_codes_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    settings = argparse.ArgumentParser(add_help=False)      # --set, the same for every command that takes it
     # action="extend": a second --set adds to the first instead of replacing it
-    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="override config values")
-    p.add_argument("--resume", metavar="RUN", help="continue this run folder from its newest checkpoint "
-                   "(with the run's own config.json; --set may change only eval_batch_size, save_every, "
-                   "keep_checkpoints, log_every, max_skipped_steps, test_file)")
+    settings.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                          help="override config values (several --set add up; a key set twice is refused)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", parents=[settings], help="fine-tune; predicts the test file too when one is configured")
+    p.add_argument("--config", help=f"a preset's name ({', '.join(preset_names())}) or a JSON file")
+    p.add_argument("--resume", metavar="RUN", help="continue this run folder from its newest checkpoint (with the "
+                   f"run's own config.json; --set may change only {', '.join(FREE_ON_RESUME)})")
     p.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds a run, "
                    "deleting that run (without it, train refuses such a folder)")
     for name, helptext in (("predict", "write result.csv for a test file"), ("evaluate", "dev EM and F1")):
-        p = sub.add_parser(name, help=helptext)
+        p = sub.add_parser(name, parents=[settings], help=helptext)
         p.add_argument("run", help="a run folder made by train")
         p.add_argument("--file", default="", help="HW7 or DRCD JSON (default: the run's test/dev file)")
-        p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                       help="override inference settings, e.g. doc_stride=32")
         if name == "predict":
             p.add_argument("--out", default="", help="CSV path (default: RUN/result.csv for the run's own test "
                            "file; RUN/result-<file stem>.csv for any other --file, so that the run's submission "
                            "is never replaced)")
-    p = sub.add_parser("ensemble", help="combine several runs' models (see hw7qa/ensemble.py)")
+    p = sub.add_parser("ensemble", help="combine several runs' models (decode.ensemble_predictions)")
     p.add_argument("runs", nargs="+", help="two or more run folders made by train")
     p.add_argument("--split", choices=("dev", "test"), default="dev")
     p.add_argument("--file", default="", help="HW7 or DRCD JSON (default: the first run's dev/test file)")
@@ -97,15 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("auto", "chars"), default="auto",
                    help="auto: average logits of members with the same tokenizer and windows, combine the rest "
                         "at the character level; chars: every member at the character level")
-    p = sub.add_parser("ask", help="answer your own question about your own paragraph with a run's model")
+    p = sub.add_parser("ask", parents=[settings], help="answer your own question about your own paragraph")
     p.add_argument("run", help="a run folder made by train")
     p.add_argument("--question", help="the question")
     p.add_argument("--paragraph", help="the text in which the answer is to be found")
     p.add_argument("--file", help="many questions instead: HW7 or DRCD JSON, or JSON lines (*.jsonl) of "
                    '{"question": ..., "paragraph": ...}')
     p.add_argument("--n-best", type=int, default=5, help="alternatives listed per question (default 5)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override inference settings, e.g. doc_stride=32")
     p = sub.add_parser("check", help="validate a result.csv against a test JSON")
     p.add_argument("csv")
     p.add_argument("test_json")
@@ -115,9 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-file", default="", help="the test JSON to check against (default: the run's test_file)")
     p = sub.add_parser("download", help="the competition's JSON files from Kaggle into a folder")
     p.add_argument("--dir", default="data", help="where they go (default: data)")
-    p = sub.add_parser("demo", help="the whole pipeline offline on data/sample with a tiny random model")
+    p = sub.add_parser("demo", parents=[settings], help="the whole pipeline offline on data/sample with a tiny random model")
     p.add_argument("--output-dir", default="", help="run folder (default: outputs/tiny-random-bert-<time>)")
-    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE")
     return parser
 
 
@@ -131,8 +137,9 @@ def run_command(args: argparse.Namespace) -> int:
         return kaggle_command(args)
     if args.command == "ask":
         return ask_command(args)
-    from .run import (demo_config, ensemble_runs, evaluate_run, predict_test, preset_path, resume_config,
-                      train_and_predict)
+    from .inference import ensemble_runs, evaluate_run, predict_test
+    from .runfolder import resume_config
+    from .train import train_and_predict
     if args.command == "train" and args.resume:
         if args.config:
             raise ValueError("--resume uses the run's own config.json; leave out --config")

@@ -1,22 +1,16 @@
 """Ask a trained run your own question: a paragraph and a question in; the answer, its score and
 the n-best alternatives out (``hw7qa ask RUN``, and the notebook's "try your own question").
 
-transformers 5 removed the ``question-answering`` pipeline; this is hw7qa's one-liner, and it
-answers exactly as ``predict`` does, through the same code: the questions become a ``QAData`` in
-memory, are cut into the run's windows (``windows.encode``, at each of the run's
-``inference_strides``), go through the run's model (``decode.window_logits``) and are decoded
-with the run's settings (``ensemble.vote_predictions``: ``decode.decode_predictions`` unless the
-run has ``tta_strides``). The alternatives are the candidates the decoder chose among
-(``ensemble.span_scores``: the ``n_best`` × ``n_best`` valid spans of every window, as paragraph
-characters), best first, with their probability (the softmax over the question's candidates).
+The questions become a ``QAData`` in memory and are answered by ``inference.stride_logits`` and
+``decode.vote_predictions``, as ``predict`` answers a file (without its logits cache). The
+alternatives are the candidates the decoder chose among (``decode.span_scores``), best first, with
+their probability (the softmax over the question's candidates).
 
     from hw7qa.ask import ask, format_answer
     print(format_answer(ask("outputs/RUN", "臺灣大學的前身是什麼？", paragraph, n_best=5)))
 
-Many questions at once (the model loaded once): ``ask_many(run, [(question, paragraph), ...])``,
-or from a file with ``read_questions``: HW7 or DRCD JSON (answers not needed), or, for a file
-named ``*.jsonl``, one ``{"question": "...", "paragraph": "..."}`` object per line.
-The model and tokenizer are loaded by ``models.py``, as for ``predict``; nothing here imports the trainer.
+Many questions at once, the model loaded once: ``ask_many(load_reader(run), [(question, paragraph), ...])``,
+or a file read by ``read_questions``: HW7 or DRCD JSON, or ``*.jsonl`` of ``{"question", "paragraph"}``.
 """
 from __future__ import annotations
 
@@ -24,17 +18,13 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from .config import Config, DecodeSpec
+from .config import DecodeSpec
 from .data import DataError, QAData, Question, load_qa_file
-from .decode import balance_quotes, window_logits
-from .ensemble import softmax, span_scores, vote_predictions
-from .models import check_max_length, load_run_model, run_tokenizer
-from .run import run_config
-from .windows import encode, eval_windows, with_stride
+from .decode import balance_quotes, softmax, span_scores, vote_predictions
+from .devices import tf32_matmuls
+from .inference import Reader, open_run, stride_logits
+from .runfolder import run_config
 
 
 @dataclass(frozen=True)
@@ -53,26 +43,12 @@ class Answer:
     alternatives: list[Alternative]   # best first; the first is the answer, unless no top-k span was valid
 
 
-@dataclass(frozen=True)
-class Reader:
-    """A run's settings, model and tokenizer, loaded once to answer many questions."""
-    run_dir: Path
-    cfg: Config
-    model: Any
-    tokenizer: Any
-
-
 def load_reader(run_dir: str | Path, overrides: list[str] | dict | None = None) -> Reader:
-    """The run's model (on the GPU if there is one) and tokenizer, with ``overrides`` of its inference
-    settings (as ``predict --set``); a FileNotFoundError that says what is missing otherwise."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: no such run folder; give a folder made by 'train' (outputs/<run>)")
-    cfg = run_config(run_dir, overrides)
-    model = load_run_model(run_dir)                     # names a missing or damaged model/ (integrity)
-    check_max_length(model.config, cfg.max_length)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    return Reader(run_dir, cfg, model, run_tokenizer(run_dir, cfg))
+    """The run's model and tokenizer, loaded once to answer many questions, with ``overrides`` of its
+    inference settings (as ``predict --set``)."""
+    reader = open_run(run_dir, run_config(run_dir, overrides), cache=False)
+    reader.loaded_model()           # now: a missing or damaged model/ is named before any question
+    return reader
 
 
 def questions_data(pairs: list[tuple[str, str]]) -> QAData:
@@ -129,14 +105,9 @@ def ask_many(run: str | Path | Reader, pairs: list[tuple[str, str]] | QAData, n_
         raise ValueError(f"n_best={n_best}; give 0 or more alternatives to list")
     data = pairs if isinstance(pairs, QAData) else questions_data(pairs)
     reader = run if isinstance(run, Reader) else load_reader(run)
-    cfg, tokenizer = reader.cfg, reader.tokenizer
-    enc = encode(data, tokenizer, cfg.windows)
-    members = []
-    for stride in cfg.inference_strides:                 # as run.stride_logits, without its cache
-        at_stride = with_stride(enc, stride)
-        windows = eval_windows(at_stride)
-        logits = window_logits(reader.model, tokenizer, windows, cfg.eval_batch_size, cfg.mixed_precision, "ask")
-        members.append((at_stride, windows, logits))
+    cfg = reader.cfg
+    with tf32_matmuls(cfg.tf32):
+        members = stride_logits(reader, data, desc="ask")
     predictions = vote_predictions(members, cfg.decoding)
     candidates = alternatives(members, cfg.decoding, n_best)
     return [Answer(q.id, q.question_text, p.answer, p.score, c)

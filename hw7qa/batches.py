@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .config import Config, TrainingError
-from .runs import TrainState
+from .runfolder import TrainerState
 from .windows import Encoded, Windows, train_windows
 
 
@@ -171,7 +171,7 @@ def fit_micro_batch(cfg: Config, model, dataset: EpochWindows, accelerator) -> i
     return agreed
 
 
-def choose_batches(cfg: Config, model, dataset: EpochWindows, accelerator, saved: TrainState | None
+def choose_batches(cfg: Config, model, dataset: EpochWindows, accelerator, saved: TrainerState | None
                    ) -> tuple[int, int]:
     """``(micro-batch, grad_accum)``: the checkpoint's when resuming (the same batches again), else
     ``fit_micro_batch``'s with ``auto_batch``, else the config's."""

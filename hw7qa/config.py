@@ -1,18 +1,11 @@
-"""Every knob of a run, as one flat dataclass that checks itself.
+"""Every knob of a run, as one flat dataclass that checks itself; presets and ``key=value`` overrides.
 
-A config is plain values: it is written to ``config.json`` in the run folder, read back by
-``predict``/``evaluate``, and changed from the command line with ``key=value`` overrides::
+    cfg = load_config(preset_path("bert-base"), ["lr=3e-5", "epochs=2"])
 
-    cfg = load_config("configs/bert-base.json", ["lr=3e-5", "epochs=2"])
-
-Users see one flat set of names (``--set doc_stride=64``, ``Config(doc_stride=64)``); the code sees
-the knobs grouped by the stage that uses them: ``cfg.windows`` (a ``WindowSpec``, for
-``windows.encode`` and the logits cache) and ``cfg.decoding`` (a ``DecodeSpec``, for
-``decode.decode_predictions``).
-
-A ``Config`` is frozen and validated when it is made, whichever way it is made (the CLI, a preset,
-``Config(...)`` in the notebook, ``dataclasses.replace``): a wrong type, a value out of range or an
-unknown choice raises ``ValueError`` naming the field and what it accepts.
+Users see one flat set of names; the code reads them grouped by the stage that uses them:
+``cfg.windows`` (a ``WindowSpec``) and ``cfg.decoding`` (a ``DecodeSpec``). A ``Config`` is frozen
+and checked however it is made: a wrong type, a value out of range or an unknown choice is a
+``ValueError`` naming the field and what it accepts.
 """
 from __future__ import annotations
 
@@ -42,14 +35,14 @@ CHOICES = {"train_windows": ("random", "center", "all"),
 AT_LEAST_1 = ("max_length", "max_question_tokens", "doc_stride", "epochs", "batch_size", "grad_accum",
               "max_skipped_steps", "log_every", "eval_batch_size", "n_best", "max_answer_length")
 AT_LEAST_0 = ("max_paragraph_tokens", "eval_every", "save_every", "keep_checkpoints", "seed",
-              "weight_decay", "max_grad_norm", "fgm_epsilon", "inference_chunk")
+              "weight_decay", "max_grad_norm", "fgm_epsilon")
 
 # Settings a resumed run may change: they do not shape the trained model. Every other field is
 # frozen in the run (see ``check_resume``). ``compile`` is free: it changes how the same model is
 # computed, not what is trained (a resume that turns it on or off is then not bit-identical to an
 # uninterrupted run, as a resume on another GPU is not); ``tf32`` is frozen with ``mixed_precision``.
 FREE_ON_RESUME = ("eval_batch_size", "save_every", "keep_checkpoints", "log_every", "log_with",
-                  "max_skipped_steps", "test_file", "output_dir", "compile", "inference_chunk")
+                  "max_skipped_steps", "test_file", "output_dir", "compile")
 
 
 @dataclass(frozen=True)
@@ -120,10 +113,8 @@ class Config:
     balance_quotes: bool = True      # repair unpaired 「」《》“”() at the answer's edges
     tta_strides: str = ""            # more doc_strides at inference, e.g. "64,96": their answers and doc_stride's vote per character span
     # --- speed levers: each off until measured on a GPU; answers change by float rounding only ---
-    compile: bool = False            # torch.compile the model for training and inference (compiling.py); else eager
+    compile: bool = False            # torch.compile the model for training and inference (models.compile_model); else eager
     tf32: bool = False               # TF32 tensor cores for float32 matmuls on CUDA (Ampere and later), for the call only
-    inference_chunk: int = 0         # predict/evaluate by chunks of this many questions, tokenising and decoding beside
-                                     # the forward passes (pipeline.py, e.g. 256); 0: the whole file at once
     # --- output ---
     output_dir: str = ""             # run folder; empty: outputs/<model>-<time>
 
@@ -246,10 +237,13 @@ def read_json(path: str | Path) -> dict:
     return values
 
 
+RETIRED = ("inference_chunk",)       # settings of older runs' config.json that no longer do anything
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Defaults, then the JSON file at ``path`` (keys starting with '_' are comments), then overrides
     (``["key=value", ...]`` or a dict)."""
-    values = {k: v for k, v in read_json(path).items() if not k.startswith("_")} if path else {}
+    values = {k: v for k, v in read_json(path).items() if not k.startswith("_") and k not in RETIRED} if path else {}
     try:
         cfg = apply_overrides(Config(), values)
     except ValueError as e:
@@ -264,12 +258,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def check_resume(saved: Config, requested: Config, run_dir: str | Path) -> Config:
-    """``requested`` if it continues the run ``saved`` describes, else a ValueError naming what changed.
-
-    Settings that shape the trained model (model, data, windows, lr and schedule, batch, accumulation,
-    epochs, seed, precision, evaluation and decoding, ...) are frozen in the run; the ones in
-    ``FREE_ON_RESUME`` (batch size at inference, checkpoint and log frequency) may change.
-    """
+    """``requested`` if it differs from ``saved`` only in ``FREE_ON_RESUME``, else a ValueError naming
+    what changed: the other settings shape the trained model."""
     changed = [f"{f.name}={getattr(requested, f.name)!r} (the run has {getattr(saved, f.name)!r})"
                for f in dataclasses.fields(Config)
                if f.name not in FREE_ON_RESUME and getattr(saved, f.name) != getattr(requested, f.name)]
@@ -278,3 +268,37 @@ def check_resume(saved: Config, requested: Config, run_dir: str | Path) -> Confi
                          f"trained model; start a new run (another output_dir) to change them. A resume may change "
                          f"only {', '.join(FREE_ON_RESUME)}")
     return requested
+
+
+# ---------------------------------------------------------------- presets and the demo
+
+PACKAGE = Path(__file__).resolve().parent
+# hw7qa/presets and hw7qa/sample in an installed package (pyproject.toml maps them there),
+# configs/ and data/sample/ in a checkout
+PRESETS = PACKAGE / "presets" if (PACKAGE / "presets").is_dir() else PACKAGE.parent / "configs"
+SAMPLE = PACKAGE / "sample" if (PACKAGE / "sample").is_dir() else PACKAGE.parent / "data" / "sample"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.json"))
+
+
+def preset_path(name_or_path: str | None) -> Path | None:
+    """A JSON file as given, or the shipped preset of that name (``bert-base`` or ``bert-base.json``)."""
+    if not name_or_path or Path(name_or_path).is_file():
+        return Path(name_or_path) if name_or_path else None
+    preset = PRESETS / Path(name_or_path).with_suffix(".json").name
+    if preset.is_file() and Path(name_or_path).parent == Path("."):
+        return preset
+    names = ", ".join(preset_names())
+    if Path(name_or_path).is_dir():
+        raise ValueError(f"--config {name_or_path} is a folder; give a JSON file or a preset's name ({names})")
+    raise FileNotFoundError(f"{name_or_path}: no such file, and no preset of that name ({names})")
+
+
+def demo_config(output_dir: str = "", overrides: list[str] | None = None) -> Config:
+    """The demo preset with its data files pointed at the shipped sample, so that it runs from any folder."""
+    cfg = load_config(PRESETS / "demo.json", overrides)
+    paths = {k: str(SAMPLE / Path(getattr(cfg, k)).name) for k in ("train_file", "dev_file", "test_file")
+             if getattr(cfg, k)}
+    return dataclasses.replace(cfg, **paths, output_dir=output_dir or cfg.output_dir)

@@ -1,34 +1,36 @@
-"""Batched inference over windows, and span decoding into answer strings.
+"""Window logits → answer strings: span decoding, and the vote over several sets of windows.
 
-Inference batches windows of many questions together (``batch_size`` counts windows), sorted by
-length so that dynamic padding pads little. Decoding follows Hugging Face's ``utils_qa.py``: per
-window the top ``n_best`` starts × top ``n_best`` ends *inside the paragraph part*, kept when
-``start <= end`` and the span has at most ``max_answer_length`` tokens, scored
-``start_logit + end_logit``; the best span over all windows of a question wins. The answer is the
-original paragraph sliced by the tokens' character offsets, never ``tokenizer.decode``, so rare
-characters ([UNK]), upper case and spaces come back exactly as written.
+One set of windows (``decode_predictions``), as Hugging Face's ``utils_qa.py``: per window the top
+``n_best`` starts × top ``n_best`` ends *inside the paragraph part*, kept when ``start <= end`` and
+the span has at most ``max_answer_length`` tokens, scored ``start_logit + end_logit``; the best span
+over all windows of a question wins. Ties: the earlier window, then within a window the later start
+and end; among equal logits the top-k takes the leftmost. The answer is the paragraph sliced by the
+tokens' character offsets, never ``tokenizer.decode``, so [UNK] characters, case and spaces come
+back as written. A span with no content in result.csv (``has_content``) is passed over.
 
-Both sides work on whole arrays, not window by window: batches are gathered from the ``Windows``
-table, and the best span of every window is found for thousands of windows at once
-(``window_best_spans``); only the rare question whose best span has no content (whitespace or
-commas only), or has no valid top-k pair at all, is decoded one span at a time (``walk_spans``).
+Several sets (``tta_strides``, ensembles; ``ensemble_predictions``): sets with the same windows are
+averaged position by position and decoded as one; sets whose windows differ (other strides, other
+tokenizers) are decoded into candidate *character* spans, whose softmax probabilities are averaged
+per span, each group weighted by its number of members; the most probable span wins.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from .compiling import compile_model
 from .config import DecodeSpec
-from .devices import inference_autocast
-from .submission import has_content
-from .windows import Encoded, Windows, encode, eval_windows, padding_of
+from .submission import csv_answer
+from .windows import Encoded, Window, Windows
 
 QUOTE_PAIRS = ("「」", "『』", "《》", "“”", "()", "（）")
 CHUNK_WINDOWS = 4096   # windows decoded at once: the n_best × n_best pair arrays of a chunk stay a few MB
+
+
+def has_content(answer: str) -> bool:
+    """Whether ``answer`` still says something in result.csv: not empty once commas and whitespace
+    are gone (an answer of only "," would be empty there)."""
+    return bool(csv_answer(answer).strip())
 
 
 @dataclass(frozen=True)
@@ -38,112 +40,6 @@ class Prediction:
     window: int             # index of the window it came from (-1: no window had a valid span)
     char_start: int         # [char_start, char_end) in the paragraph
     char_end: int
-
-
-def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``array`` as a tensor on ``device``, the copy queued without waiting for it.
-
-    From pinned memory the copy to a GPU is asynchronous; from ordinary (pageable) memory the
-    driver may first wait for the GPU to finish its queued work, which would end the overlap in
-    ``window_logits``. On the CPU the tensor shares the array's memory.
-    """
-    tensor = torch.from_numpy(array)
-    if device.type == "cpu":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def logits_to_host(result) -> tuple[torch.Tensor, torch.Event | None]:
-    """A forward pass's start and end logits as one float32 ``(2, batch, length)`` CPU tensor,
-    and an event to wait on before reading it (None on the CPU: nothing to wait for).
-
-    On a GPU the copy is only queued behind the forward pass (``non_blocking``, into pinned
-    memory) and the event is done once it has landed.
-    """
-    logits = torch.stack((result.start_logits, result.end_logits)).float()
-    host = logits.to("cpu", non_blocking=True)
-    if logits.device.type == "cpu":
-        return host, None
-    landed = torch.Event(device=logits.device)
-    landed.record()
-    return host, landed
-
-
-def unpack_logits(rows: np.ndarray, host: torch.Tensor, landed, length: np.ndarray, pad_left: bool
-                  ) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """``(window, start logits, end logits)`` of each of ``rows``, cut to the window's length (from
-    the right end of the row when padding is on the left), once ``landed`` (from ``logits_to_host``)
-    is done. The batch is copied once out of the (pinned) transfer memory; each window's arrays are
-    views of that copy."""
-    if landed is not None:
-        landed.synchronize()
-    batch = host.numpy().copy()
-    out = []
-    for row, (i, n) in enumerate(zip(rows.tolist(), length[rows].tolist())):
-        first = batch.shape[2] - n if pad_left else 0
-        out.append((i, batch[0, row, first:first + n], batch[1, row, first:first + n]))
-    return out
-
-
-def batch_rows(windows: Windows, batch_size: int, rank: int = 0, world: int = 1) -> list[np.ndarray]:
-    """The windows of each inference batch that process ``rank`` of ``world`` runs: all windows
-    sorted by length, longest first (equal lengths in window order), cut into batches of
-    ``batch_size`` in total, each process taking an equal part of every batch."""
-    order = np.argsort(-windows.length, kind="stable")
-    share = -(-batch_size // world)
-    batches = [order[b:b + batch_size][rank * share:(rank + 1) * share] for b in range(0, len(order), batch_size)]
-    return [rows for rows in batches if len(rows)]        # the last batch may have no windows left for this process
-
-
-def window_logits(model, tokenizer, windows: Windows, batch_size: int, precision: str = "no",
-                  desc: str = "inference", accelerator=None, progress: bool = True
-                  ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Start and end logits (float32, one array per window, unpadded) in the order of ``windows``
-    (a ``Windows`` table, as ``eval_windows`` makes it).
-
-    Windows are sorted by length so batches are padded as little as possible; no gradients; the
-    forward pass runs under autocast at ``precision`` (a ``Config.mixed_precision`` value: ``auto``
-    is bf16 or fp16 on a GPU, fp32 on the CPU). ``batch_size`` windows make one batch in total:
-    with an ``accelerator`` of several processes each process runs an equal part of every batch
-    and every process gets all logits back (``gather_object``). No DataLoader is handed to the
-    accelerator, so evaluating during training adds nothing to what it holds. ``model`` must be
-    the unwrapped model (``accelerator.unwrap_model``), not the DDP wrapper.
-
-    On a GPU the CPU work overlaps the forward passes: batch k's logits are only collected after
-    batch k+1 has been collated and queued (see the loop). ``progress``: a progress bar of the
-    batches (on the main process).
-    """
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    batches = batch_rows(windows, batch_size, rank, world)
-    padding = padding_of(tokenizer)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    mine, previous = [], None
-    with torch.inference_mode(), inference_autocast(precision, device):
-        # On the line of an open bar (training's), cleared when done: a nested bar would add a line at
-        # every update where the output does not move the cursor back up (a notebook without widgets).
-        for rows in tqdm(batches, desc=desc, unit="batch", leave=False, position=0,
-                         disable=rank != 0 or not progress):
-            inputs = {k: to_device(v, device) for k, v in windows.model_inputs(rows, **padding).items()}
-            # On a GPU, model() only queues the forward pass and returns. So the previous batch's
-            # logits are unpacked, and the next batch collated, while this batch runs; waiting for
-            # this batch's own logits here would leave the GPU idle during that CPU work. On the
-            # CPU the forward pass is done when model() returns, and the order changes nothing.
-            this = (rows, *logits_to_host(model(**inputs)))
-            if previous is not None:
-                mine += unpack_logits(*previous, windows.length, padding["pad_left"])
-            previous = this
-        if previous is not None:
-            mine += unpack_logits(*previous, windows.length, padding["pad_left"])
-    model.train(was_training)
-    if world > 1:
-        from accelerate.utils import gather_object
-        mine = gather_object(mine)
-    out: list = [None] * len(windows)
-    for i, start, end in mine:
-        out[i] = (start, end)
-    return out
 
 
 def top_positions(logits: np.ndarray, n_valid: np.ndarray, k: int) -> np.ndarray:
@@ -313,7 +209,7 @@ def walk_spans(enc: Encoded, windows: Windows, logits: list[tuple[np.ndarray, np
     char_end)``, or None if no span has content.
 
     Each window's spans (``window_spans``) are walked best first, spans without content (only
-    whitespace and commas: ``submission.has_content``) skipped; the
+    whitespace and commas: ``has_content``) skipped; the
     first other span of a window replaces the best so far only if it scores higher, so ties go to
     the earlier window.
     """
@@ -337,7 +233,7 @@ def decode_predictions(enc: Encoded, windows: Windows, logits: list[tuple[np.nda
     quotes repaired (``balance_quotes``).
 
     A span whose text is only whitespace and commas is skipped (it would be an empty answer in
-    result.csv, ``submission.has_content``). If no window of a question has a valid
+    result.csv, ``has_content``). If no window of a question has a valid
     top-k pair, every start/end of every window is searched, so the answer is empty only if the
     question's paragraph has no tokens at all. Ties go to the earlier window, then (within a
     window) to the later start and end.
@@ -382,15 +278,117 @@ def oracle_logits(enc: Encoded, windows: Windows) -> list[tuple[np.ndarray, np.n
     return logits
 
 
-def predict_encoded(model, tokenizer, enc: Encoded, cfg, accelerator=None, desc: str = "inference") -> list[Prediction]:
-    """Answers for every question of an already tokenized file (training encodes dev once), with
-    ``cfg``'s inference batch size, precision and decoding; ``model`` compiled first with ``compile``."""
-    compile_model(model, cfg.compile)
-    windows = eval_windows(enc)
-    logits = window_logits(model, tokenizer, windows, cfg.eval_batch_size, cfg.mixed_precision, desc, accelerator)
-    return decode_predictions(enc, windows, logits, cfg.decoding)
+# ---------------------------------------------------------------- several sets of logits: strides, models
+
+def same_windows(a: list[Window], b: list[Window]) -> bool:
+    """True if both window lists hold the same tokens for the same questions, window by window."""
+    return len(a) == len(b) and all(x.question_index == y.question_index and x.input_ids == y.input_ids
+                                    for x, y in zip(a, b))
 
 
-def predict(model, tokenizer, data, cfg, accelerator=None, desc: str = "inference") -> list[Prediction]:
-    """Answers for every question of ``data`` (a ``QAData``), with the windows and decoding of ``cfg``."""
-    return predict_encoded(model, tokenizer, encode(data, tokenizer, cfg.windows), cfg, accelerator, desc)
+def average_logits(members: list[list[tuple[np.ndarray, np.ndarray]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Mean start and end logits over members that share their windows."""
+    return [(np.mean([m[w][0] for m in members], axis=0), np.mean([m[w][1] for m in members], axis=0))
+            for w in range(len(members[0]))]
+
+
+def span_scores(enc: Encoded, windows: list[Window], logits: list[tuple[np.ndarray, np.ndarray]],
+                spec: DecodeSpec = DecodeSpec()) -> list[dict[tuple[int, int], float]]:
+    """Per question, ``{(char_start, char_end): score}`` over its candidate spans.
+
+    Candidates are ``best_spans`` of every window of the question (spans of only whitespace and
+    commas left out: ``has_content``), as paragraph character spans, in window order;
+    a span seen in several windows keeps its highest score (start logit + end logit).
+    """
+    scores: list[dict[tuple[int, int], float]] = [{} for _ in enc.data.questions]
+    for w, (start_logits, end_logits) in zip(windows, logits):
+        n_context = w.token_end - w.token_start
+        if n_context == 0:
+            continue
+        paragraph = enc.data.paragraph(enc.data.questions[w.question_index])
+        found = scores[w.question_index]
+        for score, s, e in best_spans(start_logits, end_logits, w.context_start, n_context, spec.n_best,
+                                      spec.max_answer_length):
+            span = w.char_span(enc, s, e)
+            if has_content(paragraph[span[0]:span[1]]) and score > found.get(span, -np.inf):
+                found[span] = float(score)
+    return scores
+
+
+def softmax(scores: dict) -> dict:
+    """``scores``' values turned into probabilities (the same keys; {} stays {})."""
+    if not scores:
+        return {}
+    values = np.array(list(scores.values()), dtype=np.float64)
+    weights = np.exp(values - values.max())
+    return dict(zip(scores, (weights / weights.sum()).tolist()))
+
+
+def span_probabilities(enc: Encoded, windows: list[Window], logits: list[tuple[np.ndarray, np.ndarray]],
+                       spec: DecodeSpec = DecodeSpec()) -> list[dict[tuple[int, int], float]]:
+    """Per question, ``{(char_start, char_end): probability}`` over its candidate spans: the
+    softmax of their ``span_scores`` over the question's candidates."""
+    return [softmax(found) for found in span_scores(enc, windows, logits, spec)]
+
+
+def combine_at_characters(enc: Encoded, groups: list[list[dict[tuple[int, int], float]]], weights: list[float],
+                          fallback: list[Prediction], quotes: bool = True) -> list[Prediction]:
+    """Per question the character span with the highest weighted mean probability over ``groups``
+    (each a ``span_probabilities`` result); ``fallback[q]`` where no group proposed any span.
+    ``Prediction.score`` is that probability and ``window`` is -1 (no single window)."""
+    total = sum(weights)
+    predictions = []
+    for qi, question in enumerate(enc.data.questions):
+        combined: dict[tuple[int, int], float] = {}
+        for group, weight in zip(groups, weights):
+            for span, p in group[qi].items():
+                combined[span] = combined.get(span, 0.0) + weight * p / total
+        if not combined:
+            predictions.append(fallback[qi])
+            continue
+        (char_start, char_end), probability = max(combined.items(), key=lambda kv: kv[1])
+        paragraph = enc.data.paragraph(question)
+        if quotes:
+            char_start, char_end = balance_quotes(paragraph, char_start, char_end)
+        predictions.append(Prediction(paragraph[char_start:char_end], probability, -1, char_start, char_end))
+    return predictions
+
+
+def ensemble_predictions(members: list[tuple[Encoded, list[Window], list]], spec: DecodeSpec = DecodeSpec(),
+                         method: str = "auto") -> tuple[list[Prediction], str]:
+    """Answers of the ensemble of ``members`` (each ``(enc, windows, logits)`` for the same questions)
+    and a one-line description of how they were combined.
+
+    ``method="auto"`` averages logits within groups of same-window members and combines groups at
+    the character level; ``method="chars"`` treats every member as its own group.
+    """
+    if method not in ("auto", "chars"):
+        raise ValueError(f"method={method!r}; choose auto or chars")
+    n_questions = {len(enc.data.questions) for enc, _, _ in members}
+    if len(n_questions) != 1:
+        raise ValueError(f"the members answered different numbers of questions: {sorted(n_questions)}")
+    groups: list[list[int]] = []
+    for i, (_, windows, _) in enumerate(members):
+        home = next((g for g in groups if method == "auto" and same_windows(members[g[0]][1], windows)), None)
+        if home is None:
+            groups.append([i])
+        else:
+            home.append(i)
+    averaged = [(members[g[0]][0], members[g[0]][1], average_logits([members[i][2] for i in g])) for g in groups]
+    how = " + ".join(f"({'+'.join(f'#{i + 1}' for i in g)})" for g in groups)
+    first = decode_predictions(*averaged[0], spec)
+    if len(groups) == 1:
+        return first, f"logits averaged window by window: {how}"
+    probabilities = [span_probabilities(enc, windows, logits, spec) for enc, windows, logits in averaged]
+    combined = combine_at_characters(averaged[0][0], probabilities, [len(g) for g in groups], first,
+                                     spec.balance_quotes)
+    return combined, f"character-level vote of {len(groups)} groups, logits averaged within each: {how}"
+
+
+def vote_predictions(members: list[tuple[Encoded, list[Window], list]], spec: DecodeSpec = DecodeSpec()
+                     ) -> list[Prediction]:
+    """Answers from the logits of one model over several sets of windows (``tta_strides``: one set
+    per ``doc_stride``), combined at the character level; with one set, that set decoded alone."""
+    if len(members) == 1:
+        return decode_predictions(*members[0], spec)
+    return ensemble_predictions(members, spec, method="chars")[0]

@@ -1,12 +1,5 @@
 """Which precision (mixed, and ``tf32`` for float32 matmuls), and one fresh ``Accelerator`` per
-call of ``train``/``predict``/``evaluate``.
-
-accelerate keeps its state in process-wide singletons: a second ``Accelerator(mixed_precision=...)``
-with another precision raises "AcceleratorState has already been initialized", which is the
-notebook's everyday loop (train, change a cell, train again). ``accelerator_for`` therefore starts
-each call from a clean ``AcceleratorState`` and ``GradientState`` and clears them again when the
-call ends. ``PartialState`` (the processes started by ``accelerate launch`` and their process group)
-is kept: it is the same for every call.
+call of ``train``/``predict``/``evaluate``, so that a notebook can train again with other settings.
 """
 from __future__ import annotations
 
@@ -38,16 +31,10 @@ def inference_autocast(precision: str, device: torch.device):
 
 @contextlib.contextmanager
 def tf32_matmuls(enabled: bool):
-    """TF32 tensor cores for float32 matrix multiplications and convolutions on CUDA (Ampere and
-    later) while the block runs, if ``enabled``; the previous settings are restored on exit, also
-    after an exception, so a later call without ``tf32`` (a notebook rerun) does not inherit them.
-
-    It acts where the arithmetic is float32: everything with ``mixed_precision=no``, and the
-    operations autocast keeps in float32 otherwise. The CUDA flags alone: CPU results never change
-    (``torch.set_float32_matmul_precision`` would also let oneDNN use reduced precision on the CPU).
-    These are the flags torch 2.4 to 2.13 all read; setting torch 2.9's ``fp32_precision``
-    attributes instead makes ``torch.get_float32_matmul_precision()``, which inductor calls, raise.
-    """
+    """TF32 tensor cores for float32 matmuls and convolutions on CUDA while the block runs, if
+    ``enabled``; the previous settings restored on exit, also after an exception."""
+    # The CUDA flags alone: set_float32_matmul_precision would also change CPU results (oneDNN), and
+    # torch 2.9's fp32_precision attributes make get_float32_matmul_precision(), which inductor calls, raise.
     if not enabled:
         yield
         return
@@ -61,9 +48,8 @@ def tf32_matmuls(enabled: bool):
 
 
 def processes():
-    """The processes ``accelerate launch`` started (or this one alone), set up as an ``Accelerator``
-    would set them up: ``ACCELERATE_USE_CPU`` (``--cpu``, or the tests' CPU processes) keeps them on
-    the CPU; without it a bare ``PartialState()`` on a machine without a GPU ignores the others."""
+    """The processes ``accelerate launch`` started (or this one alone), as an ``Accelerator`` sets them up."""
+    # ACCELERATE_USE_CPU (--cpu): without it a bare PartialState() on a machine without a GPU ignores the others
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -78,18 +64,12 @@ def reset_accelerate_state() -> None:
 
 @contextlib.contextmanager
 def accelerator_for(precision: str = "no", grad_accum: int = 1, log_with: str = "none", project_dir=None):
-    """A new ``Accelerator`` that gives every batch's windows to the processes in equal parts
-    (``split_batches``: ``batch_size`` is the total over all processes), released on exit.
-
-    ``log_with`` (``tensorboard``, ``wandb`` or ``none``) names accelerate's tracker; TensorBoard
-    writes below ``project_dir``. On exit the trackers are finished (not ``end_training``, which
-    would also end the process group that later calls still need); a tracker's write the system
-    refuses (a full disk) is an ``OSError`` naming its folder, and the accelerate state is cleared
-    all the same.
-    """
+    """A new ``Accelerator`` (``split_batches``: ``batch_size`` is the total over all processes) with
+    the tracker ``log_with`` writing below ``project_dir``; on exit its trackers are finished and
+    accelerate's process-wide state cleared (``release``)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
-    reset_accelerate_state()
+    reset_accelerate_state()    # a second Accelerator with another precision would raise otherwise
     accelerator = Accelerator(mixed_precision=resolve_precision(precision), gradient_accumulation_steps=grad_accum,
                               # non_blocking: batches (pinned by the DataLoader on a GPU) are copied
                               # to the device without waiting for the copy
@@ -106,9 +86,8 @@ def accelerator_for(precision: str = "no", grad_accum: int = 1, log_with: str = 
 
 
 def release(accelerator, project_dir=None, quietly: bool = False) -> None:
-    """Finish the trackers and clear accelerate's state. A tracker's write the system refuses is an
-    ``OSError`` naming the tracker's folder, unless ``quietly``: another error is already on its way
-    (a tracker that failed to start cannot finish either)."""
+    """Finish the trackers (not ``end_training``: later calls need the process group) and clear
+    accelerate's state; a refused tracker write is an ``OSError`` naming its folder, unless ``quietly``."""
     try:
         for tracker in accelerator.trackers:
             with refused_as(getattr(tracker, "logging_dir", None) or project_dir or "."):
@@ -123,9 +102,8 @@ def release(accelerator, project_dir=None, quietly: bool = False) -> None:
 
 @contextlib.contextmanager
 def quiet_writer_threads():
-    """TensorBoard writes its files from a thread of its own. When a write fails (a full disk) that
-    thread ends printing a traceback, and the training thread meets the same error at its next log,
-    where it becomes one line (``files.refused_as``); the thread's traceback is left out here."""
+    """No traceback from TensorBoard's writer thread when a write fails: the training thread meets the
+    same error at its next log, where it becomes one line (``files.refused_as``)."""
     import threading
     previous = threading.excepthook
 

@@ -1,21 +1,9 @@
 """Whether a file of a run folder is whole, checked before anything is read from it or written.
 
-A run folder's files can be missing, empty, cut short (a full Google Drive, a copy stopped half
-way) or overwritten. Used as they are, they end in a library's traceback, or worse in a silent
-default: a tokenizer without its vocabulary answers every question with the wrong characters, and
-accelerate skips RNG states it cannot read. So every command checks the files it will use first
-and stops at the first damaged one with ``DamagedFile``: one sentence naming the file, what is
-wrong with it and what to do (exit code 2), before anything is changed.
-
-The checks read what tells whether a file is whole, not the whole file: a JSON file is parsed
-(JSON lines: every line, each a record), a safetensors file's header must describe exactly the
-bytes that follow it (``safetensors.safe_open`` maps the tensors without reading them), a torch
-file (``.bin``, ``.pt``, ``.pkl``: a zip archive) must end with its zip directory and hold a
-pickle, a text file must be UTF-8. No file may be empty. A file of a kind not listed here is only
-checked for being there and not empty.
-
-Which files must be there is decided where the folder is known: ``models.run_model_dir`` (the
-saved model) and ``runs.check_resumable`` (a checkpoint, which lists its files and their sizes).
+A file missing, empty, cut short (a full Google Drive) or overwritten would end in a library's
+traceback or, worse, a silent default (a tokenizer without its vocabulary). ``check_file`` stops at
+the first damaged one with ``DamagedFile``: one sentence naming it, what is wrong and what to do.
+Only what tells whether a file is whole is read (``CHECKS``); no file may be empty.
 """
 from __future__ import annotations
 
@@ -56,6 +44,7 @@ def json_lines_problem(path: Path) -> str | None:
 
 
 def safetensors_problem(path: Path) -> str | None:
+    # safe_open checks that the header describes exactly the bytes that follow, without reading them
     import safetensors
     from safetensors import safe_open
     # SafetensorError is importable by that name only in newer releases; older ones raise the same class
@@ -69,8 +58,7 @@ def safetensors_problem(path: Path) -> str | None:
 
 
 def torch_file_problem(path: Path) -> str | None:
-    """``torch.save`` writes a zip archive; its directory is at the end, so a file cut short has none."""
-    try:
+    try:         # torch.save writes a zip archive; its directory is at the end, so a file cut short has none
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except zipfile.BadZipFile:

@@ -1,12 +1,10 @@
 """Loading a model and its tokenizer: for training (a hub name, a local folder, or the demo's tiny
-random BERT) and from a run folder (``<run>/model``, for predict, evaluate, ensemble and the notebook).
+random BERT) and from a run folder (``<run>/model``).
 
 A run folder's model is loaded from its own files only: an absolute path, ``local_files_only``,
 every file checked first (``run_model_dir``: missing, empty, cut short or overwritten is one
 sentence naming the file), and the tokenizer checked against the model (``check_pair``), so that a
 damaged folder is named, never used, and never stands in for a hub name.
-
-Used by the trainer and by inference alike; nothing here imports the trainer.
 """
 from __future__ import annotations
 
@@ -16,12 +14,47 @@ from pathlib import Path
 
 import torch
 
-from . import tiny
 from .config import TINY_MODEL, Config, read_json
 from .data import QAData
 from .files import refused_as
 from .integrity import DamagedFile, check_file, check_folder
-from .windows import load_tokenizer
+from .compiling import compile_model  # noqa: F401  (the model's concern; imported from here)
+
+# CJK ideographs (with extensions and compatibility forms), CJK punctuation and full-width forms
+CJK_CHARACTERS = r"[\u2e80-\u2fff\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]"
+
+
+def load_tokenizer(name_or_dir, isolate_digits: bool = False, isolate_cjk: bool = False, **options):
+    """A fast ``AutoTokenizer``, optionally splitting digits and CJK characters before subwords.
+
+    A token is the smallest thing an answer can start or end on. BERT's WordPiece keeps "1900"
+    and "81" whole (DRCD marks "8" inside "81"); sentencepiece vocabularies (XLM-R) also join
+    Chinese characters ("人的", "1990年"). ``isolate_digits`` / ``isolate_cjk`` make each digit /
+    CJK character its own pre-token (as BERT already does for CJK), so every such character
+    boundary is a token boundary. Sentencepiece's "▁" is then kept only where the text had it.
+    The change is not saved with the tokenizer: the run's config carries it and every load applies it.
+    ``options`` go to ``AutoTokenizer.from_pretrained`` (a run folder's: ``local_files_only=True``).
+    """
+    import json
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_dir), use_fast=True, **options)
+    isolate = [{"type": "Digits", "individual_digits": True}] if isolate_digits else []
+    if isolate_cjk:
+        isolate.append({"type": "Split", "pattern": {"Regex": CJK_CHARACTERS}, "behavior": "Isolated", "invert": False})
+    if isolate:
+        backend = tokenizer.backend_tokenizer
+        spec = json.loads(backend.to_str())
+        original = spec["pre_tokenizer"]
+        steps = [] if original is None else original["pretokenizers"] if original["type"] == "Sequence" else [original]
+        metaspace = [step for step in steps if step["type"] == "Metaspace"]
+        if metaspace:  # "▁" only where a space was: not before every isolated character
+            metaspace[0]["prepend_scheme"] = "first"
+            steps = [step for step in steps if step["type"] != "WhitespaceSplit"]
+        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": isolate + steps}
+        backend.pre_tokenizer = Tokenizer.from_str(json.dumps(spec)).pre_tokenizer
+    return tokenizer
+
 
 # what save_model writes besides the weights: the model's config and a fast tokenizer's two files
 MODEL_FILES = ["config.json", "tokenizer_config.json", "tokenizer.json"]
@@ -107,6 +140,7 @@ def load_tokenizer_for(cfg: Config, train_data: QAData | None = None):
     """The run's tokenizer: ``cfg.model_name``'s, or for ``tiny-random-bert`` one built from the
     characters of the training file (``train_data``) in a temporary folder (a write the system
     refuses there names that folder)."""
+    from . import tiny
     if cfg.model_name == TINY_MODEL:
         texts = train_data.paragraphs + [q.question_text for q in train_data.questions]
         with refused_as(tempfile.gettempdir()):
@@ -118,6 +152,7 @@ def load_tokenizer_for(cfg: Config, train_data: QAData | None = None):
 def load_model_and_tokenizer(cfg: Config, train_data: QAData | None = None):
     """Model and fast tokenizer from a hub name or a local folder; ``tiny-random-bert`` builds a tiny
     random BERT whose vocabulary is the characters of the training file (demo and tests)."""
+    from . import tiny
     if cfg.model_name == TINY_MODEL:
         tokenizer = load_tokenizer_for(cfg, train_data)
         return tiny.build_tiny_model(len(tokenizer), seed=cfg.seed), tokenizer

@@ -24,12 +24,6 @@ def csv_answer(answer: str) -> str:
     return answer.replace(",", "").replace("\n", " ")
 
 
-def has_content(answer: str) -> bool:
-    """Whether ``answer`` still says something in result.csv: not empty once commas and whitespace
-    are gone. The decoder passes over spans that do not (an answer of only "," would be empty)."""
-    return bool(csv_answer(answer).strip())
-
-
 def write_result_csv(data: QAData, answers: list[str], path: str | Path) -> Path:
     """Write ``ID,Answer`` rows in the test file's order, commas removed, UTF-8, atomically.
 

@@ -1,7 +1,6 @@
 """A tiny, randomly initialised BERT and a tokenizer built from the data's own characters.
 
-Used by the demo and the tests: everything is made offline in a second. Its answers are not
-meaningful; it proves that the pipeline runs end to end.
+Everything is made offline; its answers are not meaningful, it proves that the pipeline runs end to end.
 """
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
-from .windows import load_tokenizer
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -27,6 +25,7 @@ def build_tiny_tokenizer(texts: list[str], directory: str | Path | None = None, 
     one, to a temporary folder that is removed once they are loaded: a fast tokenizer lives in
     memory and ``save_pretrained`` writes it from there.
     """
+    from .models import load_tokenizer      # models builds the tiny model: imported when needed
     if directory:
         write_tokenizer_files(texts, Path(directory))
         return load_tokenizer(directory, isolate_digits)

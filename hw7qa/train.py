@@ -3,7 +3,7 @@
 Read it top to bottom: the policies (when to log, evaluate, save), and the loop (``train`` → ``fit``
 → ``run_epoch`` → ``train_step`` and ``after_step``). What the loop uses lives beside it, one concern
 per file: ``models.py`` loads the model and tokenizer, ``optim.py`` makes the optimizer and its
-schedule, ``batches.py`` makes the batches of an epoch and fits the micro-batch to memory, ``runs.py``
+schedule, ``batches.py`` makes the batches of an epoch and fits the micro-batch to memory, ``runfolder.py``
 keeps the run folder, its checkpoints and the state they hold. It follows accelerate's
 ``complete_nlp_example.py``: ``Accelerator(mixed_precision, gradient_accumulation_steps)``,
 ``accelerator.accumulate``, ``accelerator.backward``, ``save_state``/``load_state``.
@@ -20,11 +20,11 @@ Promises kept here, each tested:
 - The run folder is decided on the main process and shared; a new run never reuses an old run's folder.
 - Checkpoints (model, optimizer, scheduler, GradScaler, RNG states and ``trainer_state.json``) go to
   ``<run>/checkpoints/step-NNNNNNN`` every ``save_every`` steps and at each epoch end
-  (``runs.save_checkpoint``). ``train(cfg, resume=True)`` continues from the newest one, mid-epoch
+  (``runfolder.save_checkpoint``). ``train(cfg, resume=True)`` continues from the newest one, mid-epoch
   included, and ends with the same weights and metrics as an uninterrupted run.
 - Every write (metrics, tracker, model, checkpoint) that the system refuses, on any process, stops
   every process with the same ``OSError`` naming the file: the main process's writes go through
-  ``runs.done_on_main``, a checkpoint's through ``runs.raise_on_every_process``.
+  ``runfolder.done_on_main``, a checkpoint's through ``runfolder.raise_on_every_process``.
 - ``compile=true`` compiles the model in place (``compiling.py``) after the moving average's copy is
   made: checkpoints and the saved model hold the plain model's keys, and a resumed compiled run
   ends as an uninterrupted compiled one does. ``tf32=true`` holds for the call only.
@@ -32,7 +32,7 @@ Promises kept here, each tested:
 The opt-in techniques of ``techniques.py`` hook in at four places, each off by default: the
 optimizer's parameter groups (``layer_lr_decay``), a second backward pass in ``train_step``
 (``fgm_epsilon``), the moving average after each step, evaluated and saved instead of the trained
-weights (``ema_decay``, ``Run.kept_model``), and ``max_answer_length`` set in ``load_inputs``
+weights (``ema_decay``, ``TrainingRun.kept_model``), and ``max_answer_length`` set in ``load_inputs``
 (``answer_length_quantile``).
 """
 from __future__ import annotations
@@ -49,16 +49,15 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .batches import EpochBatches, EpochWindows, choose_batches
-from .compiling import compile_model
 from .config import Config, TrainingError
 from .data import QAData, concat_data, load_qa_file
-from .decode import predict_encoded
+from .inference import Reader, answers
 from .devices import accelerator_for, check_divisible, check_tracker, processes, tf32_matmuls
 from .files import refused_as
 from .metrics import score
-from .models import check_max_length, load_model_and_tokenizer
+from .models import check_max_length, compile_model, load_model_and_tokenizer
 from .optim import make_optimizer, make_scheduler, step_unless
-from .runs import (TrainState, done_on_main, list_checkpoints, log_metrics, prepare_run_dir, read_trainer_state,
+from .runfolder import (TrainerState, done_on_main, list_checkpoints, log_metrics, prepare_run_dir, read_trainer_state,
                    save_checkpoint, save_model, what_is_kept)
 from .techniques import WeightAverage, adversarial_backward, answer_length_from
 from .windows import Encoded, encode, padding_of
@@ -84,7 +83,7 @@ def checkpoint_due(step: int, steps_per_epoch: int, cfg: Config) -> bool:
     return bool(cfg.save_every and step % cfg.save_every == 0) or step % steps_per_epoch == 0
 
 
-def is_better(scores: dict, state: TrainState) -> bool:
+def is_better(scores: dict, state: TrainerState) -> bool:
     """Higher dev EM wins; on equal EM, higher F1 (a tie keeps the earlier model)."""
     return (scores["em"], scores["f1"]) > (state.best_em, state.best_f1)
 
@@ -101,7 +100,7 @@ def tracker_folder(cfg: Config, run_dir: Path) -> Path:
 
 
 @dataclass
-class Run:
+class TrainingRun:
     """One training run: settings, the prepared objects, the state, and the device-side counters."""
     cfg: Config
     accelerator: object
@@ -116,12 +115,12 @@ class Run:
     dev_data: QAData | None
     dev_enc: Encoded | None
     steps_per_epoch: int
-    state: TrainState
+    state: TrainerState
     ema: WeightAverage | None       # ema_decay's moving average of the weights: evaluated and saved instead
     loss_sum: torch.Tensor = None   # float64 on the device: finite micro-batch losses since the last record
     loss_n: torch.Tensor = None     # and how many they were
     streak: torch.Tensor = None     # optimizer steps skipped in a row (the same on every process)
-    on_step: Callable | None = None  # train()'s on_step: called with the Run after every optimizer step
+    on_step: Callable | None = None  # train()'s on_step: called with the TrainingRun after every optimizer step
 
     @property
     def total_steps(self) -> int:
@@ -137,11 +136,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, on_step: C
     """Train with ``cfg``; returns the run folder, holding config.json, metrics.jsonl and model/.
 
     ``resume=True`` continues the run in ``cfg.output_dir`` from its newest checkpoint, starts it
-    again where it stopped before recording a step, or refuses (``runs.resume_point``); ``cfg`` may
+    again where it stopped before recording a step, or refuses (``runfolder.resume_point``); ``cfg`` may
     differ from the run's config only in ``FREE_ON_RESUME``.
     ``overwrite=True`` lets a new run replace the run in ``cfg.output_dir``; without it a new run
     refuses an existing one. ``on_step(run)``, if given, is called after every optimizer step (and
-    its logging, evaluation and checkpoint) with the ``Run``; an exception it raises ends training
+    its logging, evaluation and checkpoint) with the ``TrainingRun``; an exception it raises ends training
     and leaves ``train`` (``bench/gpu.py`` times steady-state steps this way, then stops).
     """
     started = processes()             # the processes of accelerate launch (or this one): no Accelerator yet
@@ -191,7 +190,7 @@ def load_inputs(cfg: Config) -> Inputs:
     return Inputs(cfg, train_data, train_enc, dev_data, model, tokenizer)
 
 
-def start_run(cfg: Config, accelerator, inputs: Inputs, run_dir: Path, checkpoint: Path | None) -> Run:
+def start_run(cfg: Config, accelerator, inputs: Inputs, run_dir: Path, checkpoint: Path | None) -> TrainingRun:
     """The prepared model, optimizer, schedule and loader, and the state (from ``checkpoint`` if
     resuming); the tracker of ``log_with`` started."""
     accelerator.print(f"run folder: {run_dir}  device: {accelerator.device}  processes: "
@@ -226,8 +225,8 @@ def start_run(cfg: Config, accelerator, inputs: Inputs, run_dir: Path, checkpoin
             with refused_as(tracker_folder(cfg, run_dir)):
                 accelerator.init_trackers(TRACKER_PROJECT[cfg.log_with], config=dataclasses.asdict(cfg))
         done_on_main(accelerator, init_trackers)
-    state = dataclasses.replace(saved or TrainState(), micro_batch=micro_batch, grad_accum=grad_accum)
-    run = Run(cfg, accelerator, run_dir, model, tokenizer, optimizer, scheduler, loader, dataset, batches,
+    state = dataclasses.replace(saved or TrainerState(), micro_batch=micro_batch, grad_accum=grad_accum)
+    run = TrainingRun(cfg, accelerator, run_dir, model, tokenizer, optimizer, scheduler, loader, dataset, batches,
               inputs.dev_data, dev_enc, steps_per_epoch, state, ema)
     restore(run, checkpoint)
     return run
@@ -247,7 +246,7 @@ def report_training_data(cfg: Config, accelerator, run_dir: Path, train_data: QA
                 "step": 0, "note": f"final_fit: trained on {cfg.train_file} + {cfg.dev_file}, no dev evaluation"}))
 
 
-def restore(run: Run, checkpoint: Path | None) -> None:
+def restore(run: TrainingRun, checkpoint: Path | None) -> None:
     """The device counters, from ``run.state`` (read from ``checkpoint``); the weights, optimizer,
     scheduler and RNG states of ``checkpoint`` if there is one."""
     device, rank = run.accelerator.device, run.accelerator.process_index
@@ -269,7 +268,7 @@ def restore(run: Run, checkpoint: Path | None) -> None:
         run.accelerator.print(f"this run had already finished its {run.cfg.epochs} epochs: nothing to train")
 
 
-def fit(run: Run) -> None:
+def fit(run: TrainingRun) -> None:
     """The epochs, with a clear message instead of a traceback where the user can do something."""
     cfg, accelerator = run.cfg, run.accelerator
     progress = tqdm(total=run.total_steps, initial=run.state.step, desc="train", unit="step",
@@ -294,7 +293,7 @@ def fit(run: Run) -> None:
         progress.close()
 
 
-def run_epoch(run: Run, epoch: int, progress) -> None:
+def run_epoch(run: TrainingRun, epoch: int, progress) -> None:
     """One epoch's batches (from where a resumed run stopped), an optimizer step every ``grad_accum``."""
     skip = run.state.batches_done
     run.dataset.start_epoch(epoch)
@@ -312,7 +311,7 @@ def run_epoch(run: Run, epoch: int, progress) -> None:
             run.on_step(run)
 
 
-def train_step(run: Run, batch: dict) -> bool:
+def train_step(run: TrainingRun, batch: dict) -> bool:
     """Forward and backward one micro-batch (twice with ``fgm_epsilon``: the second time with the
     embeddings perturbed); at the last of ``grad_accum``, clip, step and update the moving average
     of ``ema_decay``. Returns whether an optimizer step (taken or skipped) ended here. Nothing here
@@ -343,7 +342,7 @@ def train_step(run: Run, batch: dict) -> bool:
     return accelerator.sync_gradients
 
 
-def after_step(run: Run, epoch_position: float) -> None:
+def after_step(run: TrainingRun, epoch_position: float) -> None:
     """Log, evaluate, save the model of a run without dev, checkpoint: each when its policy says."""
     step, cfg = run.state.step, run.cfg
     if log_due(step, run.total_steps, cfg):
@@ -356,7 +355,7 @@ def after_step(run: Run, epoch_position: float) -> None:
         checkpoint(run)
 
 
-def stop_if_diverging(run: Run) -> int:
+def stop_if_diverging(run: TrainingRun) -> int:
     """The current streak of skipped steps (a host sync); a TrainingError once it reaches
     ``max_skipped_steps``. Called where the host syncs anyway: at log records and checkpoints."""
     streak = int(run.streak)
@@ -368,7 +367,7 @@ def stop_if_diverging(run: Run) -> int:
     return streak
 
 
-def log(run: Run, epoch_position: float) -> None:
+def log(run: TrainingRun, epoch_position: float) -> None:
     """One metrics.jsonl record: the mean loss over all processes' micro-batches since the last one."""
     stop_if_diverging(run)
     totals = run.accelerator.reduce(torch.stack([run.loss_sum, run.loss_n]), "sum")
@@ -381,7 +380,7 @@ def log(run: Run, epoch_position: float) -> None:
     run.loss_n.zero_()
 
 
-def record(run: Run, values: dict, tracked: dict) -> None:
+def record(run: TrainingRun, values: dict, tracked: dict) -> None:
     """``values`` at this step as a metrics.jsonl record, and ``tracked`` to the tracker of ``log_with``.
     Main process only (``done_on_main``): every process learns if a write failed."""
     log_metrics(run.run_dir, {"step": run.state.step, **values})
@@ -389,11 +388,13 @@ def record(run: Run, values: dict, tracked: dict) -> None:
         run.accelerator.log(tracked, step=run.state.step)
 
 
-def evaluate(run: Run, epoch_position: float) -> None:
+def evaluate(run: TrainingRun, epoch_position: float) -> None:
     """Dev EM/F1 of the current weights; the model is saved to <run>/model when it is the best yet."""
     accelerator, state = run.accelerator, run.state
     model = run.kept_model()
-    predictions = predict_encoded(model, run.tokenizer, run.dev_enc, run.cfg, accelerator, desc="dev")
+    # doc_stride alone: tta_strides is for the final prediction, not for every dev evaluation
+    predictions = answers(Reader(run.cfg, run.tokenizer, model, accelerator=accelerator), run.dev_data,
+                          [run.cfg.doc_stride], run.dev_enc, desc="dev")
     scores = score([p.answer for p in predictions], [q.answer_text for q in run.dev_data.questions])
     improved = is_better(scores, state)
     accelerator.print(f"step {state.step} (epoch {epoch_position:.2f}): dev EM {scores['em']:.4f} F1 "
@@ -408,7 +409,7 @@ def evaluate(run: Run, epoch_position: float) -> None:
         state.best_em, state.best_f1 = scores["em"], scores["f1"]
 
 
-def checkpoint(run: Run) -> None:
+def checkpoint(run: TrainingRun) -> None:
     """Save the training state, but never during a streak of skipped steps or with non-finite
     weights: the last checkpoint always stays a good one."""
     accelerator = run.accelerator
@@ -422,3 +423,12 @@ def checkpoint(run: Run) -> None:
     run.state.running_loss = [c[0] for c in counters]
     run.state.running_n = [c[1] for c in counters]
     save_checkpoint(accelerator, run.run_dir, run.state, run.cfg.keep_checkpoints)
+
+
+def train_and_predict(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
+    """``train``; then, if a test file is configured, the run's result.csv (``inference.predict_test``)."""
+    from .inference import predict_test
+    run_dir = train(cfg, resume=resume, overwrite=overwrite)
+    if cfg.test_file:
+        predict_test(run_dir)
+    return run_dir

@@ -10,12 +10,8 @@ of one encoded pair, see ``PairTemplate``), never hard-coded, so BERT vocabulari
 (``[CLS] q [SEP] p [SEP]``) and sentencepiece ones (XLM-R: ``<s> q </s></s> p </s>``) both work.
 
 Windows of one question hold at most ``budget = max_length - len(question) - specials``
-paragraph tokens and start every ``doc_stride`` tokens (``doc_stride`` is capped at ``budget``,
-so consecutive windows always touch or overlap and every token of the paragraph is in some window).
-
-All windows of a file are cut at once into a ``Windows`` table (numpy arrays, one row per window,
-no Python object per window): inference batches and decodes straight from its arrays, and
-``windows[i]`` gives window ``i`` as a ``Window`` (lists) for code that wants one.
+paragraph tokens and start every ``doc_stride`` tokens (capped at ``budget``, so every paragraph
+token is in some window). All windows of a file are cut at once into a ``Windows`` table.
 """
 from __future__ import annotations
 
@@ -32,42 +28,6 @@ import numpy as np
 
 from .config import WindowSpec
 from .data import QAData
-
-
-# CJK ideographs (with extensions and compatibility forms), CJK punctuation and full-width forms
-CJK_CHARACTERS = r"[\u2e80-\u2fff\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]"
-
-
-def load_tokenizer(name_or_dir, isolate_digits: bool = False, isolate_cjk: bool = False, **options):
-    """A fast ``AutoTokenizer``, optionally splitting digits and CJK characters before subwords.
-
-    A token is the smallest thing an answer can start or end on. BERT's WordPiece keeps "1900"
-    and "81" whole (DRCD marks "8" inside "81"); sentencepiece vocabularies (XLM-R) also join
-    Chinese characters ("人的", "1990年"). ``isolate_digits`` / ``isolate_cjk`` make each digit /
-    CJK character its own pre-token (as BERT already does for CJK), so every such character
-    boundary is a token boundary. Sentencepiece's "▁" is then kept only where the text had it.
-    The change is not saved with the tokenizer: the run's config carries it and every load applies it.
-    ``options`` go to ``AutoTokenizer.from_pretrained`` (a run folder's: ``local_files_only=True``).
-    """
-    import json
-    from tokenizers import Tokenizer
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_dir), use_fast=True, **options)
-    isolate = [{"type": "Digits", "individual_digits": True}] if isolate_digits else []
-    if isolate_cjk:
-        isolate.append({"type": "Split", "pattern": {"Regex": CJK_CHARACTERS}, "behavior": "Isolated", "invert": False})
-    if isolate:
-        backend = tokenizer.backend_tokenizer
-        spec = json.loads(backend.to_str())
-        original = spec["pre_tokenizer"]
-        steps = [] if original is None else original["pretokenizers"] if original["type"] == "Sequence" else [original]
-        metaspace = [step for step in steps if step["type"] == "Metaspace"]
-        if metaspace:  # "▁" only where a space was: not before every isolated character
-            metaspace[0]["prepend_scheme"] = "first"
-            steps = [step for step in steps if step["type"] != "WhitespaceSplit"]
-        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": isolate + steps}
-        backend.pre_tokenizer = Tokenizer.from_str(json.dumps(spec)).pre_tokenizer
-    return tokenizer
 
 
 @dataclass(frozen=True)
@@ -128,12 +88,8 @@ def tokenize_paragraphs(texts: list[str], tokenizer) -> tuple[list[list[int]], l
 
 
 def encode(data: QAData, tokenizer, spec: WindowSpec, paragraphs: tuple[list, list] | None = None) -> Encoded:
-    """Tokenize every paragraph and question of ``data`` once, and map answers to tokens.
-
-    ``spec`` travels with the result: ``eval_windows`` and ``train_windows`` cut it by its
-    ``max_length``, ``max_paragraph_tokens`` and ``doc_stride``. ``paragraphs``: what
-    ``tokenize_paragraphs(data.paragraphs, tokenizer)`` gives, where the caller has it already.
-    """
+    """Tokenize every paragraph and question of ``data`` once, and map answers to tokens; ``spec``
+    travels with the result. ``paragraphs``: ``tokenize_paragraphs(data.paragraphs, tokenizer)``, if at hand."""
     template = learn_template(tokenizer)
     if spec.max_length - spec.max_question_tokens - template.n_special < 8:
         raise ValueError(f"max_length {spec.max_length} leaves fewer than 8 paragraph tokens")
@@ -150,11 +106,8 @@ def with_stride(enc: Encoded, doc_stride: int) -> Encoded:
 
 
 def trim_offsets(text: str, start: int, end: int) -> tuple[int, int]:
-    """``(start, end)`` without whitespace at its edges (a whitespace-only token becomes empty).
-
-    Sentencepiece tokens such as "▁Jobs" cover the space before the word in some tokenizers
-    versions (transformers 4.x), which would put a space at the start of an answer.
-    """
+    """``(start, end)`` without whitespace at its edges (a whitespace-only token becomes empty)."""
+    # sentencepiece tokens such as "▁Jobs" cover the space before the word in some tokenizers versions
     while start < end and text[start].isspace():
         start += 1
     while end > start and text[end - 1].isspace():
@@ -163,9 +116,8 @@ def trim_offsets(text: str, start: int, end: int) -> tuple[int, int]:
 
 
 def trimmed_offsets(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """``trim_offsets`` of every token of ``text``. Only a token that starts or ends on whitespace
-    can change, so only those are trimmed (most paragraphs have no whitespace at all). The regular
-    expression ``\\s`` matches exactly the characters for which ``str.isspace`` is true."""
+    """``trim_offsets`` of every token of ``text``."""
+    # only a token that starts or ends on whitespace can change; \s matches what str.isspace() does
     spaces = {match.start() for match in re.finditer(r"\s", text)}
     if not spaces:
         return list(offsets)
@@ -190,20 +142,16 @@ def answer_tokens(data: QAData, offsets: list[list[tuple[int, int]]]) -> list[tu
 
 
 def char_span_to_tokens(offsets, start_char: int, end_char: int) -> tuple[int, int] | None:
-    """Token span ``(first, last)`` (inclusive) covering characters ``start_char..end_char`` (inclusive).
-
-    ``first`` is the last token that starts at or before ``start_char`` and ends after it (so when
-    two tokens share a character, as sentencepiece's lone "▁" does with the next one, the later,
-    real token is chosen); ``last`` is the first token from the left that ends after ``end_char``
-    and starts at or before it. Characters that no token covers (spaces, zero-width characters)
-    are skipped inwards. Returns None if no token lies inside the span. ``offsets``: ``(start, end)``
-    pairs, as a list or an ``(n, 2)`` array.
-    """
+    """Token span ``(first, last)`` (inclusive) covering characters ``start_char..end_char``
+    (inclusive); characters no token covers are skipped inwards; None if no token lies inside.
+    ``offsets``: ``(start, end)`` pairs, a list or an ``(n, 2)`` array."""
     offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     starts, ends = offsets[:, 0], offsets[:, 1]
     overlap = np.flatnonzero((starts < ends) & (starts <= end_char) & (ends > start_char))
     if overlap.size == 0:
         return None
+    # first: the last token starting at or before start_char (of two sharing a character, as
+    # sentencepiece's lone "▁" and the next token do, the later, real one); last: the first ending after end_char
     holding_start = overlap[starts[overlap] <= start_char]
     first = holding_start[-1] if holding_start.size else overlap[0]
     holding_end = overlap[(overlap >= first) & (ends[overlap] > end_char)]
@@ -220,10 +168,7 @@ def question_budgets(enc: Encoded) -> np.ndarray:
 
 
 def window_starts(n_tokens: int, budget: int, doc_stride: int) -> list[int]:
-    """First paragraph token of every window: 0, stride, 2*stride, ... until the end is reached.
-
-    ``doc_stride`` is capped at ``budget`` so that no token falls between two windows.
-    """
+    """First paragraph token of every window: 0, stride, 2*stride, ... until the end is reached."""
     return window_grid([n_tokens], [budget], doc_stride)[1].tolist()
 
 
@@ -240,13 +185,10 @@ def window_grid(n_tokens, budget, doc_stride: int) -> tuple[np.ndarray, np.ndarr
 
 def train_window_start(policy: str, n_tokens: int, budget: int, answer: tuple[int, int],
                        rng: random.Random) -> int | None:
-    """Where the one training window of a question starts, for ``policy`` random or center.
-
-    Windows containing the whole answer ``(a, b)`` start in ``[max(0, b - budget + 1), min(a, n - budget)]``;
-    ``random`` draws uniformly from that range, ``center`` puts the answer's middle in the window's
-    middle as the course sample code does. None if the answer is longer than a window.
-    """
-    a, b = answer
+    """Where the one training window of a question starts: ``random`` uniformly among the windows
+    holding the whole answer, ``center`` with the answer in its middle (the course sample code);
+    None if the answer is longer than a window."""
+    a, b = answer       # windows holding a..b start in [max(0, b - budget + 1), min(a, n - budget)]
     lo, hi = max(0, b - budget + 1), min(a, max(0, n_tokens - budget))
     if lo > hi:
         return None
@@ -276,13 +218,8 @@ class Window:
 
 @dataclass(frozen=True, eq=False)
 class Windows(Sequence):
-    """Windows as a table: parallel numpy arrays with one row per window, so that inference can
-    batch and decode thousands of windows without a Python object per window.
-
-    ``windows[i]`` is row ``i`` as a ``Window`` (its lists built on demand), so a ``Windows`` can be
-    used wherever a list of ``Window`` is read. Window ``i``'s input ids are
-    ``ids[first[i]:first[i] + length[i]]``, and its token type ids sit at the same places of ``type_ids``.
-    """
+    """Windows as a table: parallel numpy arrays, one row per window, no Python object per window;
+    ``windows[i]`` is row ``i`` as a ``Window``. Window ``i``'s ids are ``ids[first[i]:first[i] + length[i]]``."""
     question_index: np.ndarray          # these four per window, as in ``Window``
     token_start: np.ndarray
     token_end: np.ndarray
@@ -320,11 +257,8 @@ class Windows(Sequence):
 
     def model_inputs(self, rows: np.ndarray, pad_token_id: int, pad_type_id: int = 0, pad_left: bool = False,
                      pad_to_multiple_of: int = 8) -> dict[str, np.ndarray]:
-        """Windows ``rows`` padded into int64 arrays ``input_ids``, ``attention_mask`` and (if the
-        windows have them) ``token_type_ids``: what ``DataCollatorWithPadding(tokenizer,
-        pad_to_multiple_of=8)`` makes of their ``features``, gathered from ``ids`` in one step
-        instead of one list per window. ``pad_left``: padding before the tokens (tokenizers whose
-        ``padding_side`` is left)."""
+        """Windows ``rows`` padded into int64 ``input_ids``, ``attention_mask`` (and ``token_type_ids``):
+        what ``DataCollatorWithPadding(pad_to_multiple_of=8)`` makes of their ``features``, in one gather."""
         length = self.length[rows]
         width = -(-int(length.max(initial=0)) // pad_to_multiple_of) * pad_to_multiple_of
         position = np.arange(width)[None, :] - ((width - length)[:, None] if pad_left else 0)
@@ -338,9 +272,7 @@ class Windows(Sequence):
 
 
 def run_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Positions ``starts[0] .. starts[0] + lengths[0] - 1``, then those of the next run, and so on:
-    ``pool[run_index(starts, lengths)]`` is ``np.concatenate([pool[s:s + n] for s, n in zip(starts, lengths)])``
-    without the Python loop."""
+    """``pool[run_index(starts, lengths)]`` is ``np.concatenate([pool[s:s + n] for s, n in zip(starts, lengths)])``."""
     ends = np.cumsum(lengths)
     return np.arange(ends[-1] if len(ends) else 0) + np.repeat(starts - (ends - lengths), lengths)
 
@@ -353,13 +285,8 @@ def flatten(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def cut_windows(enc: Encoded, question_index, token_start) -> Windows:
-    """Window ``i`` is the window of question ``question_index[i]`` whose paragraph part starts at
-    paragraph token ``token_start[i]``, all cut at once.
-
-    Every window is five runs of one token pool — the template's prefix, the question, the
-    template's middle, the paragraph slice, the template's suffix — so its ids (and token types)
-    are gathered from the pool with ``run_index``.
-    """
+    """Window ``i``: question ``question_index[i]`` with the paragraph from token ``token_start[i]``, all
+    cut at once; each is five runs of one token pool (prefix, question, middle, paragraph, suffix)."""
     t = enc.template
     question_index = np.asarray(question_index, dtype=np.int64)
     token_start = np.asarray(token_start, dtype=np.int64)
@@ -417,12 +344,9 @@ def eval_windows(enc: Encoded) -> Windows:
 
 
 def train_windows(enc: Encoded, policy: str, rng: random.Random) -> Windows:
-    """Labelled training windows; call once per epoch (``random`` draws new positions each time).
-
-    ``random``/``center``: one window per question that contains its whole answer (questions whose
-    answer is unknown in tokens or longer than a window are left out). ``all``: every window of the
-    ``eval_windows`` grid; those without the whole answer point at the "no answer" position.
-    """
+    """Labelled training windows, once per epoch: ``random``/``center`` one window per question holding
+    its whole answer (none where it cannot); ``all`` every ``eval_windows`` window, those without the
+    answer pointing at the "no answer" position."""
     if policy == "all":
         return labelled(enc, eval_windows(enc))
     question_index, token_start = [], []
@@ -461,14 +385,3 @@ def question_windows(enc: Encoded, qi: int) -> list[tuple[int, int]]:
     n_tokens = len(enc.paragraph_ids[enc.data.questions[qi].paragraph_id])
     budget = int(question_budgets(enc)[qi])
     return [(start, min(start + budget, n_tokens)) for start in window_starts(n_tokens, budget, enc.spec.doc_stride)]
-
-
-def describe_windows(enc: Encoded, qi: int) -> list[dict]:
-    """The inference windows of question ``qi`` as rows: where each starts and ends, in tokens and
-    characters, and whether it holds the whole answer (to see what ``doc_stride`` does)."""
-    offsets = enc.paragraph_offsets[enc.data.questions[qi].paragraph_id]
-    answer = enc.answer_tokens[qi]
-    return [{"window": k, "tokens": f"{start}-{end - 1}",
-             "characters": f"{offsets[start][0]}-{offsets[end - 1][1] - 1}",
-             "holds_answer": bool(answer and start <= answer[0] and answer[1] < end)}
-            for k, (start, end) in enumerate(question_windows(enc, qi))]

@@ -10,7 +10,7 @@ import pytest
 
 from hw7qa.data import load_qa_file
 from hw7qa.tiny import build_tiny_tokenizer
-from hw7qa.windows import load_tokenizer
+from hw7qa.models import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample"
@@ -44,6 +44,13 @@ def assert_same_predictions(a, b) -> None:
         assert x.keys() == y.keys() and {k: x[k] for k in x.keys() - floats} == {k: y[k] for k in y.keys() - floats}, \
             (i, x, y)
         assert {k: y[k] for k in floats} == pytest.approx({k: x[k] for k in floats}, **FLOAT_TOLERANCE), (i, x, y)
+
+
+def run_logits(run_dir, cfg, data):
+    """``(enc, windows, logits)`` of a run's model on ``data`` at ``cfg``'s doc_stride, through the
+    logits cache (``inference.stride_logits``)."""
+    from hw7qa.inference import open_run, stride_logits
+    return stride_logits(open_run(run_dir, cfg), data, [cfg.doc_stride])[0]
 
 
 def shared_path(relative: str) -> Path:

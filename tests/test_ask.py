@@ -11,7 +11,8 @@ from conftest import SAMPLE
 from hw7qa.__main__ import main
 from hw7qa.ask import ask, ask_many, load_reader
 from hw7qa.models import quiet_transformers
-from hw7qa.run import demo_config, train_and_predict
+from hw7qa.config import demo_config
+from hw7qa.train import train_and_predict
 from hw7qa.submission import csv_answer
 
 
@@ -89,7 +90,7 @@ def test_cli_asks_one_question_or_a_file(demo_run, sample_test, tmp_path, capsys
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--question", "誰？", "--paragraph", "甲乙"], "no-such-run: no such run folder"),
+    (["--question", "誰？", "--paragraph", "甲乙"], "no-such-run: no such folder"),
     (["--question", " ", "--paragraph", "甲乙"], "the question is empty"),
     (["--question", "誰？", "--paragraph", ""], "the paragraph is empty"),
     (["--question", "誰？"], "give --question and --paragraph"),
@@ -104,3 +105,21 @@ def test_cli_ask_refuses_bad_input_in_one_sentence(demo_run, tmp_path, monkeypat
     assert main(["ask", run, *args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_several_set_add_up_in_ask(demo_run, capsys):
+    run_dir, _ = demo_run
+    args = ["ask", str(run_dir), "--question", "誰？", "--paragraph", "甲乙丙丁戊己庚辛"]
+    # the first --set is kept: the impossible max_length is refused (dropped, the command would run)
+    assert main([*args, "--set", "max_length=4096", "--set", "max_answer_length=1"]) == 2
+    assert "max_length=4096" in capsys.readouterr().err
+    assert main([*args, "--set", "max_answer_length=1", "--set", "n_best=3"]) == 0
+    answer = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("answer:"))
+    assert len(answer.split()[1]) == 1            # max_answer_length=1: one token, one character here
+
+
+@pytest.mark.parametrize("command", [["train"], ["predict", "RUN"], ["evaluate", "RUN"], ["ask", "RUN"], ["demo"]])
+def test_every_command_that_takes_set_adds_them_up(command):
+    from hw7qa.__main__ import build_parser
+    args = build_parser().parse_args([*command, "--set", "a=1", "b=2", "--set", "c=3"])
+    assert args.set == ["a=1", "b=2", "c=3"]

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import SAMPLE, shared_path
 from hw7qa.__main__ import main
-from hw7qa.runs import list_checkpoints
+from hw7qa.runfolder import list_checkpoints
 from hw7qa.tiny import build_tiny_tokenizer
 
 KINDS = ("missing", "empty", "truncated", "garbage")

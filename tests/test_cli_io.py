@@ -123,7 +123,7 @@ def test_os_error_message(error, message, code):
 
 
 def test_evaluate_on_another_file_keeps_the_runs_own_dev_predictions(tmp_path):
-    from hw7qa.run import demo_config
+    from hw7qa.config import demo_config
     from hw7qa.train import train
     run = train(demo_config(str(tmp_path / "run"), {"epochs": 1, "test_file": ""}))
     assert main(["evaluate", str(run)]) == 0

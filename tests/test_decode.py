@@ -6,9 +6,11 @@ import torch
 
 from conftest import shared_path
 from hw7qa.data import QAData, Question, load_qa_file
-from hw7qa.decode import balance_quotes, best_spans, decode_predictions, oracle_logits, window_logits
+from hw7qa.decode import balance_quotes, best_spans, decode_predictions, oracle_logits
+from hw7qa.inference import window_logits
 from hw7qa.config import DecodeSpec, WindowSpec
-from hw7qa.windows import encode, eval_windows, load_tokenizer
+from hw7qa.models import load_tokenizer
+from hw7qa.windows import encode, eval_windows
 
 
 def oracle_em(data, tokenizer, max_length=384, doc_stride=128, max_answer_length=30):

@@ -17,8 +17,10 @@ from hw7qa.config import Config, DecodeSpec, WindowSpec
 from hw7qa.data import QAData, Question, load_qa_file
 from hw7qa.decode import (Prediction, balance_quotes, decode_predictions, exhaustive_best_span, highest,
                           top_positions, walk_spans)
-from hw7qa.submission import check_result_csv, has_content, write_result_csv
-from hw7qa.windows import encode, eval_windows, load_tokenizer
+from hw7qa.decode import has_content
+from hw7qa.submission import check_result_csv, write_result_csv
+from hw7qa.models import load_tokenizer
+from hw7qa.windows import encode, eval_windows
 
 
 def reference_best_spans(start_logits, end_logits, context_start, n_context, n_best, max_answer_length):

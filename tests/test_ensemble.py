@@ -11,8 +11,10 @@ from conftest import SAMPLE
 from hw7qa.__main__ import main
 from hw7qa.data import QAData, Question, load_qa_file
 from hw7qa.decode import balance_quotes, decode_predictions
-from hw7qa.ensemble import combine_at_characters, ensemble_predictions, span_probabilities
-from hw7qa.run import demo_config, run_config, run_logits
+from hw7qa.decode import combine_at_characters, ensemble_predictions, span_probabilities
+from hw7qa.config import demo_config
+from hw7qa.runfolder import run_config
+from conftest import run_logits
 from hw7qa.train import train
 
 
@@ -124,7 +126,7 @@ def test_saved_logits_are_not_reused_for_other_windows_or_a_new_model(runs, dev,
 
 
 def test_tta_strides_vote_one_models_windows_of_each_stride(runs, dev, tmp_path, capsys):
-    from hw7qa.run import evaluate_run, predict_test
+    from hw7qa.inference import evaluate_run, predict_test
     run = runs["a"]
     plain_scores, plain = evaluate_run(run)
     assert evaluate_run(run, overrides=["tta_strides=48"])[1] == plain          # doc_stride again: nothing to vote

@@ -42,7 +42,7 @@ def forked():
     context = multiprocessing.get_context("forkserver")
     # everything the children import, imported before any fork: an import in a forked child can wait
     # forever for a lock that another thread of the server held when it forked
-    context.set_forkserver_preload(["hw7qa.__main__", "hw7qa.run", "hw7qa.train", "hw7qa.tiny", "writes"])
+    context.set_forkserver_preload(["hw7qa.__main__", "hw7qa.inference", "hw7qa.train", "hw7qa.tiny", "writes"])
     return context
 
 

@@ -14,16 +14,15 @@ import torch
 from safetensors.torch import load_file
 
 import hw7qa.compiling as compiling
-import hw7qa.decode as decode
-import hw7qa.run as run_module
+import hw7qa.inference as inference
 import hw7qa.train as train_module
 from hw7qa.__main__ import main
 from hw7qa.config import Config
-from hw7qa.decode import predict
 from hw7qa.devices import tf32_matmuls
 from hw7qa.report import read_metrics
-from hw7qa.run import demo_config, evaluate_run
-from hw7qa.runs import list_checkpoints
+from hw7qa.config import demo_config
+from hw7qa.inference import evaluate_run
+from hw7qa.runfolder import list_checkpoints
 from hw7qa.tiny import build_tiny_model
 from hw7qa.train import train
 from test_resume import assert_same_weights, crash_during_step
@@ -152,6 +151,11 @@ def test_predict_and_evaluate_compile_the_loaded_model(eager_run, compiled_calls
     assert [p.score for p in compiled] == pytest.approx([p.score for p in plain], abs=1e-4)
 
 
+def predict(model, tokenizer, data, cfg):
+    compiling.compile_model(model, cfg.compile)
+    return inference.answers(inference.Reader(cfg, tokenizer, model), data)
+
+
 def test_a_model_that_cannot_compile_runs_eagerly_after_one_line(monkeypatch, capfd, sample_dev, bert_tokenizer):
     model, cfg = build_tiny_model(len(bert_tokenizer)), Config(max_length=128, max_question_tokens=32, doc_stride=48)
     expected = predict(model, bert_tokenizer, sample_dev, cfg)
@@ -249,9 +253,9 @@ def test_tf32_is_on_inside_and_restored_after_even_after_an_error():
 def test_train_and_evaluate_with_tf32_set_it_for_the_call_only_and_cpu_results_do_not_change(eager_run, tmp_path,
                                                                                             monkeypatch):
     seen = []
-    real_step, real_logits = train_module.train_step, decode.window_logits
+    real_step, real_logits = train_module.train_step, inference.window_logits
     monkeypatch.setattr(train_module, "train_step", lambda *a: seen.append(("train", tf32_flags())) or real_step(*a))
-    monkeypatch.setattr(decode, "window_logits", lambda *a, **k: seen.append(("infer", tf32_flags()))
+    monkeypatch.setattr(inference, "window_logits", lambda *a, **k: seen.append(("infer", tf32_flags()))
                         or real_logits(*a, **k))
     before = tf32_flags()
     assert before != (True, True)                 # torch's default: TF32 for convolutions only
@@ -263,7 +267,7 @@ def test_train_and_evaluate_with_tf32_set_it_for_the_call_only_and_cpu_results_d
 
     expected = evaluate_run(eager_run)[1]
     seen.clear()
-    monkeypatch.setattr(run_module, "window_logits", lambda *a, **k: seen.append(("infer", tf32_flags()))
+    monkeypatch.setattr(inference, "window_logits", lambda *a, **k: seen.append(("infer", tf32_flags()))
                         or real_logits(*a, **k))
     assert evaluate_run(run)[1] == expected
     assert seen == [("infer", (True, True))] and tf32_flags() == before

@@ -18,10 +18,11 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, assert_same_predictions
 from hw7qa.__main__ import main
-from hw7qa.run import run_config, run_logits
+from hw7qa.runfolder import run_config
+from conftest import run_logits
 from hw7qa.data import load_qa_file
 from hw7qa.report import read_metrics
-from hw7qa.runs import list_checkpoints
+from hw7qa.runfolder import list_checkpoints
 
 
 def free_port():

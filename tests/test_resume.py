@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 
 import hw7qa.train as train_module
 from hw7qa.__main__ import main
-from hw7qa.run import demo_config
+from hw7qa.config import demo_config
 from hw7qa.report import read_metrics
-from hw7qa.runs import list_checkpoints
+from hw7qa.runfolder import list_checkpoints
 from hw7qa.train import train
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from hw7qa.__main__ import main
 from hw7qa.tiny import build_tiny_tokenizer
-from hw7qa.windows import load_tokenizer
+from hw7qa.models import load_tokenizer
 
 
 @pytest.fixture

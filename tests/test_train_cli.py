@@ -13,7 +13,7 @@ from hw7qa.config import load_config
 from hw7qa.data import QAData, save_hw7
 from hw7qa.report import read_metrics
 from hw7qa.batches import length_grouped_batches
-from hw7qa.runs import list_checkpoints
+from hw7qa.runfolder import list_checkpoints
 from hw7qa.train import train
 
 

@@ -18,13 +18,15 @@ from conftest import SAMPLE
 from hw7qa.__main__ import main
 from hw7qa.config import Config
 from hw7qa.data import load_qa_file
-from hw7qa.decode import window_logits
+from hw7qa.inference import window_logits
 from hw7qa.models import load_model, run_tokenizer
-from hw7qa.run import demo_config, run_config, run_logits
+from hw7qa.config import demo_config
+from hw7qa.runfolder import run_config
+from conftest import run_logits
 from hw7qa.tiny import build_tiny_model, build_tiny_tokenizer
 from hw7qa.report import read_metrics
 from hw7qa.batches import epoch_rng, micro_batches
-from hw7qa.runs import TrainState, list_checkpoints
+from hw7qa.runfolder import TrainerState, list_checkpoints
 from hw7qa.train import checkpoint_due, evaluate_due, is_better, log_due, train
 
 
@@ -61,7 +63,7 @@ def test_policies_say_when_to_log_evaluate_and_checkpoint():
 
 
 def test_best_model_is_chosen_by_em_then_f1():
-    state = TrainState(best_em=0.5, best_f1=0.6)
+    state = TrainerState(best_em=0.5, best_f1=0.6)
     assert is_better({"em": 0.5, "f1": 0.7}, state) and is_better({"em": 0.6, "f1": 0.1}, state)
     assert not is_better({"em": 0.5, "f1": 0.6}, state) and not is_better({"em": 0.4, "f1": 0.9}, state)
 

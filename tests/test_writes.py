@@ -18,7 +18,7 @@ from hw7qa.__main__ import main
 from hw7qa.config import Config
 from hw7qa.files import as_refusal, append_whole
 from hw7qa.report import read_metrics
-from hw7qa.runs import list_checkpoints, save_model
+from hw7qa.runfolder import list_checkpoints, save_model
 from hw7qa.tiny import build_tiny_model
 from writes import WriteFaults
 

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, check_resume, load_config, read_json, save_config
+from .config import Config, apply_overrides, check_resume, load_config, read_json, save_config
 from .files import append_whole, atomic_write, refused_as
 from .integrity import DamagedFile, check_file, check_folder
 from .models import quiet_transformers, run_model_dir
@@ -291,7 +291,7 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
 # ---------------------------------------------------------------- the state a checkpoint holds
 
 @dataclass
-class TrainState:
+class TrainerState:
     """Everything the loop carries from step to step, saved in each checkpoint's trainer_state.json.
 
     No count of skipped steps: a checkpoint is never written during a streak of them."""
@@ -306,16 +306,16 @@ class TrainState:
     grad_accum: int = 0             # 0: a checkpoint from before auto_batch, the config's
 
 
-def read_trainer_state(checkpoint: Path) -> TrainState:
+def read_trainer_state(checkpoint: Path) -> TrainerState:
     values = read_json(checkpoint / "trainer_state.json")
     for key in ("running_loss", "running_n"):      # one number in checkpoints of hw7qa before 0.2
         if not isinstance(values.get(key, []), list):
             values[key] = [values[key]]
-    known = {f.name for f in dataclasses.fields(TrainState)}
-    return TrainState(**{k: v for k, v in values.items() if k in known})
+    known = {f.name for f in dataclasses.fields(TrainerState)}
+    return TrainerState(**{k: v for k, v in values.items() if k in known})
 
 
-def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) -> Path:
+def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, keep: int) -> Path:
     """Everything needed to continue training, into ``<run>/checkpoints/step-NNNNNNN``.
 
     ``accelerator.save_state`` writes model, optimizer, scheduler, GradScaler and every process's RNG
@@ -347,7 +347,7 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) ->
     return final
 
 
-def complete_checkpoint(run_dir: Path, partial: Path, final: Path, state: TrainState, keep: int) -> None:
+def complete_checkpoint(run_dir: Path, partial: Path, final: Path, state: TrainerState, keep: int) -> None:
     """Write ``trainer_state.json`` into ``partial``, put it in place as ``final``, and delete the
     checkpoints beyond the newest ``keep``. Main process only."""
     files = {p.name: p.stat().st_size for p in sorted(partial.iterdir()) if p.is_file()}  # check_resumable's list
@@ -357,3 +357,33 @@ def complete_checkpoint(run_dir: Path, partial: Path, final: Path, state: TrainS
     replace_folder(partial, final)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- a saved run's settings
+
+def run_config(run_dir: str | Path, overrides: list[str] | dict | None = None) -> Config:
+    """The run's ``config.json`` with ``overrides`` applied, once ``run_dir`` is known to be a run
+    folder and the file whole (``model/hw7qa_config.json`` holds a copy to restore it from)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        what = "a file, not a run folder" if run_dir.exists() else "no such folder"
+        raise FileNotFoundError(f"{run_dir}: {what}; give a run folder made by 'train'")
+    path, copy = run_dir / "config.json", run_dir / "model" / "hw7qa_config.json"
+    if not path.exists() and not copy.exists():
+        raise FileNotFoundError(f"{run_dir} holds no config.json: is this a run folder made by 'train'?")
+    check_file(path, f"copy {copy} over it (the same settings, saved with the model)" if copy.is_file() else
+               "restore it from a copy of the run")
+    return load_config(path, overrides)
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] | dict | None = None) -> Config:
+    """The config an interrupted run was started with, pointed at its folder, with ``overrides``;
+    refused (``check_resume``) if an override would change what the run trains or move the run."""
+    saved = dataclasses.replace(run_config(run_dir), output_dir=str(run_dir))
+    cfg = check_resume(saved, apply_overrides(saved, overrides or []), run_dir)
+    if Path(cfg.output_dir).resolve() != Path(run_dir).resolve():
+        raise ValueError(f"a resume continues {run_dir} in its own folder, not in output_dir={cfg.output_dir}; "
+                         f"leave output_dir out, or start a new run there: python -m hw7qa train --config "
+                         f"{shlex.quote(str(Path(run_dir) / 'config.json'))} --set "
+                         f"{shlex.quote(f'output_dir={cfg.output_dir}')}")
+    return cfg

@@ -293,8 +293,20 @@ def evaluate(cfg, model_dir, dev, sample_decoding=False, model=None, device="aut
 
 # ---------------------------------------------------------------- runs
 
+def with_answer_length(cfg: Config, train_enc) -> Config:
+    """``cfg`` with ``max_answer_length`` taken from the training answers (``train_enc``, the training
+    file tokenized) when ``answer_length_quantile`` asks for it, as ``train`` does."""
+    from hw7qa.techniques import answer_length_from
+    if not cfg.answer_length_quantile:
+        return cfg
+    return dataclasses.replace(cfg, max_answer_length=answer_length_from(train_enc.answer_tokens,
+                                                                         cfg.answer_length_quantile))
+
+
 def differing_settings(saved: Config, wanted: Config) -> list[str]:
     """The settings (other than ``FREE_ON_RESUME``) in which a run folder's config differs from ``wanted``."""
+    if wanted.answer_length_quantile:       # train() saved the max_answer_length it took from the answers
+        wanted = dataclasses.replace(wanted, max_answer_length=saved.max_answer_length)
     return [f"{f.name}={getattr(saved, f.name)!r} (benchmark: {getattr(wanted, f.name)!r})"
             for f in dataclasses.fields(Config)
             if f.name not in FREE_ON_RESUME and getattr(saved, f.name) != getattr(wanted, f.name)]
@@ -362,12 +374,12 @@ def run_task(task: dict) -> list[dict]:
     if task["dev_limit"]:
         dev = QAData(dev.path, dev.questions[:task["dev_limit"]], dev.paragraphs)
     tokenizer = run_tokenizer(run_dir, cfg)                  # the run's own files, checked (a reused run may be damaged)
-    n_windows = len(train_windows(encode(load_qa_file(cfg.train_file), tokenizer, cfg.windows), cfg.train_windows,
-                                  random.Random(0)))
+    train_enc = encode(load_qa_file(cfg.train_file), tokenizer, cfg.windows)
+    n_windows = len(train_windows(train_enc, cfg.train_windows, random.Random(0)))
     model = load_run_model(run_dir)
     results = []
     for name, eval_cfg, sample_decoding in task["decodings"]:
-        started = time.time()
+        started, eval_cfg = time.time(), with_answer_length(eval_cfg, train_enc)
         result = evaluate(eval_cfg, run_dir / "model", dev, sample_decoding, model=model, device=task["device"])
         results.append({"recipe": name, "trained_as": task["recipe"], "seed": cfg.seed, "run_dir": str(run_dir),
                         "train_windows": n_windows, "train_minutes": minutes,

@@ -1,6 +1,7 @@
 """The statistics of bench/accuracy.py: spread over seeds and the paired bootstrap over seeds × questions."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -240,3 +241,24 @@ def test_run_tasks_in_processes_collects_every_result():
     tasks = [{"a": 1}, {"a": 1, "b": 2, "c": 3}, {}, {"x": 0, "y": 0}]
     assert bench.run_tasks(tasks, 2, collected.append, work=len) == []
     assert sorted(collected) == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------- answer_length_quantile
+
+def demo_benchmark(tmp_path, *extra):
+    sample = PATH.parent.parent / "data" / "sample"
+    return bench.parser().parse_args(["--model", "tiny-random-bert", "--train", str(sample / "hw7_train.json"),
+                                      "--dev", str(sample / "hw7_dev.json"), "--seeds", "0", "--epochs", "2",
+                                      "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "result.json"),
+                                      "--n-boot", "100", "--recipes", "demo", *extra])
+
+
+def test_a_recipe_of_answer_length_quantile_decodes_with_the_length_it_took_from_the_answers(tmp_path):
+    """train() saves max_answer_length from the training answers; the recipe's row decodes with it,
+    and --reuse takes the run for the benchmark's."""
+    recipe = ["--recipes", "demo+answer_length_quantile=0.5"]
+    for again in ([], ["--reuse"]):
+        bench.run_benchmark(demo_benchmark(tmp_path, *recipe, *again))
+        saved = load_config(tmp_path / "runs" / "demo+answer_length_quantile=0.5-seed0" / "config.json")
+        run = json.loads((tmp_path / "result.json").read_text(encoding="utf-8"))["runs"][0]
+        assert run["config"]["max_answer_length"] == saved.max_answer_length != 30

@@ -41,6 +41,16 @@ seeds × questions (``paired_bootstrap``). Written to ``--out`` (JSON: the setup
 settings and per-question answers, EM and F1, and the summary) and, beside it, the tables in
 markdown (``--out`` with ``.md``), which are also printed.
 
+Decoding variants (``--variants``): each ``key=value`` (several joined by ``+``) is a row
+``<recipe>@<variant>``: every run of every recipe but ``sample`` decoded again with that setting, paired
+seed by seed with the run's own decoding. A variant trains nothing and runs no model for windows
+already seen: it decodes the logits ``hw7qa.inference.stride_logits`` cached in ``<run>/logits/`` (one forward
+pass per window setting, the first time). It may change only ``DECODING`` (and ``doc_stride``, the
+inference windows, where ``train_windows`` is not ``all``); ``answer_length_quantile`` takes
+``max_answer_length`` from the run's training answers, as ``train`` does. A variant with more
+windows (``tta_strides``, a smaller ``doc_stride``) reports the inference time they add, at the
+time per window the run's own evaluation took.
+
 An existing run folder is never replaced silently: ``--reuse`` evaluates a finished run's model/
 again (and continues an unfinished one from its last checkpoint) when the folder's settings are the
 benchmark's; ``--overwrite`` retrains it; with neither the benchmark stops before training anything.
@@ -67,7 +77,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-from hw7qa.config import FREE_ON_RESUME, Config, load_config  # noqa: E402
+from hw7qa.config import FREE_ON_RESUME, Config, DecodeSpec, apply_overrides, load_config  # noqa: E402
 from hw7qa.data import QAData, load_qa_file  # noqa: E402
 from hw7qa.files import atomic_write  # noqa: E402
 from hw7qa.metrics import char_f1, exact_match  # noqa: E402
@@ -76,6 +86,9 @@ SHARED = ROOT.parent / "shared"
 STAND_IN = Path.home() / ".cache/stand-in/multilingual-e5-small"
 PRESETS = {"sample": "sample-recipe", "project": "small-model"}
 FINISHED = "bench_train_minutes.json"     # written into a run folder once train() has returned
+# What a decoding variant may change: how logits become answers, and the extra inference windows. The
+# benchmark's runs evaluate no dev file while training, so none of these took part in training.
+DECODING = (*(f.name for f in dataclasses.fields(DecodeSpec)), "tta_strides", "answer_length_quantile")
 
 
 # ---------------------------------------------------------------- statistics (pure)
@@ -158,8 +171,9 @@ def summarize_runs(runs: list[dict], baseline: str | None = None, n_boot: int = 
                    seed: int = 0) -> dict:
     """Per row (``run["recipe"]``, in order of first appearance): ``spread`` over its seeds of EM, F1,
     decoding-oracle EM, empty answers and training minutes, and, for EM and F1, ``paired_bootstrap``
-    against the ``baseline`` row (default: the first row) over the seeds both rows have (none while
-    the baseline has no run yet: a benchmark in progress). A run is a
+    against the ``baseline`` row (default: the first row; a decoding variant's runs: the row in their
+    ``paired_with``) over the seeds both rows have (none while that row has no run yet: a benchmark
+    in progress); a variant's ``added_inference_minutes`` too. A run is a
     dict with ``recipe``, ``seed``, ``em``, ``f1``, ``oracle_em``, ``empty_answers``, ``train_minutes``
     and ``per_question`` (``{"em": [...], "f1": [...]}``, the same questions in the same order in
     every run)."""
@@ -173,15 +187,17 @@ def summarize_runs(runs: list[dict], baseline: str | None = None, n_boot: int = 
         seeds = sorted(by_row[row])
         mine = [by_row[row][s] for s in seeds]
         entry = {"seeds": seeds}
-        for key in ("em", "f1", "oracle_em", "empty_answers", "train_minutes"):
-            entry[key] = spread([r[key] for r in mine])
-        shared = [s for s in seeds if s in by_row.get(baseline, {})]
+        for key in ("em", "f1", "oracle_em", "empty_answers", "train_minutes", "added_inference_minutes"):
+            if key in mine[0]:
+                entry[key] = spread([r[key] for r in mine])
+        base = mine[0].get("paired_with", baseline)
+        shared = [s for s in seeds if s in by_row.get(base, {})]
         if shared:
             entry["vs_baseline"] = {metric: paired_bootstrap(
                 [by_row[row][s]["per_question"][metric] for s in shared],
-                [by_row[baseline][s]["per_question"][metric] for s in shared], n_boot, confidence, seed)
+                [by_row[base][s]["per_question"][metric] for s in shared], n_boot, confidence, seed)
                 for metric in ("em", "f1")}
-            entry["vs_baseline"]["seeds"] = shared
+            entry["vs_baseline"].update(seeds=shared, row=base)
         out["rows"][row] = entry
     return out
 
@@ -194,12 +210,12 @@ def _range(s: dict, digits: int = 3) -> str:
     return f"{s['min']:.{digits}f}–{s['max']:.{digits}f}"
 
 
-def _diff(d: dict | None, is_baseline: bool) -> str:
+def _diff(d: dict | None, is_baseline: bool, against: str = "") -> str:
     if is_baseline:
         return "(baseline)"
     if d is None:
         return "—"
-    return f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+    return f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" + (f" vs {against}" if against else "")
 
 
 def markdown_tables(summary: dict, runs: list[dict]) -> str:
@@ -208,15 +224,17 @@ def markdown_tables(summary: dict, runs: list[dict]) -> str:
     conf = round(100 * summary.get("confidence", 0.95))
     lines = [f"| recipe | seeds | dev EM (mean ± sd) | EM range | dev F1 (mean ± sd) | F1 range "
              f"| ΔEM vs {summary['baseline']} [{conf}% CI] | ΔF1 [{conf}% CI] | decoding-oracle EM "
-             f"| empty answers (mean) | training windows | training min (mean) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"| empty answers (mean) | training windows | training min (mean) | added inference min (mean) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     windows = {r["recipe"]: r.get("train_windows", "") for r in runs}
     for row, e in summary["rows"].items():
         vs, base = e.get("vs_baseline", {}), row == summary["baseline"]
+        against = "" if vs.get("row", summary["baseline"]) == summary["baseline"] else vs["row"]
+        added = f"{e['added_inference_minutes']['mean']:+.2f}" if "added_inference_minutes" in e else ""
         lines.append(f"| {row} | {len(e['seeds'])} | {_mean_sd(e['em'])} | {_range(e['em'])} | {_mean_sd(e['f1'])} "
-                     f"| {_range(e['f1'])} | {_diff(vs.get('em'), base)} | {_diff(vs.get('f1'), base)} "
+                     f"| {_range(e['f1'])} | {_diff(vs.get('em'), base, against)} | {_diff(vs.get('f1'), base)} "
                      f"| {_mean_sd(e['oracle_em'], 3)} | {e['empty_answers']['mean']:g} | {windows[row]} "
-                     f"| {e['train_minutes']['mean']:.1f} |")
+                     f"| {e['train_minutes']['mean']:.1f} | {added} |")
     lines += ["", "| recipe | seed | dev EM | dev F1 | decoding-oracle EM | empty answers | training min | eval min |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(runs, key=lambda r: (list(summary["rows"]).index(r["recipe"]), r["seed"])):
@@ -262,20 +280,33 @@ def evaluate(cfg, model_dir, dev, sample_decoding=False, model=None, device="aut
     with ``cfg``'s windows and decoding, through ``hw7qa.inference`` as ``hw7qa evaluate`` runs it,
     its forward passes on ``device`` (``auto``: the GPU if there is one). ``model``: the already
     loaded model of ``model_dir`` (moved to ``device`` here)."""
-    from hw7qa.decode import decode_predictions, oracle_logits, vote_predictions
+    from hw7qa.decode import oracle_logits
     from hw7qa.inference import Reader, stride_logits
     from hw7qa.models import load_model, load_tokenizer
     tokenizer = load_tokenizer(model_dir, cfg.isolate_digits, cfg.isolate_cjk)
     model = (model if model is not None else load_model(str(model_dir))).to(eval_device(device))
-    members = stride_logits(Reader(cfg, tokenizer, model), dev, desc="dev")
-    enc, windows, _ = members[0]
-    gold = [q.answer_text for q in dev.questions]
+    # the run's logits cache: a variant (or --reuse) decodes these windows again without the model
+    members = stride_logits(Reader(cfg, tokenizer, model, run_dir=Path(model_dir).parent), dev, desc="dev")
     if sample_decoding:
-        predicted = sample_decode(*members[0], tokenizer)
-        oracle = sample_decode(enc, windows, oracle_logits(enc, windows), tokenizer)
-    else:
-        predicted = [p.answer for p in vote_predictions(members, cfg.decoding)]
-        oracle = [p.answer for p in decode_predictions(enc, windows, oracle_logits(enc, windows), cfg.decoding)]
+        enc, windows, _ = members[0]
+        return scored(dev, sample_decode(*members[0], tokenizer),
+                      sample_decode(enc, windows, oracle_logits(enc, windows), tokenizer), members)
+    return decoded(dev, members, cfg.decoding)
+
+
+def decoded(dev, members: list[tuple], spec) -> dict:
+    """``scored`` answers of the window logits ``members`` (one ``(enc, windows, logits)`` per
+    inference stride, voted) decoded with ``spec``; the oracle decodes the first member's windows."""
+    from hw7qa.decode import decode_predictions, oracle_logits, vote_predictions
+    enc, windows, _ = members[0]
+    return scored(dev, [p.answer for p in vote_predictions(members, spec)],
+                  [p.answer for p in decode_predictions(enc, windows, oracle_logits(enc, windows), spec)], members)
+
+
+def scored(dev, predicted: list[str], oracle: list[str], members: list[tuple]) -> dict:
+    """EM and F1 of ``predicted`` against ``dev``'s answers (mean and per question), oracle EM, empty
+    answers, and the windows of ``members`` (one ``(enc, windows, logits)`` per inference stride)."""
+    gold = [q.answer_text for q in dev.questions]
     em = [exact_match(p, g) for p, g in zip(predicted, gold)]
     f1 = [char_f1(p, g) for p, g in zip(predicted, gold)]
     return {"em": float(np.mean(em)), "f1": float(np.mean(f1)),
@@ -284,10 +315,67 @@ def evaluate(cfg, model_dir, dev, sample_decoding=False, model=None, device="aut
             "per_question": {"em": [int(x) for x in em], "f1": f1, "answer": predicted}}
 
 
+# ---------------------------------------------------------------- decoding variants
+
+def variant_config(cfg: Config, variant: str) -> Config:
+    """``cfg`` with a decoding variant's ``key=value`` settings (joined by ``+``) applied; a
+    ValueError naming a setting that is unknown, has a bad value or is no decoding setting. A
+    ``max_answer_length`` given without ``answer_length_quantile`` turns the quantile off."""
+    settings = variant.split("+")
+    changed, keys = apply_overrides(cfg, settings), [item.split("=", 1)[0] for item in settings]
+    # random and center training windows are placed around the answer, not on the doc_stride grid
+    free = DECODING + (("doc_stride",) if cfg.train_windows != "all" else ())
+    for key in keys:
+        if key not in free:
+            effect = "changes no answer" if key in FREE_ON_RESUME else "would change training"
+            raise ValueError(f"variant {variant!r}: {key} {effect}; a variant only decodes the trained runs "
+                             f"again and may change {', '.join(free)}")
+    if "max_answer_length" in keys and "answer_length_quantile" not in keys:
+        changed = dataclasses.replace(changed, answer_length_quantile=0.0)
+    return changed
+
+
+def variant_results(task: dict, own: dict, dev, tokenizer, train_enc) -> list[dict]:
+    """One result per ``task["variants"]`` (``(row, config)``), decoded from the run's window logits
+    as ``hw7qa.inference.stride_logits`` caches them (the run's own windows first: computed once, then read
+    back); paired with ``own``, the result of the run's own decoding, whose evaluation time per
+    window prices the windows a variant adds."""
+    from hw7qa.inference import Reader, stride_logits
+    from hw7qa.windows import encode
+    run_dir, enc = Path(own["run_dir"]), encode(dev, tokenizer, task["cfg"].windows)   # variants keep all but doc_stride
+
+    def logits(cfg):       # the model is loaded only for windows not cached yet
+        return stride_logits(Reader(cfg, tokenizer, run_dir=run_dir), dev, enc=enc, desc="dev")
+    own_windows = sum(len(windows) for _, windows, _ in logits(task["cfg"]))
+    results = []
+    for name, cfg in task["variants"]:
+        started, cfg = time.time(), with_answer_length(cfg, train_enc)
+        result = decoded(dev, logits(cfg), cfg.decoding)
+        added = result["eval_windows"] - own_windows
+        results.append({**own, **result, "recipe": name, "paired_with": own["recipe"], "added_windows": added,
+                        "added_inference_minutes": added * own["eval_minutes"] / own["eval_windows"],
+                        "eval_minutes": (time.time() - started) / 60, "config": dataclasses.asdict(cfg)})
+        print(f"{name} seed {own['seed']}: EM {result['em']:.4f} F1 {result['f1']:.4f} "
+              f"(own decoding: EM {own['em']:.4f}); windows {added:+d}", flush=True)
+    return results
+
+
 # ---------------------------------------------------------------- runs
+
+def with_answer_length(cfg: Config, train_enc) -> Config:
+    """``cfg`` with ``max_answer_length`` taken from the training answers (``train_enc``, the training
+    file tokenized) when ``answer_length_quantile`` asks for it, as ``train`` does."""
+    from hw7qa.techniques import answer_length_from
+    if not cfg.answer_length_quantile:
+        return cfg
+    return dataclasses.replace(cfg, max_answer_length=answer_length_from(train_enc.answer_tokens,
+                                                                         cfg.answer_length_quantile))
+
 
 def differing_settings(saved: Config, wanted: Config) -> list[str]:
     """The settings (other than ``FREE_ON_RESUME``) in which a run folder's config differs from ``wanted``."""
+    if wanted.answer_length_quantile:       # train() saved the max_answer_length it took from the answers
+        wanted = dataclasses.replace(wanted, max_answer_length=saved.max_answer_length)
     return [f"{f.name}={getattr(saved, f.name)!r} (benchmark: {getattr(wanted, f.name)!r})"
             for f in dataclasses.fields(Config)
             if f.name not in FREE_ON_RESUME and getattr(saved, f.name) != getattr(wanted, f.name)]
@@ -298,7 +386,7 @@ def run_finished(run_dir: Path, cfg: Config) -> bool:
     a model/ and a checkpoint at the end of the last epoch."""
     if (run_dir / FINISHED).is_file():
         return True
-    from hw7qa.runs import list_checkpoints, read_trainer_state
+    from hw7qa.runfolder import list_checkpoints, read_trainer_state
     checkpoints = list_checkpoints(run_dir)
     return (run_dir / "model").is_dir() and bool(checkpoints) and \
         read_trainer_state(checkpoints[-1]).epoch >= cfg.epochs
@@ -334,8 +422,9 @@ def seed_everything(seed: int) -> None:
 
 
 def run_task(task: dict) -> list[dict]:
-    """Train (or reuse) one (recipe, seed) and evaluate it with each of its decodings; one result per
-    decoding. Runs in this process or in a worker process (``--jobs``): everything it needs is in ``task``."""
+    """Train (or reuse) one (recipe, seed) and evaluate it with each of its decodings, then its decoding
+    variants; one result per decoding and variant. Runs in this process or in a worker process
+    (``--jobs``): everything it needs is in ``task``."""
     from hw7qa.models import load_run_model, run_tokenizer
     from hw7qa.train import train
     from hw7qa.windows import encode, train_windows
@@ -355,12 +444,12 @@ def run_task(task: dict) -> list[dict]:
     if task["dev_limit"]:
         dev = QAData(dev.path, dev.questions[:task["dev_limit"]], dev.paragraphs)
     tokenizer = run_tokenizer(run_dir, cfg)                  # the run's own files, checked (a reused run may be damaged)
-    n_windows = len(train_windows(encode(load_qa_file(cfg.train_file), tokenizer, cfg.windows), cfg.train_windows,
-                                  random.Random(0)))
+    train_enc = encode(load_qa_file(cfg.train_file), tokenizer, cfg.windows)
+    n_windows = len(train_windows(train_enc, cfg.train_windows, random.Random(0)))
     model = load_run_model(run_dir)
     results = []
     for name, eval_cfg, sample_decoding in task["decodings"]:
-        started = time.time()
+        started, eval_cfg = time.time(), with_answer_length(eval_cfg, train_enc)
         result = evaluate(eval_cfg, run_dir / "model", dev, sample_decoding, model=model, device=task["device"])
         results.append({"recipe": name, "trained_as": task["recipe"], "seed": cfg.seed, "run_dir": str(run_dir),
                         "train_windows": n_windows, "train_minutes": minutes,
@@ -373,7 +462,7 @@ def run_task(task: dict) -> list[dict]:
     import torch
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return results
+    return results + (variant_results(task, results[0], dev, tokenizer, train_enc) if task["variants"] else [])
 
 
 def subset_file(path: str, limit: int, folder: Path) -> str:
@@ -485,6 +574,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", default=str(ROOT / "outputs" / "bench-accuracy"), help="run folders")
     parser.add_argument("--out", default=str(ROOT / "bench" / "accuracy.json"), help="JSON; the tables go beside it (.md)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every recipe")
+    parser.add_argument("--variants", nargs="+", default=[], metavar="KEY=VALUE[+KEY=VALUE]",
+                        help="decode every run (but sample's) again with each of these settings, a row each, paired "
+                        f"with the run's own decoding; no training (settings: {', '.join(DECODING)}, doc_stride)")
     parser.add_argument("--reuse", action="store_true", help="evaluate models already trained in --runs")
     parser.add_argument("--overwrite", action="store_true", help="retrain runs whose folders hold another run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (1: in this one)")
@@ -531,6 +623,8 @@ def plan_tasks(args, seeds: list[int], train_file: str) -> list[dict]:
                 cfg = load_config(ROOT / "configs" / f"{PRESETS.get(preset, preset)}.json",
                                   [f"{k}={v}" for k, v in common.items()] + args.set + knobs)
                 action = plan_run(cfg, args.reuse, args.overwrite)
+                variants = [] if preset == "sample" else [(f"{recipe}@{v}", variant_config(cfg, v))
+                                                          for v in args.variants]
             except (ValueError, FileNotFoundError) as e:
                 problems.append(f"{recipe} seed {seed}: {e}")
                 continue
@@ -538,8 +632,8 @@ def plan_tasks(args, seeds: list[int], train_file: str) -> list[dict]:
             if recipe == "sample":   # the same model, decoded the project's way with the project's windows
                 decodings.append(("sample+project-decoding", dataclasses.replace(
                     project_cfg, isolate_cjk=cfg.isolate_cjk, isolate_digits=cfg.isolate_digits), False))
-            tasks.append({"recipe": recipe, "cfg": cfg, "action": action, "decodings": decodings, "dev": args.dev,
-                          "dev_limit": args.dev_limit, "device": args.device})
+            tasks.append({"recipe": recipe, "cfg": cfg, "action": action, "decodings": decodings, "variants": variants,
+                          "dev": args.dev, "dev_limit": args.dev_limit, "device": args.device})
     if problems:
         sys.exit("nothing was trained:\n  " + "\n  ".join(problems))
     return tasks
@@ -601,7 +695,7 @@ def run_benchmark(args, extra_setup: dict | None = None) -> tuple[str, list[dict
     dev = load_qa_file(args.dev, need_answers=True)
     n_dev = min(args.dev_limit, len(dev.questions)) if args.dev_limit else len(dev.questions)
     tasks = plan_tasks(args, seeds, train_file)
-    rows = list(dict.fromkeys(name for t in tasks for name, _, _ in t["decodings"]))
+    rows = list(dict.fromkeys(row[0] for t in tasks for row in t["decodings"] + t["variants"]))
     if args.baseline and args.baseline not in rows:
         sys.exit(f"--baseline {args.baseline!r} is none of the rows: {', '.join(rows)}")
     baseline = args.baseline or rows[0]

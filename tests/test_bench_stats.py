@@ -1,6 +1,7 @@
 """The statistics of bench/accuracy.py: spread over seeds and the paired bootstrap over seeds × questions."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -240,3 +241,113 @@ def test_run_tasks_in_processes_collects_every_result():
     tasks = [{"a": 1}, {"a": 1, "b": 2, "c": 3}, {}, {"x": 0, "y": 0}]
     assert bench.run_tasks(tasks, 2, collected.append, work=len) == []
     assert sorted(collected) == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------- decoding variants (--variants)
+
+def demo_benchmark(tmp_path, *extra):
+    sample = PATH.parent.parent / "data" / "sample"
+    return bench.parser().parse_args(["--model", "tiny-random-bert", "--train", str(sample / "hw7_train.json"),
+                                      "--dev", str(sample / "hw7_dev.json"), "--seeds", "0", "--epochs", "2",
+                                      "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "result.json"),
+                                      "--n-boot", "100", "--recipes", "demo", *extra])
+
+
+def test_a_decoding_variant_decodes_the_cached_logits_and_trains_nothing(tmp_path, monkeypatch):
+    """Run once: the variants' windows are run through the model and cached. Run again with
+    ``--reuse``: nothing trains, the model does not run, and the run's own row and each variant read
+    their logits from the run's cache."""
+    import hw7qa.inference
+    import hw7qa.train
+    from hw7qa.data import load_qa_file
+    from hw7qa.models import run_tokenizer
+    from hw7qa.techniques import answer_length_from
+    from hw7qa.windows import encode
+    variants = ["max_answer_length=3", "n_best=20", "answer_length_quantile=0.5", "tta_strides=24"]
+    _, left = bench.run_benchmark(demo_benchmark(tmp_path, "--variants", *variants))
+    assert left == []
+    logits = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs" / "demo-seed0" / "logits").glob("*.npz")}
+    assert len(logits) == 2                                   # strides 48 (the run's own) and 24
+
+    forward_passes, cache_reads = [], []
+    window_logits, read_cached_logits = hw7qa.inference.window_logits, hw7qa.inference.read_cached_logits
+
+    def counted_window_logits(*args, **kwargs):
+        forward_passes.append(kwargs.get("desc"))
+        return window_logits(*args, **kwargs)
+
+    def counted_read(*args):
+        cache_reads.append(read_cached_logits(*args))
+        return cache_reads[-1]
+    monkeypatch.setattr(hw7qa.train, "train", lambda *a, **k: pytest.fail("a decoding variant trained"))
+    monkeypatch.setattr(hw7qa.inference, "window_logits", counted_window_logits)
+    monkeypatch.setattr(hw7qa.inference, "read_cached_logits", counted_read)
+    _, left = bench.run_benchmark(demo_benchmark(tmp_path, "--reuse", "--variants", *variants))
+    assert left == [] and forward_passes == []
+    # the own row (evaluate), the variants' own windows, then 1+1+1+2
+    assert len(cache_reads) == 1 + 1 + 5 and all(read is not None for read in cache_reads)
+    assert {p: p.stat().st_mtime_ns for p in logits} == logits
+
+    result = json.loads((tmp_path / "result.json").read_text(encoding="utf-8"))
+    rows = {r["recipe"]: r for r in result["runs"]}
+    own = rows["demo"]
+    assert [rows[f"demo@{v}"]["paired_with"] for v in variants] == ["demo"] * 4
+    assert rows["demo@n_best=20"]["per_question"] == own["per_question"]      # the demo's own n_best: same answers
+    assert result["summary"]["rows"]["demo@n_best=20"]["vs_baseline"]["em"]["diff"] == 0
+    tta = rows["demo@tta_strides=24"]
+    assert tta["added_windows"] == tta["eval_windows"] - own["eval_windows"] > 0
+    run_dir = tmp_path / "runs" / "demo-seed0"
+    cfg = load_config(run_dir / "config.json")
+    train_enc = encode(load_qa_file(cfg.train_file), run_tokenizer(run_dir, cfg), cfg.windows)
+    assert rows["demo@answer_length_quantile=0.5"]["config"]["max_answer_length"] == \
+        answer_length_from(train_enc.answer_tokens, 0.5) != own["config"]["max_answer_length"]
+    assert rows["demo@max_answer_length=3"]["config"]["max_answer_length"] == 3
+
+
+@pytest.mark.parametrize("variant, named", [("n_best=5+lr=1e-3", "lr would change training"),
+                                            ("max_length=64", "max_length would change training"),
+                                            ("eval_batch_size=8", "eval_batch_size changes no answer")])
+def test_a_variant_that_is_no_decoding_setting_is_refused_naming_it(tmp_path, variant, named):
+    with pytest.raises(SystemExit) as refused:
+        bench.run_benchmark(demo_benchmark(tmp_path, "--variants", "max_answer_length=20", variant))
+    assert named in str(refused.value) and variant in str(refused.value)
+    assert not (tmp_path / "runs").exists()                                     # nothing trained
+
+
+def test_doc_stride_is_a_decoding_variant_unless_training_cuts_windows_on_its_grid():
+    cfg = load_config(PATH.parent.parent / "configs" / "small-model.json")
+    assert bench.variant_config(cfg, "doc_stride=64+tta_strides=48").inference_strides == [64, 48]
+    with pytest.raises(ValueError, match="doc_stride would change training"):
+        bench.variant_config(dataclasses.replace(cfg, train_windows="all"), "doc_stride=64")
+
+
+def test_a_variant_max_answer_length_replaces_the_runs_quantile():
+    cfg = load_config(None, ["answer_length_quantile=0.99"])
+    assert bench.variant_config(cfg, "max_answer_length=12").answer_length_quantile == 0
+    assert bench.variant_config(cfg, "n_best=5").answer_length_quantile == 0.99
+
+
+def test_a_recipe_of_answer_length_quantile_decodes_with_the_length_it_took_from_the_answers(tmp_path):
+    """train() saves max_answer_length from the training answers; the recipe's row decodes with it,
+    and --reuse takes the run for the benchmark's."""
+    recipe = ["--recipes", "demo+answer_length_quantile=0.5"]
+    for again in ([], ["--reuse"]):
+        bench.run_benchmark(demo_benchmark(tmp_path, *recipe, *again))
+        saved = load_config(tmp_path / "runs" / "demo+answer_length_quantile=0.5-seed0" / "config.json")
+        run = json.loads((tmp_path / "result.json").read_text(encoding="utf-8"))["runs"][0]
+        assert run["config"]["max_answer_length"] == saved.max_answer_length != 30
+
+
+def test_a_variant_row_is_paired_with_its_runs_own_decoding_not_the_baseline():
+    runs = fake_runs()
+    for r in [r for r in runs if r["recipe"] == "project"]:
+        em = np.maximum(r["per_question"]["em"], bernoulli(0.1, 1, 200, seed=r["seed"])[0])
+        runs.append({**r, "recipe": "project@n_best=40", "paired_with": "project", "em": em.mean(),
+                     "added_inference_minutes": 0.0, "per_question": {"em": em.tolist(), "f1": em.tolist()}})
+    summary = bench.summarize_runs(runs, baseline="sample", n_boot=200)
+    variant = summary["rows"]["project@n_best=40"]
+    assert variant["vs_baseline"]["row"] == "project"
+    own = summary["rows"]["project"]["em"]["mean"]
+    assert variant["vs_baseline"]["em"]["diff"] == pytest.approx(variant["em"]["mean"] - own)
+    assert summary["rows"]["project"]["vs_baseline"]["row"] == "sample"
+    assert " vs project |" in bench.markdown_tables(summary, runs)

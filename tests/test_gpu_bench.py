@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from hw7qa import compiling
 from hw7qa.config import Config, load_config
@@ -93,10 +94,10 @@ def test_speed_smoke_runs_the_levers_and_they_keep_the_loss(smoke):
     # compile traced with aot_eager: eager's arithmetic, so the same loss at the same step
     assert rows["base bf16 compile"]["loss"] == pytest.approx(rows["base bf16"]["loss"], abs=2e-4)
     assert rows["large bf16 compile"]["loss"] == pytest.approx(rows["large bf16"]["loss"], abs=2e-4)
-    if compiling.torch_version() >= compiling.MIN_TORCH:
-        assert "cannot compile" not in smoke.stdout["speed"]           # compiled, not fallen back to eager
+    if torch.__version__ >= compiling.MIN_TORCH:
+        assert "torch.compile cannot run" not in smoke.stdout["speed"]  # compiled, not fallen back to eager
     else:                                                               # older torch: the one line, then eager
-        assert f"compile needs torch {'.'.join(map(str, compiling.MIN_TORCH))} or newer" in smoke.stdout["speed"]
+        assert f"needs torch {compiling.MIN_TORCH} or newer" in smoke.stdout["speed"]
     assert rows["base fp32 tf32"]["loss"] == rows["base fp32"]["loss"]   # a CUDA switch: the CPU's arithmetic stays
     chunked, whole = rows["inference base chunked"]["strides"], rows["inference base"]["strides"]
     assert [s["windows"] for s in chunked] == [s["windows"] for s in whole]

@@ -25,7 +25,7 @@ Promises kept here, each tested:
 - Every write (metrics, tracker, model, checkpoint) that the system refuses, on any process, stops
   every process with the same ``OSError`` naming the file: the main process's writes go through
   ``runfolder.done_on_main``, a checkpoint's through ``runfolder.raise_on_every_process``.
-- ``compile=true`` compiles the model in place (``compiling.py``) after the moving average's copy is
+- ``compile=true`` compiles the model in place (``models.compile_model``) after the moving average's copy is
   made: checkpoints and the saved model hold the plain model's keys, and a resumed compiled run
   ends as an uninterrupted compiled one does. ``tf32=true`` holds for the call only.
 

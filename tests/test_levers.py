@@ -1,23 +1,21 @@
 """The speed levers ``compile`` and ``tf32``: each does what it says, changes no result beyond float
 rounding, keeps checkpoints and resumes as they were, and leaves nothing behind for the next call.
 
-Compiling uses ``backend="aot_eager"`` (through ``compiling.COMPILE_OPTIONS``): the same traced
-graph as inductor's, run eagerly, because inductor's C++ compilation of a training graph takes
-minutes on a small CPU. ``test_the_default_backend_compiles_the_model`` runs inductor itself once.
+Compiling uses ``aot_eager`` (through ``compiling.COMPILE_OPTIONS``): the same traced graph as
+inductor's, run eagerly, because inductor compiles a training graph for minutes on a small CPU.
+``test_the_default_backend_compiles_the_model`` runs inductor itself once, on an evaluation graph.
 """
 import copy
-import dataclasses
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import hw7qa.compiling as compiling
+import hw7qa.models as compiling
 import hw7qa.inference as inference
 import hw7qa.train as train_module
 from hw7qa.__main__ import main
-from hw7qa.config import Config
 from hw7qa.devices import tf32_matmuls
 from hw7qa.report import read_metrics
 from hw7qa.config import demo_config
@@ -27,38 +25,47 @@ from hw7qa.tiny import build_tiny_model
 from hw7qa.train import train
 from test_resume import assert_same_weights, crash_during_step
 
-AOT_EAGER = {"dynamic": True, "backend": "aot_eager"}
+DEFAULT_OPTIONS = dict(compiling.COMPILE_OPTIONS)
+CALLS = []     # torch.is_grad_enabled() at each call of a compiled graph: True while training
+GRAPHS = []    # the graphs compiled
+
+
+def counted_aot_eager(graph, example_inputs):
+    """A torch.compile backend: ``aot_eager``, recording each graph it compiles and each call of one."""
+    compiled = torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+    GRAPHS.append(graph)
+
+    def call(*args):
+        CALLS.append(torch.is_grad_enabled())
+        return compiled(*args)
+    return call
+
+
 # 38 windows, batch 8: 5 steps per epoch; checkpoints at steps 2, 4, 5, 6, ...; dev evaluated at epoch ends
 KNOBS = {"epochs": 3, "batch_size": 8, "log_every": 1, "save_every": 2, "keep_checkpoints": 2, "test_file": ""}
-
-
-MINIMUM = ".".join(map(str, compiling.MIN_TORCH))
-needs_compile = pytest.mark.skipif(compiling.torch_version() < compiling.MIN_TORCH,
-                                   reason=f"compile needs torch {MINIMUM} or newer (compiling.py)")
+needs_compile = pytest.mark.skipif(torch.__version__ < compiling.MIN_TORCH,
+                                   reason=f"compile needs torch {compiling.MIN_TORCH} or newer (models.compile_model)")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def aot_eager():
-    # dynamo's caches are process-wide: compiled graphs of earlier tests (bench/gpu.py's smoke run)
+    # dynamo's caches are process-wide: compiled graphs of earlier tests
     # count against its recompile limit, after which it runs frames eagerly; each module starts clean
     torch._dynamo.reset()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(compiling, "COMPILE_OPTIONS", AOT_EAGER)
+        patch.setattr(compiling, "COMPILE_OPTIONS", {**DEFAULT_OPTIONS, "backend": counted_aot_eager})
         yield
     torch._dynamo.reset()
 
 
-@pytest.fixture
-def compiled_calls(monkeypatch):
-    """How many calls went through a compiled model (``EagerIfCompileFails``)."""
-    calls = []
-    real = compiling.EagerIfCompileFails.__call__
-
-    def counted(self, *args, **kwargs):
-        calls.append(self.model.training)
-        return real(self, *args, **kwargs)
-    monkeypatch.setattr(compiling.EagerIfCompileFails, "__call__", counted)
-    return calls
+@pytest.fixture(autouse=True)
+def compiled_calls():
+    """The calls of compiled graphs in a test, which finds torch.compile probed (``cannot_compile``)."""
+    compiling.cannot_compile.cache_clear()
+    compiling.cannot_compile(torch.device("cpu"))
+    CALLS.clear()
+    yield CALLS
+    compiling.cannot_compile.cache_clear()          # a test may have probed with other options
 
 
 def tiny_batch(vocab=300, batch=4, length=40):
@@ -82,20 +89,21 @@ def outputs(model, batch):
 @needs_compile
 def test_a_compiled_model_computes_what_the_eager_one_does_and_keeps_its_keys(compiled_calls, bert_tokenizer):
     eager = build_tiny_model(len(bert_tokenizer))     # the demo's shape: the training below reuses the graphs
-    model = compiling.compile_model(copy.deepcopy(eager))
-    assert compiling.is_compiled(model) and compiling.compile_model(model) is model      # compiled once
-    assert list(model.state_dict()) == list(eager.state_dict())                        # no "_orig_mod." prefix
-    for length in (40, 24):                                  # another width: the same dynamic graph
+    model = copy.deepcopy(eager)
+    assert compiling.compile_model(model) is model and not compiled_calls        # compiled at its first call
+    assert list(model.state_dict()) == list(eager.state_dict())                 # no "_orig_mod." prefix
+
+    def check(length):
         batch = tiny_batch(length=length)
         (loss, logits), (eager_loss, eager_logits) = outputs(model, batch), outputs(eager, batch)
         torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-6)
-    assert compiled_calls == [True, False, True, False]
-    # a copy of a compiled model runs its own weights through the compiled graph
-    copied = copy.deepcopy(model)
-    with torch.no_grad():
-        copied.qa_outputs.bias += 1
-    torch.testing.assert_close(outputs(copied, batch)[1], eager_logits + 1, rtol=1e-5, atol=1e-5)
+    check(40)
+    graphs = len(GRAPHS)                                     # both modes' graphs, compiled at width 40
+    check(24)                                                # another width: the same dynamic graphs
+    compiling.compile_model(model)                          # again, as each dev evaluation does
+    check(32)
+    assert compiled_calls == [True, False] * 3 and len(GRAPHS) == graphs
 
 
 @pytest.fixture(scope="module")
@@ -151,28 +159,6 @@ def test_predict_and_evaluate_compile_the_loaded_model(eager_run, compiled_calls
     assert [p.score for p in compiled] == pytest.approx([p.score for p in plain], abs=1e-4)
 
 
-def predict(model, tokenizer, data, cfg):
-    compiling.compile_model(model, cfg.compile)
-    return inference.answers(inference.Reader(cfg, tokenizer, model), data)
-
-
-def test_a_model_that_cannot_compile_runs_eagerly_after_one_line(monkeypatch, capfd, sample_dev, bert_tokenizer):
-    model, cfg = build_tiny_model(len(bert_tokenizer)), Config(max_length=128, max_question_tokens=32, doc_stride=48)
-    expected = predict(model, bert_tokenizer, sample_dev, cfg)
-    capfd.readouterr()
-
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("Dynamo is not supported on this Python\nsecond line")
-    monkeypatch.setattr(torch, "compile", no_compiler)
-    monkeypatch.setattr(compiling, "MIN_TORCH", (0, 0))
-    got = predict(model, bert_tokenizer, sample_dev, dataclasses.replace(cfg, compile=True))
-    printed = capfd.readouterr()
-    assert got == expected and not compiling.is_compiled(model)
-    assert printed.out.count("\n") == 1 and not any(word in printed.err for word in ("Traceback", "dynamo", "compile"))
-    assert printed.out.startswith("compile=true: torch.compile cannot compile BertForQuestionAnswering here "
-                                  "(RuntimeError: Dynamo is not supported on this Python); it runs uncompiled")
-
-
 class Small(torch.nn.Module):
     """A module of this file: dynamo compiles the forward passes of code outside torch itself."""
 
@@ -184,50 +170,48 @@ class Small(torch.nn.Module):
         return torch.relu(self.linear(x))
 
 
-def test_a_compile_error_at_the_first_call_falls_back_once(monkeypatch, capfd):
-    def failing_backend(graph, example_inputs):
-        raise OSError("no C compiler found")
-    monkeypatch.setattr(compiling, "COMPILE_OPTIONS", {"dynamic": True, "backend": failing_backend})
-    monkeypatch.setattr(compiling, "MIN_TORCH", (0, 0))
-    model = Small()
-    x = torch.randn(2, 4)
-    expected = model(x)
-    compiling.compile_model(model)
-    assert torch.equal(model(x), expected) and torch.equal(model(x), expected)
-    printed = capfd.readouterr()
-    assert printed.out.count("\n") == 1 and "no C compiler found" in printed.out and "runs uncompiled" in printed.out
-    assert printed.err == "" and not compiling.is_compiled(model)
+def no_compiler(graph, example_inputs):
+    raise OSError("no C compiler found")
 
 
-def test_torch_older_than_the_minimum_runs_uncompiled_after_one_line(monkeypatch, capfd):
-    monkeypatch.setattr(compiling, "MIN_TORCH", (99, 0))
+def unsupported_python(*args, **kwargs):
+    raise RuntimeError("Dynamo is not supported on this Python\nsecond line")
+
+
+@pytest.mark.parametrize("patches, reason", [
+    ([(compiling, "COMPILE_OPTIONS", {"dynamic": True, "backend": no_compiler}), (compiling, "MIN_TORCH", "0")],
+     "OSError: no C compiler found"),
+    ([(torch, "compile", unsupported_python), (compiling, "MIN_TORCH", "0")],
+     "RuntimeError: Dynamo is not supported on this Python"),
+    ([(compiling, "MIN_TORCH", "99.0")], f"RuntimeError: it needs torch 99.0 or newer, this is {torch.__version__}"),
+], ids=["no C compiler", "unsupported Python", "torch too old"])
+def test_where_torch_compile_cannot_run_one_line_says_so_and_the_model_runs_eagerly(patches, reason, monkeypatch,
+                                                                                   capfd, compiled_calls):
+    for where, name, value in patches:
+        monkeypatch.setattr(where, name, value)
+    compiling.cannot_compile.cache_clear()
     model, x = Small(), torch.randn(2, 4)
-    assert compiling.compile_model(model) is model and not compiling.is_compiled(model)
+    expected = model(x)
+    for _ in range(2):                                      # compiled again, as each dev evaluation does
+        assert compiling.compile_model(model) is model and torch.equal(model(x), expected)
+    assert not compiled_calls
     printed = capfd.readouterr()
-    assert printed.out == (f"compile=true: torch.compile cannot compile Small here (RuntimeError: compile needs torch "
-                           f"99.0 or newer, this is {torch.__version__}); it runs uncompiled\n")
-    assert torch.equal(model(x), model._call_impl(x))
+    assert printed.out == f"compile=true: torch.compile cannot run here ({reason}); the model runs uncompiled\n"
+    assert printed.err == ""
 
 
 @needs_compile
-def test_the_default_backend_compiles_the_model(monkeypatch):
+def test_the_default_backend_compiles_the_model(monkeypatch, capsys):
     """inductor, as a run with compile=true uses it, on the evaluation graph of a tiny model."""
-    if not any(shutil.which(name) for name in ("cc", "gcc", "g++", "c++")):
-        pytest.skip("no C compiler: inductor cannot compile for the CPU here (compile falls back, tested above)")
-    monkeypatch.setattr(compiling, "COMPILE_OPTIONS", {"dynamic": True})
+    monkeypatch.setattr(compiling, "COMPILE_OPTIONS", DEFAULT_OPTIONS)
+    compiling.cannot_compile.cache_clear()
+    if compiling.cannot_compile(torch.device("cpu")):
+        pytest.skip(capsys.readouterr().out.strip())    # e.g. no C compiler: compile falls back, tested above
     eager = build_tiny_model(300, hidden=32, layers=1).eval()
     model = compiling.compile_model(copy.deepcopy(eager))
-    fallbacks = []
-    monkeypatch.setattr(compiling, "fall_back", lambda model, error: fallbacks.append(error))
     batch = {k: v for k, v in tiny_batch().items() if "positions" not in k}
     with torch.inference_mode():
         got, expected = model(**batch).start_logits, eager(**batch).start_logits
-    causes = fallbacks[:1]         # the error, and the errors it wraps
-    while causes and (getattr(causes[-1], "inner_exception", None) or causes[-1].__cause__):
-        causes.append(getattr(causes[-1], "inner_exception", None) or causes[-1].__cause__)
-    if any(type(e).__name__ in ("CppCompileError", "InvalidCxxCompiler") for e in causes):
-        pytest.skip(f"inductor cannot build C++ kernels here (e.g. no Python.h): {str(causes[-1])[:200]}")
-    assert not fallbacks and compiling.is_compiled(model)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 

@@ -4,7 +4,8 @@
 everything is written, so a write that fails (a full disk, Ctrl-C, an exception) leaves the
 previous file exactly as it was and no temporary behind. A process killed outright (``kill -9``,
 a Colab VM taken away) cannot clean up: the next write of the same target removes what it left.
-``append_whole`` adds a line to a file (``metrics.jsonl``) whole or not at all.
+``append_whole`` adds a line to a file (``metrics.jsonl``) whole or not at all. Files get the mode
+``open(path, "w")`` gives them (``new_file_mode``; a replaced file keeps its own), not a temporary's 0600.
 
 ``refused_as`` is put around every other write (a model, a checkpoint, TensorBoard's files): when
 the system refuses it (a full disk, a read-only folder, no permission, a quota) the error becomes
@@ -20,6 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,9 +45,10 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kwargs):
     block ends without an exception.
 
     Creates ``path``'s folder if needed and first removes temporaries a killed write of ``path``
-    left. On any exception the temporary is removed and ``path`` is unchanged; the system refusing
-    the write is raised again naming ``path`` (``as_refusal``: a full disk names no file, and the
-    temporary's name means nothing to the user).
+    left. The file gets the mode of the file it replaces, or ``new_file_mode()``. On any exception
+    the temporary is removed and ``path`` is unchanged; the system refusing the write is raised
+    again naming ``path`` (``as_refusal``: a full disk names no file, and the temporary's name means
+    nothing to the user).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +57,7 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kwargs):
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else new_file_mode())
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
         os.replace(tmp, path)
@@ -66,6 +70,26 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kwargs):
         if refused is not None:
             raise refused from e
         raise
+
+
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0o666 less the process's umask."""
+    try:        # Linux: read, not set (a umask set for a moment would apply to other threads' files)
+        with open("/proc/self/status", encoding="ascii") as f:
+            umask = int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration):
+        umask = os.umask(0o077)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def with_new_file_modes(folder: Path) -> None:
+    """Give the files a save just wrote into ``folder`` ``new_file_mode()``: safetensors writes
+    through a temporary file of its own, which keeps mode 0600."""
+    mode = new_file_mode()
+    for file in folder.iterdir():
+        if file.is_file():
+            os.chmod(file, mode)
 
 
 # errors of the system whose words libraries quote in their own exceptions (torch: "open file failed

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, apply_overrides, check_resume, load_config, read_json, save_config
-from .files import append_whole, atomic_write, refused_as
+from .files import append_whole, atomic_write, refused_as, with_new_file_modes
 from .integrity import DamagedFile, check_file, check_folder
 from .models import quiet_transformers, run_model_dir
 
@@ -226,6 +226,7 @@ def save_model(model, tokenizer, cfg: Config, directory: Path) -> None:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         save_config(cfg, partial / "hw7qa_config.json")
+        with_new_file_modes(partial)
     replace_folder(partial, directory)
 
 
@@ -353,6 +354,7 @@ def complete_checkpoint(run_dir: Path, partial: Path, final: Path, state: Traine
     files = {p.name: p.stat().st_size for p in sorted(partial.iterdir()) if p.is_file()}  # check_resumable's list
     text = json.dumps({**dataclasses.asdict(state), "files": files}, indent=1) + "\n"
     with refused_as(final, partial):
+        with_new_file_modes(partial)
         (partial / "trainer_state.json").write_text(text, encoding="utf-8")
     replace_folder(partial, final)
     for old in list_checkpoints(run_dir)[:-keep]:

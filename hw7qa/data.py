@@ -67,6 +67,9 @@ def load_qa_file(path: str | Path, need_answers: bool = False, setting: str = ""
     else:
         raise DataError(f"{path}: neither HW7 JSON (keys 'questions' and 'paragraphs') "
                         f"nor DRCD/SQuAD JSON (key 'data')")
+    if not data.questions:          # an empty file, or one whose questions were all removed
+        raise DataError(f"{f'{setting}={path!r}' if setting else path}: the file has no questions"
+                        + (f"; point {setting} at one that has some" if setting else ""))
     validate(data, need_answers)
     return data
 
@@ -185,6 +188,8 @@ def validate(data: QAData, need_answers: bool = False) -> None:
 
 
 def _raise_if(path: str, errors: list[str], shown: int = 20) -> None:
+    if len(errors) == 1:
+        raise DataError(f"{path}: {errors[0]}")
     if errors:
         more = f"\n  ... and {len(errors) - shown} more" if len(errors) > shown else ""
         raise DataError(f"{path}: {len(errors)} problem(s):\n  " + "\n  ".join(errors[:shown]) + more)

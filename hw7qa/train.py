@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from .batches import EpochBatches, EpochWindows, choose_batches
 from .config import Config, TrainingError
-from .data import QAData, concat_data, load_qa_file
+from .data import DataError, QAData, concat_data, load_qa_file
 from .inference import Reader, answers
 from .devices import accelerator_for, check_divisible, check_tracker, processes, tf32_matmuls
 from .files import refused_as
@@ -60,7 +60,7 @@ from .optim import make_optimizer, make_scheduler, step_unless
 from .runfolder import (TrainerState, done_on_main, list_checkpoints, log_metrics, prepare_run_dir, read_trainer_state,
                    save_checkpoint, save_model, what_is_kept)
 from .techniques import WeightAverage, adversarial_backward, answer_length_from
-from .windows import Encoded, encode, padding_of
+from .windows import Encoded, encode, padding_of, train_windows
 
 
 # ---------------------------------------------------------------- policies
@@ -169,14 +169,16 @@ class Inputs:
     train_data: QAData
     train_enc: Encoded
     dev_data: QAData | None
+    dev_enc: Encoded | None
     model: torch.nn.Module
     tokenizer: object
 
 
 def load_inputs(cfg: Config) -> Inputs:
-    """The data, model and tokenizer of ``cfg``, the training data tokenized, and ``cfg`` itself with
-    ``max_answer_length`` set from the training answers when ``answer_length_quantile`` asks for it
-    (that value is what config.json records, and what evaluate and predict use)."""
+    """The data, model and tokenizer of ``cfg``, the training and dev data tokenized (the test file
+    too, to refuse one that cannot be answered), and ``cfg`` itself with ``max_answer_length`` set
+    from the training answers when ``answer_length_quantile`` asks for it (that value is what
+    config.json records, and what evaluate and predict use)."""
     train_data = load_qa_file(cfg.train_file, need_answers=True, setting="train_file")
     dev_data = load_qa_file(cfg.dev_file, need_answers=True, setting="dev_file") if cfg.dev_file else None
     if cfg.final_fit:
@@ -184,10 +186,16 @@ def load_inputs(cfg: Config) -> Inputs:
     model, tokenizer = load_model_and_tokenizer(cfg, train_data)
     check_max_length(model.config, cfg.max_length)
     train_enc = encode(train_data, tokenizer, cfg.windows)
+    if not len(train_windows(train_enc, "center", None)):          # nothing to learn from
+        raise DataError(f"{train_data.path}: no answer of its {len(train_data.questions)} questions fits in a window "
+                        f"of max_length={cfg.max_length} tokens (with its question); raise max_length")
+    dev_enc = encode(dev_data, tokenizer, cfg.windows) if dev_data else None
+    if cfg.test_file:       # refused now, not after training
+        encode(load_qa_file(cfg.test_file, setting="test_file"), tokenizer, cfg.windows)
     if cfg.answer_length_quantile:
         cfg = dataclasses.replace(cfg, max_answer_length=answer_length_from(train_enc.answer_tokens,
                                                                             cfg.answer_length_quantile))
-    return Inputs(cfg, train_data, train_enc, dev_data, model, tokenizer)
+    return Inputs(cfg, train_data, train_enc, dev_data, dev_enc, model, tokenizer)
 
 
 def start_run(cfg: Config, accelerator, inputs: Inputs, run_dir: Path, checkpoint: Path | None) -> TrainingRun:
@@ -219,7 +227,6 @@ def start_run(cfg: Config, accelerator, inputs: Inputs, run_dir: Path, checkpoin
     model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)     # saved and restored with the checkpoints
-    dev_enc = encode(inputs.dev_data, tokenizer, cfg.windows) if inputs.dev_data else None
     if cfg.log_with != "none":
         def init_trackers():
             with refused_as(tracker_folder(cfg, run_dir)):
@@ -227,7 +234,7 @@ def start_run(cfg: Config, accelerator, inputs: Inputs, run_dir: Path, checkpoin
         done_on_main(accelerator, init_trackers)
     state = dataclasses.replace(saved or TrainerState(), micro_batch=micro_batch, grad_accum=grad_accum)
     run = TrainingRun(cfg, accelerator, run_dir, model, tokenizer, optimizer, scheduler, loader, dataset, batches,
-              inputs.dev_data, dev_enc, steps_per_epoch, state, ema)
+                      inputs.dev_data, inputs.dev_enc, steps_per_epoch, state, ema)
     restore(run, checkpoint)
     return run
 

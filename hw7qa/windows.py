@@ -27,7 +27,7 @@ from functools import cached_property
 import numpy as np
 
 from .config import WindowSpec
-from .data import QAData
+from .data import DataError, QAData
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,10 @@ def encode(data: QAData, tokenizer, spec: WindowSpec, paragraphs: tuple[list, li
     if spec.max_length - spec.max_question_tokens - template.n_special < 8:
         raise ValueError(f"max_length {spec.max_length} leaves fewer than 8 paragraph tokens")
     paragraph_ids, offsets = paragraphs or tokenize_paragraphs(data.paragraphs, tokenizer)
+    empty = next((i for i, ids in enumerate(paragraph_ids) if not ids), None)
+    if empty is not None:           # no window could hold an answer: its questions would get an empty one
+        raise DataError(f"{data.path}: paragraph {empty} ({data.paragraphs[empty][:20]!r}) holds nothing the "
+                        f"tokenizer reads (only control or zero-width characters); fix or remove it")
     quest = tokenizer([q.question_text.strip() for q in data.questions], **LEAN)
     question_ids = [ids[:spec.max_question_tokens] for ids in quest["input_ids"]]
     return Encoded(data, question_ids, paragraph_ids, offsets, answer_tokens(data, offsets), template, spec)

@@ -187,7 +187,7 @@ def kaggle_command(args: argparse.Namespace) -> int:
     csv_path = run / "result.csv" if run.is_dir() else run
     test_file = args.test_file or (load_config(run / "config.json").test_file if run.is_dir() else "")
     if not test_file:
-        raise ValueError("which test file does this CSV answer? give --test-file")
+        raise ValueError(f"{csv_path}: which test file does it answer? give --test-file")
     print(kaggle.submit(csv_path, load_qa_file(test_file), args.message or f"hw7qa {run.resolve().name}").strip())
     return 0
 

@@ -67,8 +67,8 @@ def read_rows(path: str | Path) -> tuple[list[tuple[int, list[str]]], list[str]]
 
 
 def check_result_csv(path: str | Path, data: QAData) -> list[str]:
-    """Everything wrong with ``path`` as a submission for ``data`` (an empty list means valid); a
-    DataError if ``path`` is not a file.
+    """Everything wrong with ``path`` as a submission for ``data`` (an empty list means valid), each
+    problem a line that names ``path``; a DataError if ``path`` is not a file.
 
     Read as ``utf-8-sig``: a CSV saved by a Windows editor starts with a byte order mark that is
     not part of the header.
@@ -99,4 +99,4 @@ def check_result_csv(path: str | Path, data: QAData) -> list[str]:
     missing = [qid for qid in expected if qid not in seen]
     if missing:
         problems.append(f"{len(missing)} question(s) of {data.path} have no row, e.g. ID(s) {', '.join(missing[:5])}")
-    return problems
+    return [f"{path}: {problem}" for problem in problems]

@@ -282,5 +282,5 @@ def test_an_open_quote_in_a_result_csv_for_the_2021_test_file(tmp_path, capsys):
     open_quote_csv(tmp_path / "result.csv", ids, line=5)
     assert main(["check", str(tmp_path / "result.csv"), str(test_file)]) == 1
     out = capsys.readouterr().out
-    assert out.startswith('line 5: a quote (") opened here is never closed, and takes the rest of the file into one '
-                          'field (field larger than field limit (131072))')
+    assert out.startswith(f'{tmp_path / "result.csv"}: line 5: a quote (") opened here is never closed, and takes '
+                          'the rest of the file into one field (field larger than field limit (131072))')

@@ -12,13 +12,18 @@
     python -m hw7qa demo                                # the whole pipeline offline on the shipped sample
 
 Expected failures print one line on stderr, not a traceback (an OSError as ``error: <what> (<path>)``),
-and exit with one of ``EXIT_CODES``.
+and exit with one of ``EXIT_CODES``; so do Ctrl-C and SIGTERM, with a line that says what was kept
+and the command that continues.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 # Only what every command needs: torch, transformers and accelerate are imported by the commands
@@ -40,7 +45,8 @@ EXIT_CODES = {
     3: "training stopped (non-finite loss, GPU out of memory)",
     4: "the system refused to read or write: permission denied, read-only or full disk",
     5: "the kaggle command is missing or refused (credentials, rules not accepted)",
-    130: "interrupted (Ctrl-C)",
+    130: "interrupted (Ctrl-C); one line says what was kept and the command that continues",
+    143: "stopped (SIGTERM: kill, a runtime shutting down); the same line",
 }
 
 
@@ -210,13 +216,45 @@ def end_processes(together: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-
+    args.argv = sys.argv[1:] if argv is None else list(argv)       # to say how to run it again
     code = 1
     try:
-        code = run_reporting_errors(args)
+        with sigterm_as_interrupt():
+            code = run_reporting_errors(args)
         return code
     finally:
         end_processes(together=code == 0)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C's KeyboardInterrupt is, so that the same cleanup runs."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """A block in which SIGTERM raises ``Terminated``: by default it ends Python on the spot, leaving
+    partial saves behind and saying nothing. Signal handlers belong to the main thread."""
+    def terminate(signum, frame):
+        raise Terminated
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def interrupted(args: argparse.Namespace, e: KeyboardInterrupt) -> int:
+    """Print one line: what the interrupted command kept and the command that continues it (the
+    hint the command gave, ``runfolder.on_interrupt``, else: run it again); 143 for SIGTERM, else 130."""
+    kept = ("nothing was written" if args.command in ("train", "demo", "ask", "check") else
+            "no file is left half written" + (" and the logits computed so far are kept"
+                                              if args.command in ("predict", "evaluate", "ensemble") else ""))
+    hint = e.args[0] if e.args else f"{kept}; run it again: python -m hw7qa {shlex.join(args.argv)}"
+    print(f"\n{'stopped (SIGTERM)' if isinstance(e, Terminated) else 'interrupted (Ctrl-C)'}: {hint}", file=sys.stderr)
+    return 143 if isinstance(e, Terminated) else 130
 
 
 def run_reporting_errors(args: argparse.Namespace) -> int:
@@ -239,9 +277,8 @@ def run_reporting_errors(args: argparse.Namespace) -> int:
     except KaggleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 5
-    except KeyboardInterrupt:
-        print("\ninterrupted (Ctrl-C)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return interrupted(args, e)
 
 
 if __name__ == "__main__":

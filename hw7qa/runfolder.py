@@ -81,6 +81,18 @@ def what_is_kept(run_dir: Path) -> str:
             (f" The last good checkpoint is {checkpoints[-1]}." if checkpoints else ""))
 
 
+@contextlib.contextmanager
+def on_interrupt(hint):
+    """A block whose Ctrl-C (a KeyboardInterrupt; SIGTERM on the command line) leaves it carrying
+    ``hint()``: what was kept and the command that continues, for the command line to print. The
+    hint of an inner block stays."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        e.args = e.args or (hint(),)
+        raise
+
+
 def clear_folder(folder: Path) -> None:
     for item in folder.iterdir():
         shutil.rmtree(item) if item.is_dir() else item.unlink()

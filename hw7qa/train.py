@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -57,8 +58,8 @@ from .files import refused_as
 from .metrics import score
 from .models import check_max_length, compile_model, load_model_and_tokenizer
 from .optim import make_optimizer, make_scheduler, step_unless
-from .runfolder import (TrainerState, done_on_main, list_checkpoints, log_metrics, prepare_run_dir, read_trainer_state,
-                   save_checkpoint, save_model, what_is_kept)
+from .runfolder import (TrainerState, done_on_main, list_checkpoints, log_metrics, on_interrupt, past_the_start,
+                        prepare_run_dir, read_trainer_state, save_checkpoint, save_model, what_is_kept)
 from .techniques import WeightAverage, adversarial_backward, answer_length_from
 from .windows import Encoded, encode, padding_of, train_windows
 
@@ -150,7 +151,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, on_step: C
     inputs = load_inputs(cfg)         # bad data, model or max_length stop the run before anything is written
     cfg = inputs.cfg                  # with max_answer_length from the training answers (answer_length_quantile)
     run_dir, checkpoint = done_on_main(started, lambda: prepare_run_dir(cfg, resume, overwrite))
-    with accelerator_for(cfg.mixed_precision, cfg.grad_accum, cfg.log_with, run_dir) as accelerator, \
+    run = None
+    with on_interrupt(lambda: continue_hint(run_dir, run)), \
+            accelerator_for(cfg.mixed_precision, cfg.grad_accum, cfg.log_with, run_dir) as accelerator, \
             tf32_matmuls(cfg.tf32):
         run = start_run(cfg, accelerator, inputs, run_dir, checkpoint)
         run.on_step = on_step
@@ -290,14 +293,23 @@ def fit(run: TrainingRun) -> None:
             f"{run.state.micro_batch}) and raise grad_accum (now {run.state.grad_accum}) by the same factor, lower "
             f"max_length (now {cfg.max_length}), or set gradient_checkpointing=true."
             f"{what_is_kept(run.run_dir)}") from None
-    except KeyboardInterrupt:
-        last = list_checkpoints(run.run_dir)
-        accelerator.print(f"\ninterrupted at step {run.state.step}. " + (
-            f"Continue from {last[-1].name}: python -m hw7qa train --resume {run.run_dir}" if last else
-            "No checkpoint was saved yet (save_every, keep_checkpoints)."))
-        raise
     finally:
         progress.close()
+
+
+def continue_hint(run_dir: Path, run: TrainingRun | None) -> str:
+    """What an interrupted run kept and the command that continues it, as a resume will find it
+    (``runfolder.resume_point``): from its last checkpoint, from the start if it has saved nothing, else over."""
+    checkpoints, model = list_checkpoints(run_dir), run_dir / "model"
+    at = f"at step {run.state.step} of {run.total_steps}; " if run else ""
+    saved = ([f"the best model so far is in {model}"] if model.is_dir() else []) + (
+        [f"the last checkpoint is {checkpoints[-1]}"] if checkpoints else [])
+    if checkpoints or not past_the_start(run_dir):
+        return (f"{at}{' and '.join(saved) or 'nothing is saved yet'}. Continue: python -m hw7qa train --resume "
+                f"{shlex.quote(str(run_dir))}")
+    return (f"{at}{''.join(f'{s}; ' for s in saved)}no checkpoint to continue from (save_every, keep_checkpoints). "
+            f"Train it again from step 0: python -m hw7qa train --config {shlex.quote(str(run_dir / 'config.json'))} "
+            f"--set {shlex.quote(f'output_dir={run_dir}')} --overwrite")
 
 
 def run_epoch(run: TrainingRun, epoch: int, progress) -> None:
@@ -437,5 +449,7 @@ def train_and_predict(cfg: Config, resume: bool = False, overwrite: bool = False
     from .inference import predict_test
     run_dir = train(cfg, resume=resume, overwrite=overwrite)
     if cfg.test_file:
-        predict_test(run_dir)
+        with on_interrupt(lambda: f"the trained model is saved in {run_dir / 'model'}; write its result.csv: "
+                                  f"python -m hw7qa predict {shlex.quote(str(run_dir))}"):
+            predict_test(run_dir)
     return run_dir

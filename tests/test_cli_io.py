@@ -106,7 +106,8 @@ def test_ctrl_c_prints_one_line_and_exits_130(run_dir, monkeypatch, capsys):
     before = files_in(run_dir)
     fail_writes(monkeypatch, KeyboardInterrupt())            # Ctrl-C while result.csv is written
     assert main(["predict", str(run_dir)]) == 130
-    assert last_error_line(capsys) == "interrupted (Ctrl-C)"
+    assert last_error_line(capsys) == ("interrupted (Ctrl-C): no file is left half written and the logits computed so "
+                                       f"far are kept; run it again: python -m hw7qa predict {run_dir}")
     assert files_in(run_dir) == before
 
 

@@ -95,7 +95,9 @@ def test_two_processes_killed_mid_epoch_resume_to_the_same_run(two_process_run, 
     whole, _ = two_process_run
     cut = tmp_path / "cut"
     printed = launch("demo", "--output-dir", str(cut), "--set", *KNOBS, fault="crash:7", expect=1)
-    assert "interrupted at step 7" in printed and steps_of(list_checkpoints(cut)) == [5, 6]
+    assert f"interrupted (Ctrl-C): at step 7 of 15; the best model so far is in {cut / 'model'} and the last " \
+           f"checkpoint is {cut / 'checkpoints' / 'step-0000006'}. Continue: python -m hw7qa train --resume {cut}" in printed
+    assert steps_of(list_checkpoints(cut)) == [5, 6]
     launch("train", "--resume", str(cut))
     assert read_metrics(cut) == read_metrics(whole)          # every loss, lr and dev score, nothing twice
     for name in ("model", "checkpoints/step-0000015"):

@@ -40,7 +40,7 @@ needs_compile = pytest.mark.skipif(compiling.torch_version() < compiling.MIN_TOR
 
 @pytest.fixture(scope="module", autouse=True)
 def aot_eager():
-    # dynamo's caches are process-wide: compiled graphs of earlier tests (bench/gpu.py's smoke run)
+    # dynamo's caches are process-wide: compiled graphs of earlier tests (test_estimate.py's)
     # count against its recompile limit, after which it runs frames eagerly; each module starts clean
     torch._dynamo.reset()
     with pytest.MonkeyPatch.context() as patch:

@@ -1,105 +1,119 @@
-"""Model FLOPs of a BERT for extractive QA, the GPUs' peaks, and what they make of a measured speed.
+"""A T4's minutes per preset from model FLOPs: the fallback where no GPU is at hand to run
+``hw7qa estimate`` on (docs/benchmarks.md, "Measure on your GPU").
 
-Used by ``bench/gpu.py`` (MFU of its speed measurements, the T4 estimate); plain arithmetic, no torch.
+    python bench/flops.py --data hw7_dev.json --tokenizer DIR    # → bench/results/t4-estimate.json and .md
 
-**Model FLOPs** (forward and backward, per training window of T real tokens)::
-
-    6 · N · T  +  12 · L · h · T²
-
-N: the non-embedding parameters, i.e. the L encoder layers (attention Q, K, V and output
-projections, feed-forward, their biases and LayerNorms) and the QA head; not the word, position and
-token-type embedding tables nor their LayerNorm (a lookup, not a matrix product; a
-``BertForQuestionAnswering`` has no pooler). 6 = 2 FLOPs per multiply-add × 3 (the backward pass
-costs twice the forward). 12 · L · h · T²: the attention scores QKᵀ and their product with V,
-2 · T² · h FLOPs each per layer forward, × 3 for forward and backward. Inference (forward only):
-``2 · N · T + 4 · L · h · T²``. Padding tokens are not counted: padding is waste, so a lever that
-removes padding raises MFU. Not counted either: softmax, GELU and other element-wise work, the
-optimizer, recomputation under gradient checkpointing, FGM's second pass.
-
-**MFU** (model FLOPs utilisation) = model FLOPs / (seconds × the chip's dense fp16/bf16 peak).
-The peaks are the vendors' dense tensor-core numbers (without 2:4 sparsity), in TFLOP/s:
-H100 SXM 989 (datasheet: 1,979 with sparsity), H100 PCIe 756 (1,513), H100 NVL 835 (1,671), H200
-989 (1,979), A100 312, L4 121 (242 with sparsity), T4 65 (fp16 mixed precision), V100 125 (SXM2;
-PCIe 112) — NVIDIA's product datasheets for each chip. The fp32 rows of a benchmark are measured
-against the same 16-bit peak: how far from the chip's best a setting is.
+Each preset's whole run at HW7's size (every epoch's training windows, the dev evaluations of its
+``eval_every``, the test prediction), window lengths from ``--data`` at the preset's window settings,
+scaled to HW7's questions, in model FLOPs (``hw7qa.estimate.model_flops``: the formula, N counted
+from the model's config), over the T4's 65 TFLOP/s fp16 peak at a band of MFU from two T4 anchors.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
-import re
-from dataclasses import dataclass
+import random
+import sys
+from pathlib import Path
 
-import numpy as np
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
+from hw7qa.config import load_config  # noqa: E402
+from hw7qa.estimate import COURSE_T4, HW7, model_config, model_flops, peak_tflops  # noqa: E402
+from hw7qa.files import atomic_write  # noqa: E402
 
-@dataclass(frozen=True)
-class Shape:
-    """The size of a BERT encoder."""
-    layers: int
-    hidden: int
-    heads: int
-    intermediate: int
-
-
-SHAPES = {"bert-base": Shape(12, 768, 12, 3072),      # bert-base-chinese, hfl/chinese-macbert-base
-          "large": Shape(24, 1024, 16, 4096),         # luhua/chinese_pretrain_mrc_macbert_large
-          "tiny": Shape(2, 64, 2, 128)}               # hw7qa.tiny's demo model: the CPU smoke run
-# the shape of each preset's model_name (random weights of it stand in for the real model)
-MODEL_SHAPES = {"bert-base-chinese": "bert-base", "hfl/chinese-macbert-base": "bert-base",
-                "luhua/chinese_pretrain_mrc_macbert_large": "large", "hfl/chinese-macbert-large": "large"}
-
-FORMULA = ("MFU = model FLOPs / (seconds × the chip's dense fp16/bf16 peak); model FLOPs per training window of "
-           "T real (non-padding) tokens = 6·N·T + 12·L·h·T² (inference: 2·N·T + 4·L·h·T²), N = non-embedding "
-           "parameters (encoder layers and QA head; no embedding tables), L layers, h hidden size")
-PEAK_SOURCE = "NVIDIA datasheets, dense tensor-core fp16/bf16 TFLOP/s without sparsity (bench/flops.py)"
-# (pattern of torch.cuda.get_device_name, dense fp16/bf16 TFLOP/s); the first match wins
-PEAKS = ((r"H100.*PCIe", 756.0), (r"H100.*NVL", 835.0), (r"H100", 989.0), (r"H200", 989.0), (r"A100", 312.0),
-         (r"\bL4\b", 121.0), (r"\bT4\b", 65.0), (r"V100", 125.0))
-T4_PEAK_TFLOPS = 65.0
+T4_PEAK_TFLOPS = peak_tflops("Tesla T4")
 
 
-def peak_tflops(gpu_name: str | None) -> float | None:
-    """The dense fp16/bf16 peak of the GPU called ``gpu_name``; None for a CPU or an unknown chip."""
-    for pattern, tflops in PEAKS:
-        if gpu_name and re.search(pattern, gpu_name):
-            return tflops
-    return None
-
-
-def matmul_parameters(shape: Shape) -> int:
-    """N: the non-embedding parameters of a ``BertForQuestionAnswering`` of ``shape``: per layer
-    Q, K, V, output (4h² + 4h), feed-forward (2hi + i + h), two LayerNorms (4h); the QA head (2h + 2)."""
-    h, i = shape.hidden, shape.intermediate
-    return shape.layers * (4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h) + 2 * h + 2
-
-
-def train_flops(shape: Shape, lengths) -> float:
-    """Model FLOPs of training on windows of ``lengths`` real tokens: Σ 6·N·T + 12·L·h·T²."""
-    t = np.asarray(lengths, dtype=np.float64)
-    return float((6 * matmul_parameters(shape) * t + 12 * shape.layers * shape.hidden * t * t).sum())
-
-
-def forward_flops(shape: Shape, lengths) -> float:
-    """Model FLOPs of inference on windows of ``lengths`` real tokens: Σ 2·N·T + 4·L·h·T²."""
-    t = np.asarray(lengths, dtype=np.float64)
-    return float((2 * matmul_parameters(shape) * t + 4 * shape.layers * shape.hidden * t * t).sum())
-
-
-def mfu(flops: float, seconds: float, peak: float | None) -> float | None:
-    """Model FLOPs utilisation: ``flops / (seconds × peak TFLOP/s)``; None without a known peak."""
-    if not peak or not seconds or not math.isfinite(seconds):
-        return None
+def mfu(flops: float, seconds: float, peak: float) -> float:
+    """Model FLOPs utilisation: ``flops / (seconds × peak TFLOP/s)``."""
     return flops / seconds / (peak * 1e12)
 
 
-def hours(flops: float, peak: float, utilisation: float | None) -> float | None:
-    """Hours to do ``flops`` at ``utilisation`` of ``peak`` TFLOP/s; None without a utilisation."""
-    return flops / (peak * 1e12 * utilisation) / 3600 if utilisation else None
-
-
 def electra_t4_mfu() -> float:
-    """MFU of the one measured T4 training speed of a BERT-base-sized model (../shared/docs/anchors.md
-    §5, from the transformers ELECTRA docs: electra-base-discriminator, fp16, SDPA, batch 16 × 256
-    tokens in 0.2036 s per step, T4, PyTorch 2.5.1), by this module's formula: encoder and a 2-way
-    head only, so a lower bound if the measured model also ran its vocabulary projection."""
-    return mfu(16 * train_flops(SHAPES["bert-base"], [256]), 0.2036, T4_PEAK_TFLOPS)
+    """MFU of the one measured T4 training speed of a BERT-base-sized model (transformers' ELECTRA
+    docs: electra-base-discriminator, fp16, SDPA, batch 16 × 256 tokens in 0.2036 s per step, T4,
+    PyTorch 2.5.1), by this formula: encoder and a 2-way head only, so a lower bound if the measured
+    model also ran its vocabulary projection."""
+    return mfu(16 * model_flops(model_config("bert-base-chinese"), [256]), 0.2036, T4_PEAK_TFLOPS)
+
+
+def preset_work(preset: str, data, tokenizer) -> dict:
+    """Model FLOPs of the preset's whole run at HW7's size: its epochs of training windows, the dev
+    evaluations its policy makes during training, and predicting the test file."""
+    from hw7qa.train import evaluate_due
+    from hw7qa.windows import encode, eval_windows, train_windows
+    cfg = load_config(ROOT / "configs" / f"{preset}.json")
+    shape = model_config(cfg.model_name)
+    enc = encode(data, tokenizer, cfg.windows)
+    scale = HW7["train"] / len(data.questions)
+    lengths = train_windows(enc, cfg.train_windows, random.Random(0)).length
+    epoch_windows = round(len(lengths) * scale)
+    steps_per_epoch = math.ceil(math.ceil(epoch_windows / cfg.batch_size) / cfg.grad_accum)
+    total = steps_per_epoch * cfg.epochs
+    evaluations = sum(evaluate_due(step, steps_per_epoch, total, cfg) for step in range(1, total + 1))
+    per_question = model_flops(shape, eval_windows(enc).length, training=False) / len(data.questions)
+    training = cfg.epochs * model_flops(shape, lengths) * scale
+    inference = (evaluations * HW7["dev"] + HW7["test"]) * per_question
+    return {"preset": preset, "layers": shape.num_hidden_layers, "hidden": shape.hidden_size, "epochs": cfg.epochs,
+            "epoch_windows": epoch_windows, "dev_evaluations": evaluations, "training_pflop": training / 1e15,
+            "inference_pflop": inference / 1e15, "pflop": (training + inference) / 1e15}
+
+
+def t4_estimate(data_file: str, tokenizer_dir: str) -> tuple[dict, str]:
+    """A T4's minutes per preset (an estimate): FLOPs of the whole run over the T4's peak at a band of
+    MFU from two anchors, the course's 8 minutes for the sample recipe and ELECTRA-base's speed."""
+    from hw7qa.data import load_qa_file
+    from hw7qa.windows import load_tokenizer
+    data, tokenizer = load_qa_file(data_file, need_answers=True), load_tokenizer(tokenizer_dir)
+    rows = [preset_work(preset, data, tokenizer) for preset in COURSE_T4]
+    anchors = {"course: sample recipe in 8 min": mfu(rows[0]["pflop"] * 1e15, COURSE_T4["sample-recipe"][1] * 60,
+                                                     T4_PEAK_TFLOPS),
+               "ELECTRA-base fp16 training (transformers docs)": electra_t4_mfu()}
+    band = sorted(anchors.values())
+    for row in rows:
+        tier, minutes = COURSE_T4[row["preset"]]
+        row.update(course=f"{tier}: {minutes} min", minutes_band=[row["pflop"] * 1e15 / (T4_PEAK_TFLOPS * 1e12 * u) / 60
+                                                                   for u in band[::-1]])
+    result = {"part": "t4-estimate", "data": Path(data_file).name, "questions_in_data": len(data.questions),
+              "hw7": HW7, "anchors_mfu": anchors, "band_mfu": band, "rows": rows}
+    return result, t4_markdown(result)
+
+
+def t4_markdown(result: dict) -> str:
+    low, high = result["band_mfu"]
+    lines = [f"| preset | layers × hidden | course (T4 fp16) | epochs × windows | dev evaluations "
+             f"| PFLOP (training + inference) | T4 at {high:.0%}–{low:.0%} MFU (band) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        fast, slow = r["minutes_band"]
+        lines.append(f"| {r['preset']} | {r['layers']} × {r['hidden']} | {r['course']} | {r['epochs']} × "
+                     f"{r['epoch_windows']:,} | {r['dev_evaluations']} | {r['training_pflop']:.1f} + "
+                     f"{r['inference_pflop']:.1f} | {fast:.0f}–{slow:.0f} min |")
+    anchors = "; ".join(f"{name}: {value:.1%}" for name, value in result["anchors_mfu"].items())
+    return ("**Estimate, not a measurement.** Model FLOPs (bench/flops.py) of each preset's whole run at HW7's size "
+            f"({result['hw7']['train']:,} training, {result['hw7']['dev']:,} dev, {result['hw7']['test']:,} test "
+            f"questions), window lengths from {result['data']} ({result['questions_in_data']:,} questions, "
+            f"scaled), over a T4's 65 TFLOP/s fp16 peak. The band is two T4 anchors' MFU by the same formula "
+            f"({anchors}).\n\n" + "\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="a QA file with answers whose windows are counted "
+                        "(data/hw7_train.json, or the 2021 HW7 dev file)")
+    parser.add_argument("--tokenizer", required=True, help="the bert-base-chinese tokenizer (a folder or hub name)")
+    parser.add_argument("--results", default=str(ROOT / "bench" / "results"), help="where the JSON and markdown go")
+    args = parser.parse_args(argv)
+    result, markdown = t4_estimate(args.data, args.tokenizer)
+    for suffix, text in ((".json", json.dumps(result, ensure_ascii=False, indent=1) + "\n"), (".md", markdown)):
+        with atomic_write(Path(args.results) / f"t4-estimate{suffix}", encoding="utf-8") as f:
+            f.write(text)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,6 +3,7 @@
     python bench/speed.py                                   # random bert-base-chinese shape, 2021 HW7 dev
     python bench/speed.py --shape large --dev-limit 2000    # 24 layers, hidden 1024
     python bench/speed.py --model DIR_OR_HUB_NAME           # a real checkpoint instead
+    python bench/speed.py --set inference_chunk=256         # rows (a) and (b) with the project's settings changed
 
 Speed needs no trained weights: ``--shape`` builds a randomly initialised BertForQuestionAnswering
 of a real shape (bert-base-chinese: 12 layers, hidden 768, vocabulary 21,128; large: 24 / 1024),
@@ -46,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from transformers import (AutoModelForQuestionAnswering, BertConfig, BertForQuestionAnswering,  # noqa: E402
                           DataCollatorWithPadding)
 
-from hw7qa.config import Config  # noqa: E402
+from hw7qa.config import Config, apply_overrides  # noqa: E402
 from hw7qa.data import QAData, load_qa_file  # noqa: E402
 from hw7qa.batches import length_grouped_batches  # noqa: E402
 from hw7qa.decode import decode_predictions  # noqa: E402
@@ -220,6 +221,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--out", default=str(ROOT / "bench" / "speed.json"))
     parser.add_argument("--overhead-only", action="store_true", help="only the pipeline overhead, see above")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="inference settings of rows (a) and (b), e.g. inference_chunk=256 compile=true")
     return parser
 
 
@@ -309,7 +312,9 @@ def main() -> None:
         Path(args.out).write_text(json.dumps({"machine": machine, "dev_questions": len(dev.questions),
                                               "rows": rows}, indent=1) + "\n")
         return
-    rows = inference_rows(model, tokenizer, dev, args.eval_batch_size, device)
+    typed = apply_overrides(Config(), args.set)         # checked and typed, as the CLI's --set
+    settings = {item.split("=", 1)[0]: getattr(typed, item.split("=", 1)[0]) for item in args.set}
+    rows = inference_rows(model, tokenizer, dev, args.eval_batch_size, device, settings=settings)
     rows.append(training_row(model, tokenizer, dev, args.train_batch_size, args.train_steps, args.train_max_length,
                              device))
     Path(args.out).write_text(json.dumps({"machine": machine, "model": args.model or args.shape,

@@ -1,4 +1,4 @@
-"""Command line: ``python -m hw7qa train|predict|evaluate|check|demo``.
+"""Command line: ``python -m hw7qa train|predict|evaluate|estimate|check|demo``.
 
     python -m hw7qa train --config bert-base --set lr=3e-5 epochs=2   # a preset, or a JSON file
     python -m hw7qa train --resume outputs/RUN          # continue an interrupted run from its last checkpoint
@@ -8,6 +8,7 @@
     python -m hw7qa ensemble outputs/RUN1 outputs/RUN2 --split dev   # members' and ensemble's EM/F1
     python -m hw7qa ensemble outputs/RUN1 outputs/RUN2 --split test  # → outputs/ensemble-<time>/result.csv
     python -m hw7qa ask outputs/RUN --question 問題 --paragraph 段落   # answer, score, n-best alternatives
+    python -m hw7qa estimate --config macbert-large   # minutes and GPU memory of its whole run, measured here
     python -m hw7qa check outputs/RUN/result.csv data/hw7_test.json
     python -m hw7qa demo                                # the whole pipeline offline on the shipped sample
 
@@ -128,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-file", default="", help="the test JSON to check against (default: the run's test_file)")
     p = sub.add_parser("download", help="the competition's JSON files from Kaggle into a folder")
     p.add_argument("--dir", default="data", help="where they go (default: data)")
+    p = sub.add_parser("estimate", parents=[settings], help="time and memory of a config's whole run here, measured before training")
+    p.add_argument("--config", help="a preset's name or a JSON file (as train takes it)")
+    p.add_argument("--data", default="", help="a QA file with answers whose windows stand for every split, scaled "
+                   "to HW7's size (default: the config's files; HW7-typical lengths where they are missing)")
     p = sub.add_parser("demo", parents=[settings], help="the whole pipeline offline on data/sample with a tiny random model")
     p.add_argument("--output-dir", default="", help="run folder (default: outputs/tiny-random-bert-<time>)")
     return parser
@@ -160,6 +165,12 @@ def run_command(args: argparse.Namespace) -> int:
         evaluate_run(args.run, args.file, args.set)
     elif args.command == "ensemble":
         ensemble_runs(args.runs, args.split, args.file, args.output_dir, args.method)
+    elif args.command == "estimate":
+        from .estimate import estimate
+        from .run import PRESETS
+        path = preset_path(args.config)
+        preset = path.stem if path and path.resolve().parent == PRESETS.resolve() else ""   # the course's tier
+        print(estimate(load_config(path, args.set), args.data, preset))
     elif args.command == "demo":
         from .devices import processes
         run_dir = train_and_predict(demo_config(args.output_dir, args.set))

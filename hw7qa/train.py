@@ -42,7 +42,6 @@ import math
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader
@@ -121,7 +120,6 @@ class TrainingRun:
     loss_sum: torch.Tensor = None   # float64 on the device: finite micro-batch losses since the last record
     loss_n: torch.Tensor = None     # and how many they were
     streak: torch.Tensor = None     # optimizer steps skipped in a row (the same on every process)
-    on_step: Callable | None = None  # train()'s on_step: called with the TrainingRun after every optimizer step
 
     @property
     def total_steps(self) -> int:
@@ -133,16 +131,14 @@ class TrainingRun:
         return self.ema.model if self.ema is not None else self.accelerator.unwrap_model(self.model)
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False, on_step: Callable | None = None) -> Path:
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     """Train with ``cfg``; returns the run folder, holding config.json, metrics.jsonl and model/.
 
     ``resume=True`` continues the run in ``cfg.output_dir`` from its newest checkpoint, starts it
     again where it stopped before recording a step, or refuses (``runfolder.resume_point``); ``cfg`` may
     differ from the run's config only in ``FREE_ON_RESUME``.
     ``overwrite=True`` lets a new run replace the run in ``cfg.output_dir``; without it a new run
-    refuses an existing one. ``on_step(run)``, if given, is called after every optimizer step (and
-    its logging, evaluation and checkpoint) with the ``TrainingRun``; an exception it raises ends training
-    and leaves ``train`` (``bench/gpu.py`` times steady-state steps this way, then stops).
+    refuses an existing one.
     """
     started = processes()             # the processes of accelerate launch (or this one): no Accelerator yet
     check_divisible(cfg, started.num_processes)
@@ -156,7 +152,6 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, on_step: C
             accelerator_for(cfg.mixed_precision, cfg.grad_accum, cfg.log_with, run_dir) as accelerator, \
             tf32_matmuls(cfg.tf32):
         run = start_run(cfg, accelerator, inputs, run_dir, checkpoint)
-        run.on_step = on_step
         fit(run)
         accelerator.wait_for_everyone()
         accelerator.print(f"best model: {run.run_dir / 'model'}" + (
@@ -326,8 +321,6 @@ def run_epoch(run: TrainingRun, epoch: int, progress) -> None:
         run.state.epoch, run.state.batches_done = (epoch + 1, 0) if done == n_batches else (epoch, done)
         progress.update(1)
         after_step(run, epoch + done / n_batches)
-        if run.on_step is not None:
-            run.on_step(run)
 
 
 def train_step(run: TrainingRun, batch: dict) -> bool:

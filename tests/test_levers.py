@@ -49,7 +49,7 @@ needs_compile = pytest.mark.skipif(torch.__version__ < compiling.MIN_TORCH,
 
 @pytest.fixture(scope="module", autouse=True)
 def aot_eager():
-    # dynamo's caches are process-wide: compiled graphs of earlier tests
+    # dynamo's caches are process-wide: compiled graphs of earlier tests (test_estimate.py's)
     # count against its recompile limit, after which it runs frames eagerly; each module starts clean
     torch._dynamo.reset()
     with pytest.MonkeyPatch.context() as patch:

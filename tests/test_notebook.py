@@ -33,6 +33,7 @@ def test_notebook_runs_the_demo_end_to_end(tmp_path, monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     printed = "".join(o.get("text", "") or o.get("data", {}).get("text/plain", "") for o in outputs)
     assert "result.csv is valid" in printed and "EM" in printed
+    assert "| whole run |" in printed and "the whole run takes about" in printed    # how long, before training
     assert "predicted" in printed and "f1" in printed          # the wrong answers' table
     assert "question: 臺灣大學的前身是什麼？" in printed and "n-best:" in printed   # try your own question
     assert "Loading weights" not in printed and "Writing model shards" not in printed

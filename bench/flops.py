@@ -66,7 +66,7 @@ def t4_estimate(data_file: str, tokenizer_dir: str) -> tuple[dict, str]:
     """A T4's minutes per preset (an estimate): FLOPs of the whole run over the T4's peak at a band of
     MFU from two anchors, the course's 8 minutes for the sample recipe and ELECTRA-base's speed."""
     from hw7qa.data import load_qa_file
-    from hw7qa.windows import load_tokenizer
+    from hw7qa.models import load_tokenizer
     data, tokenizer = load_qa_file(data_file, need_answers=True), load_tokenizer(tokenizer_dir)
     rows = [preset_work(preset, data, tokenizer) for preset in COURSE_T4]
     anchors = {"course: sample recipe in 8 min": mfu(rows[0]["pflop"] * 1e15, COURSE_T4["sample-recipe"][1] * 60,

@@ -30,7 +30,7 @@ from pathlib import Path
 # Only what every command needs: torch, transformers and accelerate are imported by the commands
 # that use them (run_command), so that --help, check and a mistyped argument answer at once.
 from . import __version__
-from .config import FREE_ON_RESUME, TrainingError, demo_config, load_config, preset_names, preset_path
+from .config import FREE_ON_RESUME, PRESETS, TrainingError, demo_config, load_config, preset_names, preset_path
 from .data import DataError, load_qa_file
 from .kaggle import KaggleError
 from .submission import SubmissionError, check_result_csv
@@ -167,7 +167,6 @@ def run_command(args: argparse.Namespace) -> int:
         ensemble_runs(args.runs, args.split, args.file, args.output_dir, args.method)
     elif args.command == "estimate":
         from .estimate import estimate
-        from .run import PRESETS
         path = preset_path(args.config)
         preset = path.stem if path and path.resolve().parent == PRESETS.resolve() else ""   # the course's tier
         print(estimate(load_config(path, args.set), args.data, preset))

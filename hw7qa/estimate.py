@@ -3,7 +3,7 @@
 ``estimate(cfg)`` builds the model's shape with random weights from its config.json alone (``SHAPES``
 for the presets' models: nothing is downloaded), times training micro-batches through the trainer's
 own ``start_run`` and ``train_step`` (precision, batch, ``grad_accum``, ``auto_batch``, gradient
-checkpointing, ``compile``, techniques) and inference through ``predict_encoded``, on windows of the
+checkpointing, ``compile``, techniques) and inference through ``inference.answers``, on windows of the
 config's files (or of HW7-typical lengths), and adds up the whole run: every epoch, each dev
 evaluation, the test prediction. Model FLOPs per training window of T real tokens: 6·N·T + 12·L·h·T²
 (inference a third), N the non-embedding parameters, L layers, h hidden size; MFU: FLOPs / (seconds ×
@@ -28,12 +28,12 @@ import torch
 
 from .config import TINY_MODEL, Config, TrainingError
 from .data import QAData, Question, load_qa_file
-from .decode import predict_encoded
 from .devices import accelerator_for, tf32_matmuls
-from .models import check_max_length, from_pretrained, load_tokenizer_for
+from .inference import Reader, answers
+from .models import cannot_compile, check_max_length, from_pretrained, load_tokenizer_for
 from .tiny import build_tiny_model, build_tiny_tokenizer
 from .train import Inputs, evaluate_due, start_run, train_step
-from .windows import encode, eval_windows, train_windows, with_stride
+from .windows import encode, eval_windows, paragraph_lengths, question_budgets, train_windows, window_grid
 
 HW7 = {"train": 31_690, "dev": 4_131, "test": 4_957}      # ML2022 HW7's questions (course slides)
 # for a missing file: paragraph tokens per question at the 5th, 15th, ... 95th percentile, and question
@@ -132,7 +132,7 @@ def measure(cfg: Config, model, tokenizer, train_enc, infer: QAData, per_questio
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         with contextlib.redirect_stdout(io.StringIO()):     # start_run's lines are about a run folder
-            run = start_run(cfg, accelerator, Inputs(cfg, train_enc.data, train_enc, None, model, tokenizer),
+            run = start_run(cfg, accelerator, Inputs(cfg, train_enc.data, train_enc, None, None, model, tokenizer),
                             Path(run_dir), None)
         warmup, timed = steps or ((2 * run.state.grad_accum, 8 * run.state.grad_accum) if gpu else (1, 1))
         lengths = []
@@ -151,9 +151,10 @@ def measure(cfg: Config, model, tokenizer, train_enc, infer: QAData, per_questio
         questions = infer.questions * math.ceil(ends[1] / len(infer.questions))    # a small file, repeated
         first, then = (encode(QAData(infer.path, questions[a:b], infer.paragraphs), tokenizer, cfg.windows)
                        for a, b in ((0, ends[0]), (ends[0], ends[1])))
-        predict_encoded(run.kept_model(), tokenizer, first, cfg, accelerator, desc="estimate")
+        reader = Reader(cfg, tokenizer, run.kept_model(), accelerator=accelerator)
+        answers(reader, first.data, [cfg.doc_stride], first, desc="estimate")
         started = clock()
-        predict_encoded(run.kept_model(), tokenizer, then, cfg, accelerator, desc="estimate")
+        answers(reader, then.data, [cfg.doc_stride], then, desc="estimate")
         infer_s, peak = clock() - started, peak_tflops(gpu)
         timed_lengths = {"train": torch.cat(lengths).tolist(), "infer": eval_windows(then).length}
         speeds = {part: (len(timed_lengths[part]) / s, model_flops(model.config, timed_lengths[part], part == "train")
@@ -161,7 +162,7 @@ def measure(cfg: Config, model, tokenizer, train_enc, infer: QAData, per_questio
         return dict(gpu=gpu, precision=accelerator.mixed_precision, batch_size=cfg.batch_size, steps=(warmup, timed),
                     micro_batch=run.state.micro_batch, grad_accum=run.state.grad_accum, speeds=speeds,
                     timed_windows={part: len(x) for part, x in timed_lengths.items()},
-                    compiled=getattr(model, "_compiled_call_impl", None) is not None,
+                    compiled=cfg.compile and not cannot_compile(next(model.parameters()).device),
                     checkpointing=next(getattr(model, name) for name in ("is_activation_checkpointing",
                                        "is_gradient_checkpointing") if hasattr(type(model), name)),
                     peak_gib=(torch.cuda.max_memory_reserved() if gpu else
@@ -233,7 +234,8 @@ def estimate(cfg: Config, data: str = "", preset: str = "", steps=None, windows=
     encoded = {split: encode(qa, tokenizer, cfg.windows) for split, (qa, _) in splits.items()}
     windows_of = {"train": lambda enc: len(train_windows(enc, cfg.train_windows, random.Random(0))),
                   "dev": lambda enc: len(eval_windows(enc)),     # training evaluates at doc_stride alone
-                  "test": lambda enc: sum(len(eval_windows(with_stride(enc, s))) for s in cfg.inference_strides)}
+                  "test": lambda enc: sum(len(window_grid(paragraph_lengths(enc), question_budgets(enc), stride)[0])
+                                          for stride in cfg.inference_strides)}
     per_question = {split: windows_of[split](enc) / len(enc.data.questions) for split, enc in encoded.items()}
     epoch, dev, test = (round(per_question.get(split, 0) * splits.get(split, (0, 0))[1]) for split in HW7)
     steps_per_epoch = math.ceil(math.ceil(epoch / cfg.batch_size) / cfg.grad_accum)

@@ -1,9 +1,6 @@
-"""The batches of an epoch: the labelled training windows (``EpochWindows``), their order
-(shuffled, or grouped by length: ``EpochBatches``), and the micro-batch that fits in memory
-(``auto_batch``: ``choose_batches``).
-
-Every random choice comes from ``epoch_rng(seed, epoch, purpose)``, so a resumed run draws exactly
-the windows and batches it drew before.
+"""The batches of an epoch: the labelled training windows (``EpochWindows``), their order (shuffled, or grouped
+by length: ``EpochBatches``), and the micro-batch that fits in memory (``auto_batch``: ``choose_batches``).
+Every random choice comes from ``epoch_rng``, so a resumed run draws exactly the windows and batches it drew.
 """
 from __future__ import annotations
 
@@ -19,8 +16,7 @@ from .windows import Encoded, Windows, train_windows
 
 
 def epoch_rng(seed: int, epoch: int, purpose: str) -> random.Random:
-    """A random stream for one (seed, epoch, purpose): no two pairs share one (seed 1 in epoch 0
-    and seed 0 in epoch 1 differ), and a resumed run draws exactly what it drew before."""
+    """A random stream of its own for each (seed, epoch, purpose), the same again in a resumed run."""
     return random.Random(f"hw7qa:{seed}:{epoch}:{purpose}")
 
 
@@ -33,38 +29,29 @@ def shuffled_batches(n: int, batch_size: int, rng: random.Random) -> list[list[i
 
 def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random, chunk_batches: int = 50
                            ) -> list[list[int]]:
-    """Batches of window indices of similar length, in random order (less padding, same randomness
-    in which windows meet): shuffle, sort each chunk of ``chunk_batches`` batches by length, cut
-    into batches, shuffle the batches. Every batch is full except perhaps the last one, which stays
-    last (accelerate, splitting batches between processes, completes only a short *last* batch)."""
+    """Batches of window indices of similar length (less padding), in random order: each chunk of ``chunk_batches``
+    batches of a shuffle is sorted by length. All are full but perhaps the last, which stays last."""
     order = list(range(len(lengths)))
     rng.shuffle(order)
     chunk, batches = batch_size * chunk_batches, []
     for c in range(0, len(order), chunk):
         part = sorted(order[c:c + chunk], key=lambda i: lengths[i], reverse=True)
         batches += [part[b:b + batch_size] for b in range(0, len(part), batch_size)]
-    short = [batches.pop()] if len(batches[-1]) < batch_size else []
+    short = [batches.pop()] if len(batches[-1]) < batch_size else []   # accelerate completes a short *last* one
     rng.shuffle(batches)
     return batches + short
 
 
 class EpochWindows(Dataset):
-    """The labelled training windows of one epoch (a ``Windows`` table); ``start_epoch`` draws the
-    next epoch's (policy ``random`` places each window anew). One object for the whole run, so the
-    DataLoader around it is built and prepared once.
-
-    An item is just its row number: ``collate`` gathers a whole batch from the table's arrays at
-    once (``Windows.model_inputs``), the same tensors ``DataCollatorWithPadding(pad_to_multiple_of=8)``
-    makes from per-window lists, at a fraction of the host time per step.
-
-    Not ``set_epoch``: accelerate's DataLoaderShard calls a ``set_epoch`` of the dataset and batch
-    sampler with its own count of iterations, which restarts at 0 in a resumed run."""
+    """The labelled training windows of one epoch (a ``Windows`` table), one object per run so that its DataLoader
+    is prepared once; ``start_epoch`` draws the next epoch's (policy ``random`` places each window anew). An item
+    is its row number: ``collate`` gathers a whole batch from the table's arrays at once."""
 
     def __init__(self, enc: Encoded, policy: str, seed: int, padding: dict):
         self.enc, self.policy, self.seed, self.padding = enc, policy, seed, padding
         self.windows: Windows | None = None
 
-    def start_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int) -> None:   # not set_epoch: accelerate calls that with its own count, 0 on resume
         self.windows = train_windows(self.enc, self.policy, epoch_rng(self.seed, epoch, "windows"))
 
     def __len__(self) -> int:
@@ -74,7 +61,8 @@ class EpochWindows(Dataset):
         return i
 
     def collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        """Windows ``rows`` of this epoch, padded, with their answer positions, as int64 tensors."""
+        """Windows ``rows`` of this epoch, padded as ``DataCollatorWithPadding(pad_to_multiple_of=8)`` would, with
+        their answer positions, as int64 tensors."""
         rows = np.asarray(rows, dtype=np.int64)
         batch = self.windows.model_inputs(rows, **self.padding)
         batch["start_positions"] = self.windows.start_position[rows]
@@ -83,12 +71,9 @@ class EpochWindows(Dataset):
 
 
 class EpochBatches:
-    """The DataLoader's ``batch_sampler``: the batches of the current epoch (shuffled, or grouped by
-    length), from batch ``skip`` on. ``batch_size`` is what accelerate splits between processes.
-
-    With several processes a short last batch is completed with the epoch's first windows, as
-    accelerate's ``even_batches`` would do; done here, a resumed run that skips the first batches
-    completes it with the same windows."""
+    """The DataLoader's ``batch_sampler``: the current epoch's batches (shuffled, or grouped by length) from batch
+    ``skip`` on; ``batch_size`` is split between processes. With several, a short last batch is completed here
+    from the epoch's first windows (not by ``even_batches``), so a resumed run that skips batches does it alike."""
 
     def __init__(self, dataset: EpochWindows, batch_size: int, group_by_length: bool, seed: int,
                  num_processes: int = 1):
@@ -119,9 +104,8 @@ class EpochBatches:
 # ---------------------------------------------------------------- the micro-batch that fits
 
 def micro_batches(batch_size: int, num_processes: int) -> list[int]:
-    """``batch_size`` and its halves that still split evenly between processes, largest first: the
-    micro-batches ``auto_batch`` tries. Halving (not accelerate's ``find_executable_batch_size``,
-    which shrinks by 10 %) keeps ``batch_size × grad_accum``, the recipe's batch, exactly."""
+    """``batch_size`` and its halves that still split evenly between processes, largest first (halving, unlike
+    ``find_executable_batch_size``, keeps ``batch_size × grad_accum`` exact)."""
     sizes = [batch_size]
     while sizes[-1] % (2 * num_processes) == 0:
         sizes.append(sizes[-1] // 2)
@@ -148,9 +132,8 @@ def step_fits(model, batch: dict, accelerator, reserve_bytes: int) -> bool:
 
 
 def fit_micro_batch(cfg: Config, model, dataset: EpochWindows, accelerator) -> int:
-    """The largest of ``micro_batches`` whose step over the longest training windows fits in memory
-    on every process: the model, its gradients, the activations, AdamW's two fp32 moments and the
-    moving average of ``ema_decay``."""
+    """The largest of ``micro_batches`` whose step over the longest training windows fits in memory on every
+    process, AdamW's moments and the ``ema_decay`` average included; TrainingError if none does."""
     longest = np.argsort(-dataset.windows.length, kind="stable")
     copies = 2 + (cfg.ema_decay > 0)                 # AdamW's two moments, the moving average's weights
     reserve = copies * 4 * sum(p.numel() for p in model.parameters())

@@ -1,6 +1,5 @@
-"""Which precision (mixed, and ``tf32`` for float32 matmuls), and one fresh ``Accelerator`` per
-call of ``train``/``predict``/``evaluate``, so that a notebook can train again with other settings.
-"""
+"""Which precision (mixed, and ``tf32`` for float32 matmuls), and one fresh ``Accelerator`` per call of
+``train``/``predict``/``evaluate``, so that a notebook can train again with other settings."""
 from __future__ import annotations
 
 import contextlib
@@ -31,10 +30,8 @@ def inference_autocast(precision: str, device: torch.device):
 
 @contextlib.contextmanager
 def tf32_matmuls(enabled: bool):
-    """TF32 tensor cores for float32 matmuls and convolutions on CUDA while the block runs, if
-    ``enabled``; the previous settings restored on exit, also after an exception."""
-    # The CUDA flags alone: set_float32_matmul_precision would also change CPU results (oneDNN), and
-    # torch 2.9's fp32_precision attributes make get_float32_matmul_precision(), which inductor calls, raise.
+    """TF32 for CUDA float32 matmuls and convolutions inside the block if ``enabled``; old settings restored."""
+    # CUDA flags only: set_float32_matmul_precision also changes CPU (oneDNN) results and breaks inductor (torch 2.9)
     if not enabled:
         yield
         return
@@ -64,15 +61,13 @@ def reset_accelerate_state() -> None:
 
 @contextlib.contextmanager
 def accelerator_for(precision: str = "no", grad_accum: int = 1, log_with: str = "none", project_dir=None):
-    """A new ``Accelerator`` (``split_batches``: ``batch_size`` is the total over all processes) with
-    the tracker ``log_with`` writing below ``project_dir``; on exit its trackers are finished and
-    accelerate's process-wide state cleared (``release``)."""
+    """A new ``Accelerator`` (``split_batches``: ``batch_size`` is the total over all processes) logging to
+    ``log_with`` below ``project_dir``; on exit its trackers finish and accelerate's state is cleared (``release``)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
     reset_accelerate_state()    # a second Accelerator with another precision would raise otherwise
     accelerator = Accelerator(mixed_precision=resolve_precision(precision), gradient_accumulation_steps=grad_accum,
-                              # non_blocking: batches (pinned by the DataLoader on a GPU) are copied
-                              # to the device without waiting for the copy
+                              # non_blocking: pinned batches are copied to the device without waiting
                               dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True),
                               log_with=None if log_with == "none" else log_with,
                               project_dir=None if project_dir is None else str(project_dir))
@@ -102,8 +97,7 @@ def release(accelerator, project_dir=None, quietly: bool = False) -> None:
 
 @contextlib.contextmanager
 def quiet_writer_threads():
-    """No traceback from TensorBoard's writer thread when a write fails: the training thread meets the
-    same error at its next log, where it becomes one line (``files.refused_as``)."""
+    """No traceback from TensorBoard's writer thread on a failed write: the training thread meets it at its next log."""
     import threading
     previous = threading.excepthook
 

@@ -1,20 +1,8 @@
 """Files written whole or not at all, and a write the system refuses named in one line.
 
-``atomic_write`` fills a temporary file beside the target and renames it over the target only once
-everything is written, so a write that fails (a full disk, Ctrl-C, an exception) leaves the
-previous file exactly as it was and no temporary behind. A process killed outright (``kill -9``,
-a Colab VM taken away) cannot clean up: the next write of the same target removes what it left.
-``append_whole`` adds a line to a file (``metrics.jsonl``) whole or not at all. Files get the mode
-``open(path, "w")`` gives them (``new_file_mode``; a replaced file keeps its own), not a temporary's 0600.
-
-``refused_as`` is put around every other write (a model, a checkpoint, TensorBoard's files): when
-the system refuses it (a full disk, a read-only folder, no permission, a quota) the error becomes
-an ``OSError`` naming the file or folder the user knows, which the command line prints as one line
-and exit code 4. Libraries report such a failure in their own ways: Python's and TensorBoard's as an
-``OSError`` that names no file or a temporary one; safetensors and tokenizers (Rust) as their own
-exception quoting ``(os error 28)``; torch's file writer as a ``RuntimeError`` that says only that
-it failed (``unexpected pos 576 vs 534``, ``file write failed``), whose cause is then read off the
-file system (``disk_errno``).
+``atomic_write`` replaces a file and ``append_whole`` adds a line, each whole or not at all. ``refused_as``
+turns a write the system refuses (full disk, read-only folder, no permission, quota), however a library
+reports it, into an ``OSError`` naming the file the user knows: one line and exit code 4 on the command line.
 """
 from __future__ import annotations
 
@@ -28,8 +16,7 @@ from pathlib import Path
 
 
 def is_temporary_of(name: str, path: Path) -> bool:
-    """Whether the file name ``name`` is one ``atomic_write`` gives its temporaries for ``path``:
-    ``.<path's name>.<random>.tmp``."""
+    """Whether ``name`` is that of an ``atomic_write`` temporary for ``path``: ``.<path's name>.<random>.tmp``."""
     return re.fullmatch(re.escape(f".{path.name}.") + r"[a-z0-9_]+\.tmp", name) is not None
 
 
@@ -41,23 +28,17 @@ def temporaries(path: str | Path) -> list[Path]:
 
 @contextmanager
 def atomic_write(path: str | Path, mode: str = "w", **open_kwargs):
-    """An open file (``mode`` and ``open_kwargs`` as for ``open``) that replaces ``path`` when the
-    block ends without an exception.
-
-    Creates ``path``'s folder if needed and first removes temporaries a killed write of ``path``
-    left. The file gets the mode of the file it replaces, or ``new_file_mode()``. On any exception
-    the temporary is removed and ``path`` is unchanged; the system refusing the write is raised
-    again naming ``path`` (``as_refusal``: a full disk names no file, and the temporary's name means
-    nothing to the user).
-    """
+    """An open file (``mode``, ``open_kwargs`` as for ``open``) that replaces ``path`` when the block ends without an
+    exception, with the replaced file's mode or ``new_file_mode()``. On any exception ``path`` is unchanged and no
+    temporary is left; a refused write is an ``OSError`` naming ``path`` (``as_refusal``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in temporaries(path):
+    for stale in temporaries(path):     # left by a killed write (kill -9, a Colab VM taken away)
         stale.unlink(missing_ok=True)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else new_file_mode())
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else new_file_mode())  # not mkstemp's 0600
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
         os.replace(tmp, path)
@@ -84,28 +65,25 @@ def new_file_mode() -> int:
 
 
 def with_new_file_modes(folder: Path) -> None:
-    """Give the files a save just wrote into ``folder`` ``new_file_mode()``: safetensors writes
-    through a temporary file of its own, which keeps mode 0600."""
+    """Give the files in ``folder`` ``new_file_mode()`` (safetensors writes through a temporary left at 0600)."""
     mode = new_file_mode()
     for file in folder.iterdir():
         if file.is_file():
             os.chmod(file, mode)
 
 
-# errors of the system whose words libraries quote in their own exceptions (torch: "open file failed
-# with strerror: Read-only file system")
+# errors whose words libraries quote (torch: "open file failed with strerror: Read-only file system")
 QUOTED_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG)
 # safetensors and tokenizers (Rust): "... No space left on device (os error 28)"
 RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
-# torch's zip writer, which keeps no errno when a write fails
+# torch's zip writer keeps no errno ("unexpected pos 576 vs 534", "file write failed"): see disk_errno
 TORCH_WRITER = ("inline_container.cc", "PytorchStreamWriter")
 NEARLY_FULL = 1 << 20      # bytes: what a write that failed on a full disk leaves free, at most
 
 
 def disk_errno(path: str | Path) -> int:
-    """Why a write below ``path`` failed when the library did not say: ``EROFS`` on a read-only file
-    system, ``ENOSPC`` when (nearly) no space is left, ``EACCES`` in a folder this user may not
-    write to, else ``EIO``. Read before the failed write's partial files are removed."""
+    """Why a write below ``path`` failed when the library did not say: ``EROFS`` (read-only), ``ENOSPC`` (nearly
+    full), ``EACCES`` (not writable by this user), else ``EIO``. Call it before partial files are removed."""
     folder = Path(path)
     while not folder.is_dir() and folder != folder.parent:
         folder = folder.parent
@@ -119,8 +97,7 @@ def disk_errno(path: str | Path) -> int:
 
 
 def refused_errno(error: BaseException, path: str | Path) -> int | None:
-    """The errno of a write to ``path`` that the system refused, as ``error`` reports it (see the
-    module's docstring); None when ``error`` is not such a refusal."""
+    """The errno of a write to ``path`` that the system refused, as ``error`` reports it; None for other errors."""
     if isinstance(error, OSError):
         return error.errno
     text = str(error)
@@ -137,10 +114,8 @@ def is_within(name: str | Path, folder: str | Path) -> bool:
 
 
 def as_refusal(error: BaseException, path: str | Path, scratch: str | Path | None = None) -> OSError | None:
-    """``error`` as an ``OSError`` naming ``path``, where it is the system refusing a write to
-    ``path`` (made through ``scratch``, a temporary file or folder, if given); None for any other
-    error, and for an ``OSError`` that names another file of its own (a folder that could not be
-    made), which already says where."""
+    """``error`` as an ``OSError`` naming ``path`` where the system refused a write to it (through ``scratch``, a
+    temporary, if given); None for other errors and for an ``OSError`` already naming another file of its own."""
     number = refused_errno(error, scratch or path)
     if number is None:
         return None
@@ -165,9 +140,8 @@ def refused_as(path: str | Path, scratch: str | Path | None = None):
 
 
 def append_whole(path: str | Path, text: str) -> None:
-    """Append ``text`` (UTF-8) to ``path``, creating it, whole or not at all: a write the system cuts
-    short (a full disk) is taken back, so a reader never meets half a line, and is raised as an
-    ``OSError`` naming ``path``."""
+    """Append ``text`` (UTF-8) to ``path``, creating it, whole or not at all: a write cut short (full disk) is
+    taken back, so no reader meets half a line, and raised as an ``OSError`` naming ``path``."""
     data = memoryview(text.encode("utf-8"))
     with refused_as(path):
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)

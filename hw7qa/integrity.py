@@ -1,9 +1,6 @@
-"""Whether a file of a run folder is whole, checked before anything is read from it or written.
-
-A file missing, empty, cut short (a full Google Drive) or overwritten would end in a library's
-traceback or, worse, a silent default (a tokenizer without its vocabulary). ``check_file`` stops at
-the first damaged one with ``DamagedFile``: one sentence naming it, what is wrong and what to do.
-Only what tells whether a file is whole is read (``CHECKS``); no file may be empty.
+"""Whether a file of a run folder is whole, checked before anything is read from it or written: a file
+missing, empty, cut short or overwritten raises ``DamagedFile`` (one sentence: the file, what is wrong, what to
+do) instead of a library's traceback or silent default. Only what tells is read (``CHECKS``).
 """
 from __future__ import annotations
 
@@ -44,13 +41,11 @@ def json_lines_problem(path: Path) -> str | None:
 
 
 def safetensors_problem(path: Path) -> str | None:
-    # safe_open checks that the header describes exactly the bytes that follow, without reading them
     import safetensors
     from safetensors import safe_open
-    # SafetensorError is importable by that name only in newer releases; older ones raise the same class
-    error = getattr(safetensors, "SafetensorError", Exception)
+    error = getattr(safetensors, "SafetensorError", Exception)  # importable by that name in newer releases only
     try:
-        with safe_open(str(path), framework="pt"):
+        with safe_open(str(path), framework="pt"):     # checks the header matches the bytes, reading none
             pass
     except error as e:
         return f"is damaged: not a whole safetensors file ({first_line(e)})"
@@ -83,8 +78,8 @@ CHECKS = {".json": json_problem, ".jsonl": json_lines_problem, ".safetensors": s
 
 
 def problem_of(path: str | Path, size: int | None = None) -> str | None:
-    """What is wrong with the file ``path`` ("is missing", "is empty", "is damaged: ..."), or None
-    if it looks whole. ``size``: the size it was written with, where that is known."""
+    """What is wrong with the file ``path`` ("is missing", "is empty", "is damaged: ..."), or None if it looks
+    whole; ``size``, if known, is the size it was written with."""
     path = Path(path)
     if not path.exists():
         return "is missing"

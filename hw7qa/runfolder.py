@@ -1,20 +1,8 @@
-"""A run folder's life: decided (new, resumed, or refused), cleared, filled with checkpoints, the
-saved model, ``metrics.jsonl`` records, and the trainer's state that a checkpoint holds.
-
-Layout of a run folder (README): ``config.json``, ``metrics.jsonl``, ``model/``,
-``checkpoints/step-NNNNNNN/`` (each written under a ``.partial`` name and renamed when complete,
-its ``trainer_state.json`` listing its files and their sizes), ``logits/``, ``result.csv``.
-
-A resume checks what it will use before it changes anything (``check_resumable``): a damaged
-newest checkpoint, ``metrics.jsonl`` or saved model is named, never loaded, skipped or passed over.
-
-Every write here can meet a full disk or a read-only folder: it then fails as an ``OSError`` naming
-what it wrote (``files.refused_as``; one line and exit code 4 on the command line), removes its
-partial folder, and leaves the last complete checkpoint, the saved ``model/`` and every line of
-``metrics.jsonl`` as they were, so that ``--resume`` and ``predict`` go on from them.
-
-A resume continues the run it is given or refuses, saying why, before anything is touched
-(``resume_point``); it starts the run again by itself only where nothing would be lost.
+"""A run folder's life: decided (new, resumed or refused), cleared, and filled with ``config.json``,
+``metrics.jsonl``, ``model/`` and ``checkpoints/step-NNNNNNN/`` (each written as ``.partial``, renamed when whole).
+A resume checks what it will use before it changes anything, naming a damaged file, never passing over it.
+A refused write (full disk, read-only folder) is an ``OSError`` naming what it wrote (exit code 4) and leaves
+the last complete checkpoint, ``model/`` and every line of ``metrics.jsonl`` as they were.
 """
 from __future__ import annotations
 
@@ -42,19 +30,16 @@ def new_run_dir(cfg: Config) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """The checkpoints of a run, oldest first: its ``step-N`` folders (``.partial`` ones are unfinished
-    saves, ``.old`` ones replaced saves). A ``step-N`` folder is renamed only once complete, so one
-    that lacks files is damaged: it is listed, and a resume names it (``check_resumable``) instead of
-    passing over it."""
+    """A run's ``step-N`` checkpoint folders, oldest first (not ``.partial`` or ``.old`` ones); a damaged one is
+    listed, so that a resume names it (``check_resumable``)."""
     root = Path(run_dir) / "checkpoints"
     found = [d for d in root.glob("step-*") if d.is_dir() and re.fullmatch(r"step-\d+", d.name)]
     return sorted(found, key=lambda d: int(d.name.split("-")[1]))
 
 
 def check_resumable(run_dir: Path, checkpoints: list[Path]) -> None:
-    """Before a resume changes anything: the newest of ``checkpoints`` (every file it lists, at its
-    size, and every file in it whole), ``metrics.jsonl`` and the saved model are whole. An older
-    checkpoint, whose trainer_state.json lists no files, has the files it holds checked only."""
+    """Raise ``DamagedFile`` unless the newest of ``checkpoints`` (every file it lists at its size, if it lists
+    any, and every file in it), ``metrics.jsonl`` and the saved model are whole."""
     checkpoint = checkpoints[-1]
     fix = (f"delete {checkpoint} to resume from {checkpoints[-2].name} instead" if len(checkpoints) > 1 else
            "it is the run's only checkpoint: restore it from a copy of the run, or start the run over with --overwrite")
@@ -83,13 +68,12 @@ def what_is_kept(run_dir: Path) -> str:
 
 @contextlib.contextmanager
 def on_interrupt(hint):
-    """A block whose Ctrl-C (a KeyboardInterrupt; SIGTERM on the command line) leaves it carrying
-    ``hint()``: what was kept and the command that continues, for the command line to print. The
-    hint of an inner block stays."""
+    """A block whose KeyboardInterrupt (Ctrl-C; SIGTERM on the command line) carries ``hint()``: what was kept
+    and the command that continues, for the command line to print."""
     try:
         yield
     except KeyboardInterrupt as e:
-        e.args = e.args or (hint(),)
+        e.args = e.args or (hint(),)      # an inner block's hint stays
         raise
 
 
@@ -99,24 +83,18 @@ def clear_folder(folder: Path) -> None:
 
 
 def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
-    """The run folder, ready for this run, and the checkpoint to continue from (None: from the start).
-
-    A new run goes only into a new or empty folder, or, with ``overwrite``, into an old run's folder
-    that it empties first. A resume continues from the newest checkpoint, or starts again where
-    ``resume_point`` allows it (dropping the records of the attempt it replaces, so the folder's
-    files always describe one run), or is refused. Refusals touch nothing. Writes ``config.json``.
-    Main process only.
-    """
+    """The run folder, ready for this run (``config.json`` written), and the checkpoint to continue from (None:
+    from the start): see ``claim_for_new_run`` and ``resume_point``. Refusals touch nothing. Main process only."""
     if resume and not cfg.output_dir:
         raise ValueError("resume needs the run folder (output_dir)")
     run_dir = new_run_dir(cfg)
     if resume:
-        put_back(run_dir / "model")
+        put_back(run_dir / "model")        # a kill during a model save left the old one set aside
     checkpoint = resume_point(cfg, run_dir) if resume else None
     if not resume:
         claim_for_new_run(run_dir, overwrite)
     elif checkpoint is None:
-        clear_folder(run_dir)                  # an attempt stopped before it recorded a step
+        clear_folder(run_dir)                  # an attempt stopped before it recorded a step: its files go
     for unfinished in [*run_dir.glob("checkpoints/*.partial"), run_dir / "model.partial"]:  # saves cut off by a kill
         shutil.rmtree(unfinished, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -127,8 +105,7 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> tuple[Path, P
 
 
 def claim_for_new_run(run_dir: Path, overwrite: bool) -> None:
-    """Refuse a folder that holds something (a run, without ``overwrite``; anything else, always);
-    empty a run's folder with ``overwrite``."""
+    """ValueError for a folder holding anything but a run, or a run without ``overwrite``; with it, empty it."""
     if not (run_dir.is_dir() and any(run_dir.iterdir())):
         return
     if not (run_dir / "config.json").is_file():
@@ -141,12 +118,9 @@ def claim_for_new_run(run_dir: Path, overwrite: bool) -> None:
 
 
 def resume_point(cfg: Config, run_dir: Path) -> Path | None:
-    """The checkpoint a resume of the run in ``run_dir`` with ``cfg`` continues from: its newest
-    complete one. None where it has none and holds nothing past its start (``past_the_start``): it
-    was stopped before it recorded a step, and starting it again loses nothing. Every other case is
-    a ValueError that says why and what to do: no run there, a setting the run cannot change
-    (``check_resume``), or no checkpoint beside a saved model or records that starting again would
-    delete (a run with ``keep_checkpoints=0``, or one stopped before its first checkpoint)."""
+    """The checkpoint a resume of ``run_dir`` with ``cfg`` continues from: the newest. None where there is none
+    and nothing ``past_the_start`` (starting again loses nothing). Else a ValueError saying why and what to do:
+    no run there, a setting it cannot change (``check_resume``), or no checkpoint but work a restart would delete."""
     if not (run_dir / "config.json").is_file():
         raise ValueError(f"cannot resume {run_dir}: it holds no run (no config.json); start a new run there "
                          f"without resume")
@@ -169,9 +143,8 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
 
 
 def past_the_start(run_dir: Path) -> list[str]:
-    """What in ``run_dir`` a run writes only once it has trained: everything but ``config.json``,
-    a ``metrics.jsonl`` without records past step 0, TensorBoard's folder and checkpoint saves that
-    never completed."""
+    """What in ``run_dir`` a run writes only once it has trained: all but ``config.json``, ``tensorboard/``,
+    ``.partial`` checkpoints and a ``metrics.jsonl`` without records past step 0."""
     found = []
     for item in sorted(run_dir.iterdir()):
         if item.name == "metrics.jsonl":
@@ -185,8 +158,7 @@ def past_the_start(run_dir: Path) -> list[str]:
 
 
 def last_logged_step(run_dir: Path) -> int:
-    """The highest step of the records in ``metrics.jsonl`` (0 if none); lines that are not whole
-    records are passed over."""
+    """The highest step of the records in ``metrics.jsonl`` (0 if none), passing over lines that are not."""
     steps = [0]
     for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
         try:
@@ -197,9 +169,8 @@ def last_logged_step(run_dir: Path) -> int:
 
 
 def done_on_main(accelerator, work):
-    """``work()`` run by the main process alone; its result, or its error, reaches every process (a
-    process that decided by itself could pick another folder, or wait forever for one that failed).
-    Used for the run folder's choice and for the writes only the main process makes."""
+    """``work()`` run by the main process alone; its result, or its ValueError/OSError, reaches every process
+    (one deciding by itself could pick another folder, or wait forever for one that failed)."""
     result, error = None, None
     if accelerator.is_main_process:
         try:
@@ -229,9 +200,8 @@ def raise_on_every_process(accelerator, error: Exception | None) -> None:
 
 
 def save_model(model, tokenizer, cfg: Config, directory: Path) -> None:
-    """Save model (safetensors), tokenizer and the run's config (``hw7qa_config.json``) to
-    ``directory``, replacing it only once complete (``replace_folder``), without transformers' progress bars. A save that fails (a full
-    disk) removes its partial folder, keeps the old ``directory`` and names ``directory``."""
+    """Save model (safetensors), tokenizer and config (``hw7qa_config.json``) to ``directory``, replacing it only
+    once complete; a save that fails removes its partial folder, keeps the old one and is an OSError naming it."""
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     with removed_on_failure(partial), refused_as(directory, partial), quiet_transformers():
@@ -244,8 +214,7 @@ def save_model(model, tokenizer, cfg: Config, directory: Path) -> None:
 
 @contextlib.contextmanager
 def removed_on_failure(partial: Path):
-    """A block that fills the folder ``partial``; the folder is removed if the block fails (on a full
-    disk that frees what the failed save took)."""
+    """A block that fills the folder ``partial``, removed if the block fails (freeing what a full disk took)."""
     try:
         yield
     except BaseException:
@@ -254,9 +223,8 @@ def removed_on_failure(partial: Path):
 
 
 def replace_folder(partial: Path, directory: Path) -> None:
-    """``partial`` renamed to ``directory``. An old ``directory`` is set aside (``.old``) and deleted
-    only once the new one is in place: a failure leaves the old one where it was; a kill between the
-    two renames leaves it as ``.old``, which ``put_back`` renames back."""
+    """Rename ``partial`` to ``directory``; an old one is set aside as ``.old`` and deleted once the new one is in
+    place (a failure leaves it where it was; a kill in between leaves ``.old``, for ``put_back``)."""
     old = set_aside_name(directory)
     with removed_on_failure(partial), refused_as(directory, partial):
         put_back(directory)
@@ -276,9 +244,7 @@ def set_aside_name(directory: Path) -> Path:
 
 
 def put_back(directory: Path) -> None:
-    """Undo what a kill between ``replace_folder``'s two renames left: ``directory.old`` without
-    ``directory`` is renamed back. The next replacement does it first; a resume does it for ``model/``
-    before it checks the run, so that it finds the model saved before the cut-off save began."""
+    """Rename ``directory.old`` back where a kill between ``replace_folder``'s renames left no ``directory``."""
     old = set_aside_name(directory)
     if old.is_dir() and not directory.exists():
         with refused_as(directory, old):
@@ -291,8 +257,7 @@ def log_metrics(run_dir: Path, record: dict) -> None:
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop ``metrics.jsonl`` records after ``step``: the resumed run logs them again. The file is
-    replaced whole (``atomic_write``)."""
+    """Drop ``metrics.jsonl`` records after ``step`` (the resumed run logs them again), replacing the file whole."""
     path = run_dir / "metrics.jsonl"
     if path.exists():
         records = [line for line in path.read_text(encoding="utf-8").splitlines()
@@ -305,9 +270,8 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
 
 @dataclass
 class TrainerState:
-    """Everything the loop carries from step to step, saved in each checkpoint's trainer_state.json.
-
-    No count of skipped steps: a checkpoint is never written during a streak of them."""
+    """Everything the loop carries from step to step, saved in each checkpoint's ``trainer_state.json`` (no
+    count of skipped steps: a checkpoint is never written during a streak of them)."""
     step: int = 0                   # optimizer steps taken
     epoch: int = 0                  # the epoch in progress (== epochs when finished)
     batches_done: int = 0           # batches of that epoch already trained on
@@ -329,16 +293,9 @@ def read_trainer_state(checkpoint: Path) -> TrainerState:
 
 
 def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, keep: int) -> Path:
-    """Everything needed to continue training, into ``<run>/checkpoints/step-NNNNNNN``.
-
-    ``accelerator.save_state`` writes model, optimizer, scheduler, GradScaler and every process's RNG
-    states; ``state`` goes to ``trainer_state.json``, written last, with the names and sizes of
-    the files beside it (what a resume checks). The folder is filled under a
-    ``.partial`` name and renamed when complete, so an interruption never leaves a half-written
-    checkpoint that looks complete; a save that fails on any process (a full disk) is raised on every
-    process as an ``OSError`` naming the checkpoint, and its partial folder is removed. Checkpoints
-    beyond the newest ``keep`` are deleted after a save completes. Every process must call this.
-    """
+    """Save all needed to continue training (with ``state``) to ``<run>/checkpoints/step-NNNNNNN``, returned. Every
+    process must call it; a failure on any is raised on all as an ``OSError`` naming the checkpoint, and its
+    ``.partial`` folder removed. Checkpoints beyond the newest ``keep`` are deleted once it is complete."""
     final = run_dir / "checkpoints" / f"step-{state.step:07d}"
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process:
@@ -347,7 +304,7 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, keep: int) 
     error = None
     try:
         with refused_as(final, partial):
-            accelerator.save_state(str(partial))
+            accelerator.save_state(str(partial))    # model, optimizer, scheduler, GradScaler, every RNG
     except OSError as e:
         error = e
     try:
@@ -361,8 +318,8 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, keep: int) 
 
 
 def complete_checkpoint(run_dir: Path, partial: Path, final: Path, state: TrainerState, keep: int) -> None:
-    """Write ``trainer_state.json`` into ``partial``, put it in place as ``final``, and delete the
-    checkpoints beyond the newest ``keep``. Main process only."""
+    """Write ``trainer_state.json`` (last, listing the files' sizes) into ``partial``, rename it ``final``, and
+    delete the checkpoints beyond the newest ``keep``. Main process only."""
     files = {p.name: p.stat().st_size for p in sorted(partial.iterdir()) if p.is_file()}  # check_resumable's list
     text = json.dumps({**dataclasses.asdict(state), "files": files}, indent=1) + "\n"
     with refused_as(final, partial):

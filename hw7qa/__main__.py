@@ -1,20 +1,16 @@
-"""Command line: ``python -m hw7qa train|predict|evaluate|estimate|check|demo``.
+"""Command line: ``python -m hw7qa COMMAND`` (``--help`` lists them and the exit codes).
 
     python -m hw7qa train --config bert-base --set lr=3e-5 epochs=2   # a preset, or a JSON file
-    python -m hw7qa train --resume outputs/RUN          # continue an interrupted run from its last checkpoint
-    python -m hw7qa predict outputs/RUN                 # test_file of the run → outputs/RUN/result.csv
-    python -m hw7qa predict outputs/RUN --file other.json   # → outputs/RUN/result-other.csv
-    python -m hw7qa evaluate outputs/RUN                # dev_file of the run → EM and F1
-    python -m hw7qa ensemble outputs/RUN1 outputs/RUN2 --split dev   # members' and ensemble's EM/F1
-    python -m hw7qa ensemble outputs/RUN1 outputs/RUN2 --split test  # → outputs/ensemble-<time>/result.csv
-    python -m hw7qa ask outputs/RUN --question 問題 --paragraph 段落   # answer, score, n-best alternatives
-    python -m hw7qa estimate --config macbert-large   # minutes and GPU memory of its whole run, measured here
+    python -m hw7qa train --resume outputs/RUN              # from its last checkpoint
+    python -m hw7qa predict outputs/RUN [--file other.json]  # → RUN/result.csv [RUN/result-other.csv]
+    python -m hw7qa evaluate outputs/RUN                    # the run's dev_file → EM and F1
+    python -m hw7qa ensemble outputs/RUN1 outputs/RUN2 --split dev|test
+    python -m hw7qa ask outputs/RUN --question 問題 --paragraph 段落
+    python -m hw7qa estimate --config macbert-large          # minutes and GPU memory, measured here
     python -m hw7qa check outputs/RUN/result.csv data/hw7_test.json
-    python -m hw7qa demo                                # the whole pipeline offline on the shipped sample
+    python -m hw7qa demo                                    # the whole pipeline offline on the sample
 
-Expected failures print one line on stderr, not a traceback (an OSError as ``error: <what> (<path>)``),
-and exit with one of ``EXIT_CODES``; so do Ctrl-C and SIGTERM, with a line that says what was kept
-and the command that continues.
+Expected failures, Ctrl-C and SIGTERM print one line on stderr, no traceback, and exit with an ``EXIT_CODES`` code.
 """
 from __future__ import annotations
 
@@ -27,8 +23,7 @@ import sys
 import threading
 from pathlib import Path
 
-# Only what every command needs: torch, transformers and accelerate are imported by the commands
-# that use them (run_command), so that --help, check and a mistyped argument answer at once.
+# torch, transformers and accelerate are imported in run_command, so that --help and check answer at once
 from . import __version__
 from .config import FREE_ON_RESUME, PRESETS, TrainingError, demo_config, load_config, preset_names, preset_path
 from .data import DataError, load_qa_file
@@ -72,9 +67,8 @@ OS_ERRORS = {
 
 
 def os_error_message(e: OSError) -> tuple[str, int]:
-    """``(<what> (<path>), exit code)`` for an OSError. One without an errno carries its own
-    sentence (this package raises FileNotFoundError for a folder that is not a run)."""
-    if e.errno is None:
+    """``("<what> (<path>)", exit code)`` for an OSError."""
+    if e.errno is None:         # our own, e.g. FileNotFoundError for a folder that is not a run: its own sentence
         return str(e), 2 if isinstance(e, FileNotFoundError) else 4
     what, code = OS_ERRORS.get(e.errno, ((e.strerror or errno.errorcode.get(e.errno, "")).lower(), 4))
     paths = " → ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
@@ -209,17 +203,14 @@ def kaggle_command(args: argparse.Namespace) -> int:
 
 
 def end_processes(together: bool) -> None:
-    """Take down the process group of ``accelerate launch`` once a command is done. Left to the
-    interpreter's exit, gloo's threads are torn down in no set order and a process may abort
-    ("terminate called without an active exception", exit -6) after its work is done, failing the
-    whole launch. ``together``: the command ended normally on every process, so they can meet at a
-    barrier first; after an error a barrier could wait forever for a process that failed elsewhere."""
+    """Take down ``accelerate launch``'s process group once a command is done; ``together``: it ended normally on
+    every process. Left to exit, gloo may abort a finished process (exit -6), failing the whole launch."""
     import sys
     if "torch.distributed" not in sys.modules:          # a command that never started torch
         return
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
-        if together:
+        if together:        # after an error a barrier could wait forever for a process that failed elsewhere
             dist.barrier()
         dist.destroy_process_group()
 
@@ -242,11 +233,10 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
-    """A block in which SIGTERM raises ``Terminated``: by default it ends Python on the spot, leaving
-    partial saves behind and saying nothing. Signal handlers belong to the main thread."""
+    """A block in which SIGTERM raises ``Terminated``, not ending Python on the spot with partial saves."""
     def terminate(signum, frame):
         raise Terminated
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():     # only it may set signal handlers
         yield
         return
     previous = signal.signal(signal.SIGTERM, terminate)
@@ -257,8 +247,8 @@ def sigterm_as_interrupt():
 
 
 def interrupted(args: argparse.Namespace, e: KeyboardInterrupt) -> int:
-    """Print one line: what the interrupted command kept and the command that continues it (the
-    hint the command gave, ``runfolder.on_interrupt``, else: run it again); 143 for SIGTERM, else 130."""
+    """Print what the interrupted command kept and how to continue (its ``runfolder.on_interrupt`` hint, else
+    run it again); 143 for SIGTERM, else 130."""
     kept = ("nothing was written" if args.command in ("train", "demo", "ask", "check") else
             "no file is left half written" + (" and the logits computed so far are kept"
                                               if args.command in ("predict", "evaluate", "ensemble") else ""))

@@ -1,11 +1,8 @@
-"""Every knob of a run, as one flat dataclass that checks itself; presets and ``key=value`` overrides.
+"""Every knob of a run, as one flat frozen dataclass that checks itself; presets and ``key=value`` overrides.
 
     cfg = load_config(preset_path("bert-base"), ["lr=3e-5", "epochs=2"])
 
-Users see one flat set of names; the code reads them grouped by the stage that uses them:
-``cfg.windows`` (a ``WindowSpec``) and ``cfg.decoding`` (a ``DecodeSpec``). A ``Config`` is frozen
-and checked however it is made: a wrong type, a value out of range or an unknown choice is a
-``ValueError`` naming the field and what it accepts.
+Stages read it grouped (``cfg.windows``, ``cfg.decoding``); a bad type, range or choice is a ValueError naming it.
 """
 from __future__ import annotations
 
@@ -17,9 +14,8 @@ from pathlib import Path
 
 from .files import atomic_write
 
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message says which knobs to change. (Here, not in train.py, so that
-    the command line can catch it without importing torch.)"""
+class TrainingError(RuntimeError):   # here, not in train.py: the command line catches it without torch
+    """Training cannot go on; the message says which knobs to change."""
 
 
 TINY_MODEL = "tiny-random-bert"  # model_name that builds a small random BERT offline (demo, tests)
@@ -37,10 +33,8 @@ AT_LEAST_1 = ("max_length", "max_question_tokens", "doc_stride", "epochs", "batc
 AT_LEAST_0 = ("max_paragraph_tokens", "eval_every", "save_every", "keep_checkpoints", "seed",
               "weight_decay", "max_grad_norm", "fgm_epsilon")
 
-# Settings a resumed run may change: they do not shape the trained model. Every other field is
-# frozen in the run (see ``check_resume``). ``compile`` is free: it changes how the same model is
-# computed, not what is trained (a resume that turns it on or off is then not bit-identical to an
-# uninterrupted run, as a resume on another GPU is not); ``tf32`` is frozen with ``mixed_precision``.
+# Settings a resume may change (``check_resume``): they do not shape the model. ``compile`` changes how, not what,
+# is computed (such a resume is not bit-identical, as on another GPU); ``tf32`` is frozen with ``mixed_precision``.
 FREE_ON_RESUME = ("eval_batch_size", "save_every", "keep_checkpoints", "log_every", "log_with",
                   "max_skipped_steps", "test_file", "output_dir", "compile")
 
@@ -241,8 +235,7 @@ RETIRED = ("inference_chunk",)       # settings of older runs' config.json that 
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Defaults, then the JSON file at ``path`` (keys starting with '_' are comments), then overrides
-    (``["key=value", ...]`` or a dict)."""
+    """Defaults, then the JSON at ``path`` ('_' keys are comments), then ``overrides`` (``["k=v", ...]`` or a dict)."""
     values = {k: v for k, v in read_json(path).items() if not k.startswith("_") and k not in RETIRED} if path else {}
     try:
         cfg = apply_overrides(Config(), values)
@@ -258,8 +251,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def check_resume(saved: Config, requested: Config, run_dir: str | Path) -> Config:
-    """``requested`` if it differs from ``saved`` only in ``FREE_ON_RESUME``, else a ValueError naming
-    what changed: the other settings shape the trained model."""
+    """``requested`` if it differs from ``saved`` only in ``FREE_ON_RESUME``, else a ValueError naming the change."""
     changed = [f"{f.name}={getattr(requested, f.name)!r} (the run has {getattr(saved, f.name)!r})"
                for f in dataclasses.fields(Config)
                if f.name not in FREE_ON_RESUME and getattr(saved, f.name) != getattr(requested, f.name)]
@@ -273,8 +265,7 @@ def check_resume(saved: Config, requested: Config, run_dir: str | Path) -> Confi
 # ---------------------------------------------------------------- presets and the demo
 
 PACKAGE = Path(__file__).resolve().parent
-# hw7qa/presets and hw7qa/sample in an installed package (pyproject.toml maps them there),
-# configs/ and data/sample/ in a checkout
+# installed: hw7qa/presets and hw7qa/sample (mapped by pyproject.toml); a checkout: configs/ and data/sample/
 PRESETS = PACKAGE / "presets" if (PACKAGE / "presets").is_dir() else PACKAGE.parent / "configs"
 SAMPLE = PACKAGE / "sample" if (PACKAGE / "sample").is_dir() else PACKAGE.parent / "data" / "sample"
 

@@ -1,15 +1,8 @@
-"""Read HW7 JSON and DRCD/SQuAD JSON into one in-memory form, and validate it.
+"""Read HW7 and DRCD/SQuAD JSON (UTF-8, byte order mark or not) into one ``QAData``, and validate it.
 
-HW7 files look like ``{"questions": [...], "paragraphs": [str, ...]}``, each question
-``{id, paragraph_id, question_text, answer_text, answer_start, answer_end}`` with ``answer_end``
-*inclusive* (``paragraph[answer_start:answer_end + 1] == answer_text``) and the three answer
-fields null (or all three left out) in the test file. DRCD/SQuAD files
-(``{"data": [{"paragraphs": [{"context", "qas"}]}]}``) become the same form: paragraphs numbered
-in file order, the first answer of each question kept. Files are UTF-8, with or without the byte
-order mark that Windows editors write first.
-
-Every problem found in a file is reported at once, naming the file, the question id and what is
-wrong; a file with any problem raises ``DataError`` and nothing of it is returned.
+HW7's ``answer_end`` is *inclusive* (``paragraph[answer_start:answer_end + 1] == answer_text``); a test file's
+three answer fields are null or absent. DRCD/SQuAD keeps each question's first answer, paragraphs in file order.
+A file with any problem raises one ``DataError`` naming the file, each question id and what is wrong.
 """
 from __future__ import annotations
 
@@ -145,8 +138,7 @@ def _from_squad(path: str, raw: dict) -> QAData:
 
 
 def validate(data: QAData, need_answers: bool = False) -> None:
-    """Check ids (unique as result.csv writes them), paragraph ids, empty texts and that every
-    answer is where it says it is."""
+    """A ``DataError`` for duplicate ids (as result.csv writes them), bad paragraph ids, empty texts, wrong answers."""
     if need_answers and data.questions and not any(q.answer_text is not None for q in data.questions):
         raise DataError(f"{data.path}: no answer in any of its {len(data.questions)} questions (a test file?); "
                         f"training and evaluation need a file with answers (a train or dev file)")
@@ -196,9 +188,8 @@ def _raise_if(path: str, errors: list[str], shown: int = 20) -> None:
 
 
 def concat_data(first: QAData, second: QAData) -> QAData:
-    """Both files' questions as one ``QAData`` (train + dev for a final fit). The second file's
-    paragraph ids are shifted past the first's paragraphs; its question ids become
-    ``"<file name>:<id>"`` so that ids stay unique."""
+    """Both files as one ``QAData``; the second's paragraph ids shifted past the first's, its question ids
+    made ``"<file name>:<id>"`` so that ids stay unique."""
     shift, name = len(first.paragraphs), Path(second.path).name
     moved = [dataclasses.replace(q, id=f"{name}:{q.id}", paragraph_id=q.paragraph_id + shift)
              for q in second.questions]
@@ -206,8 +197,7 @@ def concat_data(first: QAData, second: QAData) -> QAData:
 
 
 def save_hw7(data: QAData, path: str | Path) -> None:
-    """Write ``data`` as HW7 JSON (e.g. to convert DRCD for a notebook that expects HW7 files), whole
-    or not at all."""
+    """Write ``data`` as HW7 JSON (e.g. DRCD converted), whole or not at all."""
     questions = [{"id": q.id, "paragraph_id": q.paragraph_id, "question_text": q.question_text,
                   "answer_text": q.answer_text, "answer_start": q.answer_start, "answer_end": q.answer_end}
                  for q in data.questions]

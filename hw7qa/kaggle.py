@@ -1,9 +1,7 @@
 """Kaggle both ways, through the kaggle command: the competition's files down, a checked result.csv up.
 
-The kaggle command finds its credentials itself: the API token file ``~/.kaggle/kaggle.json`` (or
-``~/.config/kaggle/kaggle.json``; kaggle.com → Settings → API → Create New Token), or the variables
-``KAGGLE_USERNAME`` and ``KAGGLE_KEY`` (the notebook sets them from Colab's secrets). The rules of
-the competition must have been accepted on its page once.
+The command finds its credentials: ``~/.kaggle/kaggle.json`` or ``~/.config/kaggle/kaggle.json`` (kaggle.com →
+Settings → API → Create New Token), or ``KAGGLE_USERNAME`` and ``KAGGLE_KEY``; accept the rules on its page once.
 """
 from __future__ import annotations
 
@@ -55,8 +53,7 @@ def download(data_dir: str | Path = "data") -> list[Path]:
 
 
 def submit(csv_path: str | Path, test_data: QAData, message: str) -> str:
-    """Check ``csv_path`` against ``test_data``, then submit it; kaggle's answer. Nothing is sent if
-    the check finds a problem (a SubmissionError lists them)."""
+    """Check ``csv_path`` against ``test_data`` and submit it; kaggle's answer. A SubmissionError sends nothing."""
     problems = check_result_csv(csv_path, test_data)
     if problems:
         raise SubmissionError(csv_path, problems + ["nothing was sent to Kaggle"])

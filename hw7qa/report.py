@@ -1,8 +1,7 @@
-"""Small views for people: an example with its answer marked, the windows of a paragraph drawn,
-training curves, wrong answers as a table.
+"""Views for people: an example with its answer marked, a paragraph's windows, training curves, wrong answers.
 
-The drawings (matplotlib, an optional dependency: the ``notebook`` extra) return a Figure, or None
-with a note when matplotlib is missing; they use ASCII text only (the default fonts have no CJK).
+Drawings return a Figure, or None with a note without matplotlib (the ``notebook`` extra); their text is ASCII
+only (the default fonts have no CJK).
 """
 from __future__ import annotations
 
@@ -50,13 +49,8 @@ def pyplot():
 
 
 def plot_windows(enc: Encoded, qi: int):
-    """The inference windows of question ``qi`` over its paragraph, to see what ``doc_stride`` does.
-
-    The top row is the paragraph as a bar of tokens, the answer's tokens marked; below it one bar
-    per window (green where it holds the whole answer), each starting ``doc_stride`` tokens after
-    the previous one, so that their overlap shows. The bars carry gids ``paragraph``, ``answer``
-    and ``window-<k>``, in paragraph tokens (x). None if matplotlib is not installed.
-    """
+    """The inference windows of question ``qi`` as bars over its paragraph, to see what ``doc_stride`` does; gids
+    ``paragraph``, ``answer`` and ``window-<k>``, x in paragraph tokens. None without matplotlib."""
     plt = pyplot()
     if plt is None:
         return None
@@ -88,8 +82,7 @@ def plot_windows(enc: Encoded, qi: int):
 
 
 def plot_metrics(run_dir: str | Path):
-    """Loss, learning rate, and dev EM and F1, against optimizer steps; None if matplotlib is not
-    installed. F1 beside EM: on a small or young run EM may stay 0 while F1 already moves."""
+    """Loss, learning rate, and dev EM and F1 against optimizer steps; None without matplotlib."""
     plt = pyplot()
     if plt is None:
         return None
@@ -101,7 +94,7 @@ def plot_metrics(run_dir: str | Path):
     axes[0].set_title("training loss")
     axes[1].plot([r["step"] for r in train], [r["lr"] for r in train])
     axes[1].set_title("learning rate")
-    for key, name in (("dev_em", "exact match"), ("dev_f1", "F1")):
+    for key, name in (("dev_em", "exact match"), ("dev_f1", "F1")):     # a young run's EM may stay 0, F1 moves
         axes[2].plot([r["step"] for r in dev], [r[key] for r in dev], marker="o", label=name)
     axes[2].set_ylim(bottom=0)
     axes[2].legend()
@@ -137,8 +130,7 @@ def clip(text: str, width: int) -> str:
 
 
 def format_table(rows: list[dict], max_width: int = 32) -> str:
-    """``rows`` (dicts with the same keys) as a plain text table, columns aligned for Chinese text
-    too; numbers right-aligned, other cells left-aligned and cut at ``max_width`` columns."""
+    """``rows`` (dicts, same keys) as a text table aligned for Chinese; numbers right, text cut at ``max_width``."""
     if not rows:
         return "(no rows)"
     keys = list(rows[0])
@@ -164,8 +156,7 @@ class TextTable:
 
 
 def as_table(rows: list[dict]):
-    """``rows`` as a table for a notebook's ``display``: a pandas DataFrame where pandas is installed
-    (Colab), else a ``TextTable``."""
+    """``rows`` for a notebook's ``display``: a pandas DataFrame, or a ``TextTable`` without pandas."""
     try:
         import pandas as pd
     except ImportError:
@@ -174,9 +165,8 @@ def as_table(rows: list[dict]):
 
 
 def error_kind(predicted: str, gold: str, unknown_chars: set[str] = frozenset()) -> str:
-    """Why a prediction is wrong: ``correct``, ``empty``, ``boundary`` (off by one or two characters:
-    a prefix or suffix of the gold answer, or the gold answer a prefix or suffix of it),
-    ``rare-character`` (the gold answer holds a character the tokenizer maps to [UNK]) or ``wrong-span``."""
+    """``correct``, ``empty``, ``boundary`` (one a prefix or suffix of the other, 1-2 characters off),
+    ``rare-character`` (gold holds one of ``unknown_chars``) or ``wrong-span``."""
     if exact_match(predicted, gold):
         return "correct"
     if not predicted:
@@ -200,9 +190,8 @@ def unknown_characters(tokenizer, texts: list[str]) -> set[str]:
 
 def write_dev_predictions(path: str | Path, data: QAData, predictions: list[Prediction],
                           unknown_chars: set[str] = frozenset()) -> dict[str, int]:
-    """One JSON line per question (id, question, gold, predicted, score, window, em, f1, kind);
-    returns how many questions fall in each ``error_kind``. Written whole or not at all (``atomic_write``).
-    ``score`` is null where no span was found (strict JSON has no -Infinity)."""
+    """One JSON line per question (id, question, gold, predicted, score: null if no span, window, em, f1, kind),
+    written whole or not at all; returns how many questions fall in each ``error_kind``."""
     counts: dict[str, int] = {}
     with atomic_write(path, encoding="utf-8") as f:
         for q, p in zip(data.questions, predictions):

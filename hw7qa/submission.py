@@ -19,18 +19,12 @@ class SubmissionError(Exception):
 
 
 def csv_answer(answer: str) -> str:
-    """An answer as result.csv holds it: commas removed (as the course's sample code writes them),
-    line breaks made spaces."""
+    """``answer`` as result.csv holds it: commas removed (as the sample code does), line breaks made spaces."""
     return answer.replace(",", "").replace("\n", " ")
 
 
 def write_result_csv(data: QAData, answers: list[str], path: str | Path) -> Path:
-    """Write ``ID,Answer`` rows in the test file's order, commas removed, UTF-8, atomically.
-
-    See ``files.atomic_write``: an interrupted or failed write (a full disk, Ctrl-C) leaves the
-    previous ``result.csv`` as it was and no temporary file; one left by a killed process is
-    removed by the next write.
-    """
+    """Write ``ID,Answer`` rows (``csv_answer``) in the test file's order, UTF-8, whole or not at all."""
     if len(answers) != len(data.questions):
         raise ValueError(f"{len(answers)} answers for {len(data.questions)} questions of {data.path}")
     with atomic_write(path, encoding="utf-8", newline="") as f:
@@ -42,14 +36,12 @@ def write_result_csv(data: QAData, answers: list[str], path: str | Path) -> Path
 
 
 def read_rows(path: str | Path) -> tuple[list[tuple[int, list[str]]], list[str]]:
-    """The rows of the CSV file ``path``, each with the line it is on, and the problems of rows that
-    run over several lines. result.csv never holds a line break inside a field (``csv_answer``), so
-    such a row is a quote (") left open, which takes the lines after it into one field, up to the
-    next quote or to the end of the file (where csv stops at its field size limit)."""
+    """The rows of CSV ``path`` with their line numbers, and a problem for each row over several lines: result.csv
+    has no line break in a field, so that is a quote (") left open."""
     if not Path(path).is_file():
         raise DataError(not_a_file(str(path), kind="csv"))
     rows, problems = [], []
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:     # a Windows editor's byte order mark is no header
         reader = csv.reader(f)
         start = 1
         try:
@@ -60,19 +52,15 @@ def read_rows(path: str | Path) -> tuple[list[tuple[int, list[str]]], list[str]]
                 else:
                     rows.append((start, row))
                 start = reader.line_num + 1
-        except csv.Error as e:
+        except csv.Error as e:      # a quote open to the end of the file: csv stops at its field size limit
             problems.append(f"line {start}: a quote (\") opened here is never closed, and takes the rest of the file "
                             f"into one field ({e}); close it on line {start} or remove it")
     return rows, problems
 
 
 def check_result_csv(path: str | Path, data: QAData) -> list[str]:
-    """Everything wrong with ``path`` as a submission for ``data`` (an empty list means valid), each
-    problem a line that names ``path``; a DataError if ``path`` is not a file.
-
-    Read as ``utf-8-sig``: a CSV saved by a Windows editor starts with a byte order mark that is
-    not part of the header.
-    """
+    """Every problem of ``path`` as a submission for ``data``, each a line naming ``path`` ([]: valid);
+    a DataError if ``path`` is not a file."""
     try:
         rows, problems = read_rows(path)
     except UnicodeDecodeError as e:

@@ -1,17 +1,8 @@
 """Question + paragraph → overlapping token windows with character offsets, and training labels.
 
-Each paragraph is tokenized once (no special tokens, with character offsets) and each question
-once (cut to ``max_question_tokens``). A window is then
-
-    <specials> question <specials> paragraph[token_start:token_end] <specials>
-
-where the special tokens and token types are learned from the tokenizer itself (``sequence_ids()``
-of one encoded pair, see ``PairTemplate``), never hard-coded, so BERT vocabularies
-(``[CLS] q [SEP] p [SEP]``) and sentencepiece ones (XLM-R: ``<s> q </s></s> p </s>``) both work.
-
-Windows of one question hold at most ``budget = max_length - len(question) - specials``
-paragraph tokens and start every ``doc_stride`` tokens (capped at ``budget``, so every paragraph
-token is in some window). All windows of a file are cut at once into a ``Windows`` table.
+A window is ``<specials> question <specials> paragraph[token_start:token_end] <specials>``, the specials learned
+from the tokenizer (``PairTemplate``), so BERT and sentencepiece vocabularies both work. Windows start every
+``doc_stride`` paragraph tokens, capped at the budget, so every token is in one; a file's form a ``Windows`` table.
 """
 from __future__ import annotations
 
@@ -88,8 +79,7 @@ def tokenize_paragraphs(texts: list[str], tokenizer) -> tuple[list[list[int]], l
 
 
 def encode(data: QAData, tokenizer, spec: WindowSpec, paragraphs: tuple[list, list] | None = None) -> Encoded:
-    """Tokenize every paragraph and question of ``data`` once, and map answers to tokens; ``spec``
-    travels with the result. ``paragraphs``: ``tokenize_paragraphs(data.paragraphs, tokenizer)``, if at hand."""
+    """``data`` tokenized once, answers as token spans, for ``spec``; ``paragraphs``: its ``tokenize_paragraphs``."""
     template = learn_template(tokenizer)
     if spec.max_length - spec.max_question_tokens - template.n_special < 8:
         raise ValueError(f"max_length {spec.max_length} leaves fewer than 8 paragraph tokens")
@@ -104,8 +94,7 @@ def encode(data: QAData, tokenizer, spec: WindowSpec, paragraphs: tuple[list, li
 
 
 def with_stride(enc: Encoded, doc_stride: int) -> Encoded:
-    """``enc`` to be cut into windows ``doc_stride`` tokens apart: tokenizing does not depend on the
-    stride, so nothing is tokenized again."""
+    """``enc`` to be cut ``doc_stride`` tokens apart; nothing is tokenized again."""
     return dataclasses.replace(enc, spec=dataclasses.replace(enc.spec, doc_stride=doc_stride))
 
 
@@ -120,7 +109,6 @@ def trim_offsets(text: str, start: int, end: int) -> tuple[int, int]:
 
 
 def trimmed_offsets(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """``trim_offsets`` of every token of ``text``."""
     # only a token that starts or ends on whitespace can change; \s matches what str.isspace() does
     spaces = {match.start() for match in re.finditer(r"\s", text)}
     if not spaces:
@@ -129,8 +117,7 @@ def trimmed_offsets(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int
 
 
 def answer_tokens(data: QAData, offsets: list[list[tuple[int, int]]]) -> list[tuple[int, int] | None]:
-    """``char_span_to_tokens`` of every question's answer (None where the answer is not given),
-    each paragraph's offsets turned into one numpy array for all of its questions."""
+    """``char_span_to_tokens`` of every question's answer; None where no answer is given."""
     as_array: dict[int, np.ndarray] = {}
     spans = []
     for q in data.questions:
@@ -146,16 +133,14 @@ def answer_tokens(data: QAData, offsets: list[list[tuple[int, int]]]) -> list[tu
 
 
 def char_span_to_tokens(offsets, start_char: int, end_char: int) -> tuple[int, int] | None:
-    """Token span ``(first, last)`` (inclusive) covering characters ``start_char..end_char``
-    (inclusive); characters no token covers are skipped inwards; None if no token lies inside.
-    ``offsets``: ``(start, end)`` pairs, a list or an ``(n, 2)`` array."""
+    """Inclusive token span covering inclusive characters ``start_char..end_char`` of ``offsets`` (``(start, end)``
+    pairs, list or ``(n, 2)`` array), uncovered characters skipped inwards; None if no token lies inside."""
     offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     starts, ends = offsets[:, 0], offsets[:, 1]
     overlap = np.flatnonzero((starts < ends) & (starts <= end_char) & (ends > start_char))
     if overlap.size == 0:
         return None
-    # first: the last token starting at or before start_char (of two sharing a character, as
-    # sentencepiece's lone "▁" and the next token do, the later, real one); last: the first ending after end_char
+    # first: the last token starting by start_char (after a lone "▁": the real one); last: the first past end_char
     holding_start = overlap[starts[overlap] <= start_char]
     first = holding_start[-1] if holding_start.size else overlap[0]
     holding_end = overlap[(overlap >= first) & (ends[overlap] > end_char)]
@@ -177,8 +162,7 @@ def window_starts(n_tokens: int, budget: int, doc_stride: int) -> list[int]:
 
 
 def window_grid(n_tokens, budget, doc_stride: int) -> tuple[np.ndarray, np.ndarray]:
-    """``window_starts`` of many paragraphs at once, as ``(row, start)`` of every window, row by row:
-    paragraph ``i`` has ``n_tokens[i]`` tokens and ``budget[i]`` of them fit in a window."""
+    """``(row, start)`` of every window of paragraphs of ``n_tokens[i]`` tokens, ``budget[i]`` per window."""
     n_tokens, budget = np.asarray(n_tokens, dtype=np.int64), np.asarray(budget, dtype=np.int64)
     stride = np.minimum(doc_stride, budget)
     count = 1 + np.maximum(0, -(-(n_tokens - budget) // stride))   # windows until one reaches the end
@@ -189,9 +173,8 @@ def window_grid(n_tokens, budget, doc_stride: int) -> tuple[np.ndarray, np.ndarr
 
 def train_window_start(policy: str, n_tokens: int, budget: int, answer: tuple[int, int],
                        rng: random.Random) -> int | None:
-    """Where the one training window of a question starts: ``random`` uniformly among the windows
-    holding the whole answer, ``center`` with the answer in its middle (the course sample code);
-    None if the answer is longer than a window."""
+    """Start of a question's training window holding the whole answer: ``random`` uniformly, ``center`` with it
+    in the middle (the sample code); None if the answer is longer than a window."""
     a, b = answer       # windows holding a..b start in [max(0, b - budget + 1), min(a, n - budget)]
     lo, hi = max(0, b - budget + 1), min(a, max(0, n_tokens - budget))
     if lo > hi:
@@ -222,8 +205,7 @@ class Window:
 
 @dataclass(frozen=True, eq=False)
 class Windows(Sequence):
-    """Windows as a table: parallel numpy arrays, one row per window, no Python object per window;
-    ``windows[i]`` is row ``i`` as a ``Window``. Window ``i``'s ids are ``ids[first[i]:first[i] + length[i]]``."""
+    """Windows as parallel numpy arrays, one row per window; ``windows[i]`` is row ``i`` as a ``Window``."""
     question_index: np.ndarray          # these four per window, as in ``Window``
     token_start: np.ndarray
     token_end: np.ndarray
@@ -261,8 +243,7 @@ class Windows(Sequence):
 
     def model_inputs(self, rows: np.ndarray, pad_token_id: int, pad_type_id: int = 0, pad_left: bool = False,
                      pad_to_multiple_of: int = 8) -> dict[str, np.ndarray]:
-        """Windows ``rows`` padded into int64 ``input_ids``, ``attention_mask`` (and ``token_type_ids``):
-        what ``DataCollatorWithPadding(pad_to_multiple_of=8)`` makes of their ``features``, in one gather."""
+        """Windows ``rows`` as padded int64 model inputs, as ``DataCollatorWithPadding`` pads their ``features``."""
         length = self.length[rows]
         width = -(-int(length.max(initial=0)) // pad_to_multiple_of) * pad_to_multiple_of
         position = np.arange(width)[None, :] - ((width - length)[:, None] if pad_left else 0)
@@ -289,8 +270,7 @@ def flatten(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def cut_windows(enc: Encoded, question_index, token_start) -> Windows:
-    """Window ``i``: question ``question_index[i]`` with the paragraph from token ``token_start[i]``, all
-    cut at once; each is five runs of one token pool (prefix, question, middle, paragraph, suffix)."""
+    """Window ``i``: question ``question_index[i]`` with its paragraph from token ``token_start[i]``."""
     t = enc.template
     question_index = np.asarray(question_index, dtype=np.int64)
     token_start = np.asarray(token_start, dtype=np.int64)
@@ -300,7 +280,7 @@ def cut_windows(enc: Encoded, question_index, token_start) -> Windows:
     token_end = np.minimum(token_start + question_budgets(enc)[question_index], paragraph_length[paragraph])
     n_question = question_length[question_index]
     n_prefix, n_middle, n_suffix = len(t.prefix), len(t.middle), len(t.suffix)
-    # the pool: prefix, middle, suffix, then every question's ids, then every paragraph's ids
+    # each window: five runs (prefix, question, middle, paragraph, suffix) of one pool holding them all
     pool = np.concatenate([np.asarray(part, dtype=np.int32) for part in (t.prefix, t.middle, t.suffix)]
                           + [question_flat, paragraph_flat])
     questions_at = n_prefix + n_middle + n_suffix
@@ -324,8 +304,7 @@ def cut_windows(enc: Encoded, question_index, token_start) -> Windows:
 
 
 def labelled(enc: Encoded, windows: Windows) -> Windows:
-    """``windows`` with training labels: the positions of the answer's first and last token where
-    the window holds the whole answer, the "no answer" position (``cls_index``) elsewhere."""
+    """``windows`` labelled with the answer's first and last position where it is whole inside, else ``cls_index``."""
     answers = np.array([(-1, -1) if a is None else a for a in enc.answer_tokens], dtype=np.int64).reshape(-1, 2)
     first, last = answers[windows.question_index].T
     holds = (first >= 0) & (windows.token_start <= first) & (last < windows.token_end)
@@ -336,21 +315,18 @@ def labelled(enc: Encoded, windows: Windows) -> Windows:
 
 
 def paragraph_lengths(enc: Encoded) -> list[int]:
-    """How many tokens the paragraph of each question has."""
     return [len(enc.paragraph_ids[q.paragraph_id]) for q in enc.data.questions]
 
 
 def eval_windows(enc: Encoded) -> Windows:
-    """Every window of every question, in question order (for inference, or policy ``all``),
-    starting every ``enc.spec.doc_stride`` tokens."""
+    """Every window of every question, in question order, one every ``enc.spec.doc_stride`` tokens."""
     question_index, token_start = window_grid(paragraph_lengths(enc), question_budgets(enc), enc.spec.doc_stride)
     return cut_windows(enc, question_index, token_start)
 
 
 def train_windows(enc: Encoded, policy: str, rng: random.Random) -> Windows:
-    """Labelled training windows, once per epoch: ``random``/``center`` one window per question holding
-    its whole answer (none where it cannot); ``all`` every ``eval_windows`` window, those without the
-    answer pointing at the "no answer" position."""
+    """Labelled training windows: ``random``/``center`` one per question holding its whole answer (none where
+    none can); ``all`` every ``eval_windows`` window."""
     if policy == "all":
         return labelled(enc, eval_windows(enc))
     question_index, token_start = [], []
@@ -384,8 +360,7 @@ def features(windows: list[Window], with_labels: bool = False) -> list[dict]:
 
 
 def question_windows(enc: Encoded, qi: int) -> list[tuple[int, int]]:
-    """``(token_start, token_end)`` of each inference window of question ``qi``: the paragraph
-    tokens it holds, end exclusive (as ``eval_windows`` cuts them)."""
+    """Paragraph tokens ``(start, end)``, end exclusive, of each window ``eval_windows`` cuts for question ``qi``."""
     n_tokens = len(enc.paragraph_ids[enc.data.questions[qi].paragraph_id])
     budget = int(question_budgets(enc)[qi])
     return [(start, min(start + budget, n_tokens)) for start in window_starts(n_tokens, budget, enc.spec.doc_stride)]

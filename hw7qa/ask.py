@@ -1,16 +1,10 @@
-"""Ask a trained run your own question: a paragraph and a question in; the answer, its score and
-the n-best alternatives out (``hw7qa ask RUN``, and the notebook's "try your own question").
-
-The questions become a ``QAData`` in memory and are answered by ``inference.stride_logits`` and
-``decode.vote_predictions``, as ``predict`` answers a file (without its logits cache). The
-alternatives are the candidates the decoder chose among (``decode.span_scores``), best first, with
-their probability (the softmax over the question's candidates).
+"""Ask a trained run your own question (``hw7qa ask RUN``): the answer, its score and the n-best alternatives
+(the candidates the decoder chose among, best first), answered as ``predict`` answers a file.
 
     from hw7qa.ask import ask, format_answer
     print(format_answer(ask("outputs/RUN", "臺灣大學的前身是什麼？", paragraph, n_best=5)))
 
-Many questions at once, the model loaded once: ``ask_many(load_reader(run), [(question, paragraph), ...])``,
-or a file read by ``read_questions``: HW7 or DRCD JSON, or ``*.jsonl`` of ``{"question", "paragraph"}``.
+Many questions, the model loaded once: ``ask_many(load_reader(run), pairs)``, or a file (``read_questions``).
 """
 from __future__ import annotations
 
@@ -44,8 +38,8 @@ class Answer:
 
 
 def load_reader(run_dir: str | Path, overrides: list[str] | dict | None = None) -> Reader:
-    """The run's model and tokenizer, loaded once to answer many questions, with ``overrides`` of its
-    inference settings (as ``predict --set``)."""
+    """The run's model and tokenizer, loaded once for many questions, with ``overrides`` of its inference
+    settings (as ``predict --set``)."""
     reader = open_run(run_dir, run_config(run_dir, overrides), cache=False)
     reader.loaded_model()           # now: a missing or damaged model/ is named before any question
     return reader

@@ -1,13 +1,8 @@
 """Will a config's run fit here, and how long will it take? ``hw7qa estimate``, before training.
 
-``estimate(cfg)`` builds the model's shape with random weights from its config.json alone (``SHAPES``
-for the presets' models: nothing is downloaded), times training micro-batches through the trainer's
-own ``start_run`` and ``train_step`` (precision, batch, ``grad_accum``, ``auto_batch``, gradient
-checkpointing, ``compile``, techniques) and inference through ``inference.answers``, on windows of the
-config's files (or of HW7-typical lengths), and adds up the whole run: every epoch, each dev
-evaluation, the test prediction. Model FLOPs per training window of T real tokens: 6·N·T + 12·L·h·T²
-(inference a third), N the non-embedding parameters, L layers, h hidden size; MFU: FLOPs / (seconds ×
-the GPU's dense fp16/bf16 peak).
+``estimate(cfg)`` times the trainer's own ``start_run``/``train_step`` and ``inference.answers`` on a model
+of the config's shape with random weights (``SHAPES``: nothing downloaded) and adds up the whole run.
+FLOPs per window of T real tokens: 6·N·T + 12·L·h·T² (inference a third); MFU: FLOPs / (s × GPU peak).
 """
 from __future__ import annotations
 
@@ -41,13 +36,15 @@ HW7 = {"train": 31_690, "dev": 4_131, "test": 4_957}      # ML2022 HW7's questio
 TYPICAL_PARAGRAPH, TYPICAL_QUESTION = (268, 309, 342, 372, 404, 440, 478, 533, 604, 740), 21
 COURSE_T4 = {"sample-recipe": ("simple", 8), "bert-base": ("medium", 8), "macbert-base": ("strong", 25),
              "macbert-large": ("boss", 150)}             # the course's minutes on a T4 with fp16 (slides)
-BASE, LARGE = (12, 768, 12, 3072), (24, 1024, 16, 4096)   # layers, hidden, heads, intermediate (config.json)
+BASE = dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072)  # config.json
+LARGE = dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096)
 SHAPES = {"bert-base-chinese": BASE, "hfl/chinese-macbert-base": BASE, "hfl/chinese-macbert-large": LARGE,
           "luhua/chinese_pretrain_mrc_macbert_large": LARGE}
 # GPU name pattern, dense fp16/bf16 tensor-core TFLOP/s without sparsity (NVIDIA's datasheets); first match wins
 PEAKS = ((r"H100.*PCIe", 756.0), (r"H100.*NVL", 835.0), (r"H100|H200", 989.0), (r"A100", 312.0),
          (r"\bA10\b", 125.0), (r"\bL4\b", 121.0), (r"\bT4\b", 65.0), (r"V100", 125.0))
 SESSION_MIN = 180   # "a few hours" of a free Colab session (not published); longer runs resume from checkpoints
+KIND = {"training": "train", "dev evaluations": "infer", "test prediction": "infer"}   # part → speed it runs at
 
 
 def peak_tflops(gpu_name: str | None) -> float | None:
@@ -55,8 +52,8 @@ def peak_tflops(gpu_name: str | None) -> float | None:
 
 
 def matmul_parameters(config) -> int:
-    """N of a ``BertForQuestionAnswering``: per layer Q, K, V, output (4h² + 4h), feed-forward
-    (2hi + i + h), two LayerNorms (4h); the QA head (2h + 2). Embedding tables are lookups."""
+    """N of a ``BertForQuestionAnswering`` but its embeddings: per layer 4h² + 4h (attention), 2hi + i + h
+    (feed-forward), 4h (two LayerNorms); the QA head 2h + 2."""
     h, i = config.hidden_size, config.intermediate_size
     return config.num_hidden_layers * (4 * h * h + 2 * h * i + i + 9 * h) + 2 * h + 2
 
@@ -73,14 +70,12 @@ def model_config(name: str):
     from transformers import AutoConfig, BertConfig
     if name not in SHAPES:
         return from_pretrained("config", AutoConfig.from_pretrained, name)
-    layers, hidden, heads, intermediate = SHAPES[name]
-    return BertConfig(vocab_size=21128, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                      intermediate_size=intermediate)
+    return BertConfig(vocab_size=21128, **SHAPES[name])
 
 
 def model_and_tokenizer(cfg: Config, train: QAData):
-    """A model of ``cfg``'s shape with random weights, and the run's tokenizer; for the presets'
-    models, whose tokenizers cut Chinese into characters, one token per character of ``train``."""
+    """A model of ``cfg``'s shape with random weights, and the run's tokenizer (for ``SHAPES``' models,
+    whose tokenizers cut Chinese into characters, one token per character of ``train``)."""
     from transformers import AutoModelForQuestionAnswering
     tokenizer = build_tiny_tokenizer(train.paragraphs + [q.question_text for q in train.questions], None,
                                      cfg.isolate_digits) if cfg.model_name in SHAPES else load_tokenizer_for(cfg, train)
@@ -101,16 +96,14 @@ def typical_data() -> QAData:
 
 
 def run_data(cfg: Config, data: str = "") -> tuple[dict, list[str]]:
-    """Per split of the run: (QAData, its questions in the run): the config's file, else ``data`` or
+    """Per split of the run, (QAData, its questions in the run): the config's file, else ``data`` or
     ``typical_data`` standing for HW7's size; and notes saying what stood in."""
     splits, missing = {}, []
     for split in ["train"] + ["dev"] * bool(cfg.dev_file and not cfg.final_fit) + ["test"] * bool(cfg.test_file):
         path = data or getattr(cfg, f"{split}_file")
-        if Path(path).is_file():
-            qa = load_qa_file(path, need_answers=split == "train" or bool(data))
-            splits[split] = (qa, HW7[split] if data else len(qa.questions))
-        else:
-            splits[split], missing = (typical_data(), HW7[split]), missing + [path or f"{split}_file"]
+        qa = load_qa_file(path, need_answers=split == "train" or bool(data)) if Path(path).is_file() else None
+        splits[split] = (qa, HW7[split] if data else len(qa.questions)) if qa else (typical_data(), HW7[split])
+        missing += [path or f"{split}_file"] * (qa is None)
     if cfg.final_fit:      # train + dev, at the training file's windows per question
         dev = len(load_qa_file(cfg.dev_file).questions) if Path(cfg.dev_file).is_file() and not data else HW7["dev"]
         splits["train"] = (splits["train"][0], splits["train"][1] + dev)
@@ -120,10 +113,9 @@ def run_data(cfg: Config, data: str = "") -> tuple[dict, list[str]]:
 
 def measure(cfg: Config, model, tokenizer, train_enc, infer: QAData, per_question: float, steps=None,
             windows=None) -> dict:
-    """Windows/s and MFU of training over ``steps`` = (micro-batches let pass, timed) of ``start_run``'s
-    batches (default 2 and 8 optimizer steps' worth; CPU 1 and 1), and of inference over ``windows`` =
-    (let pass, timed) of ``infer``'s, ``per_question`` a question (default ``eval_batch_size`` and 4×;
-    CPU 2 and 6); the peak memory."""
+    """Windows/s and MFU of training over ``steps`` = (micro-batches let pass, timed; default 2 and 8 optimizer
+    steps' worth, CPU 1 and 1) and of inference over ``windows`` = (let pass, timed) of ``infer``'s at
+    ``per_question`` a question (default ``eval_batch_size`` and 4×, CPU 2 and 6); the peak memory."""
     with tempfile.TemporaryDirectory() as run_dir, tf32_matmuls(cfg.tf32), \
             accelerator_for(cfg.mixed_precision, cfg.grad_accum) as accelerator:
         device = accelerator.device
@@ -138,12 +130,11 @@ def measure(cfg: Config, model, tokenizer, train_enc, infer: QAData, per_questio
         lengths = []
         run.model.train()
         with contextlib.closing(iter(run.loader)) as batches:
-            for i in range(warmup + timed):
-                if i == warmup:
-                    started = clock()
-                batch = next(batches)
-                if i >= warmup:
-                    lengths.append(batch["attention_mask"].sum(1))   # on the device: no wait here
+            for _ in range(warmup):
+                train_step(run, next(batches))
+            started = clock()
+            for _ in range(timed):
+                lengths.append((batch := next(batches))["attention_mask"].sum(1))   # on the device: no wait here
                 train_step(run, batch)
             train_s = clock() - started
         ends = np.cumsum([math.ceil(n / per_question) for n in windows or (
@@ -152,51 +143,47 @@ def measure(cfg: Config, model, tokenizer, train_enc, infer: QAData, per_questio
         first, then = (encode(QAData(infer.path, questions[a:b], infer.paragraphs), tokenizer, cfg.windows)
                        for a, b in ((0, ends[0]), (ends[0], ends[1])))
         reader = Reader(cfg, tokenizer, run.kept_model(), accelerator=accelerator)
-        answers(reader, first.data, [cfg.doc_stride], first, desc="estimate")
-        started = clock()
-        answers(reader, then.data, [cfg.doc_stride], then, desc="estimate")
+        for enc in (first, then):       # the first call lets compiling and allocation pass
+            started = clock()
+            answers(reader, enc.data, [cfg.doc_stride], enc, desc="estimate")
         infer_s, peak = clock() - started, peak_tflops(gpu)
         timed_lengths = {"train": torch.cat(lengths).tolist(), "infer": eval_windows(then).length}
         speeds = {part: (len(timed_lengths[part]) / s, model_flops(model.config, timed_lengths[part], part == "train")
                          / s / (peak * 1e12) if peak else None) for part, s in (("train", train_s), ("infer", infer_s))}
+        memory = ((torch.cuda.max_memory_reserved(), torch.cuda.get_device_properties(device).total_memory) if gpu
+                  else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                        os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")))
         return dict(gpu=gpu, precision=accelerator.mixed_precision, batch_size=cfg.batch_size, steps=(warmup, timed),
                     micro_batch=run.state.micro_batch, grad_accum=run.state.grad_accum, speeds=speeds,
                     timed_windows={part: len(x) for part, x in timed_lengths.items()},
                     compiled=cfg.compile and not cannot_compile(next(model.parameters()).device),
                     checkpointing=next(getattr(model, name) for name in ("is_activation_checkpointing",
                                        "is_gradient_checkpointing") if hasattr(type(model), name)),
-                    peak_gib=(torch.cuda.max_memory_reserved() if gpu else
-                              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30,
-                    total_gib=(torch.cuda.get_device_properties(device).total_memory if gpu else
-                               os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) / 2 ** 30)
+                    peak_gib=memory[0] / 2 ** 30, total_gib=memory[1] / 2 ** 30)
 
 
 @dataclass
 class Estimate:
-    """``measure``'s dict (None where the run does not fit in memory: ``error``) and the windows of
-    the run; ``str()`` is ``hw7qa estimate``'s table, ``verdict()`` one line for the notebook."""
+    """``measure``'s dict (None where the run does not fit in memory: ``error``) and the windows of the run;
+    ``str()`` is ``hw7qa estimate``'s table, ``verdict()`` one line for the notebook."""
     measured: dict | None
-    windows: dict                    # part of the run → (its windows, how they add up)
+    windows: dict                    # part of the run (``KIND``'s keys) → (its windows, how they add up)
     course: str = ""
     notes: list[str] = field(default_factory=list)
     error: str = ""
 
     def minutes(self) -> dict:
         """Minutes of each part of the run at the measured speeds, and of the whole run."""
-        speeds = self.measured["speeds"]
-        parts = {part: n / speeds["train" if part == "training" else "infer"][0] / 60
-                 for part, (n, _) in self.windows.items()}
+        parts = {part: n / self.measured["speeds"][KIND[part]][0] / 60 for part, (n, _) in self.windows.items()}
         return {**parts, "whole run": sum(parts.values())}
 
     def __str__(self) -> str:
         m = self.measured
         if m is None:
             return "\n".join([*self.notes, self.verdict()])
-        minutes, cpu = self.minutes(), f"the CPU ({os.cpu_count()} cores; slow: a CPU's numbers, not a GPU's)"
-        rows = [f"| {part}: {how} | {m['speeds'][kind][0]:.3g} | "
-                + (f"{m['speeds'][kind][1]:.1%}" if m["speeds"][kind][1] is not None else "—")
-                + f" | {n:,} | {minutes[part]:,.1f} |"
-                for (part, (n, how)), kind in zip(self.windows.items(), ("train", "infer", "infer"))]
+        mins, cpu = self.minutes(), f"the CPU ({os.cpu_count()} cores; slow: a CPU's numbers, not a GPU's)"
+        rows = [f"| {part}: {how} | {wps:.3g} | {'—' if mfu is None else f'{mfu:.1%}'} | {n:,} | {mins[part]:,.1f} |"
+                for part, (n, how) in self.windows.items() for wps, mfu in [m["speeds"][KIND[part]]]]
         return "\n".join([
             f"on {m['gpu'] or cpu}: precision {m['precision']}, micro-batch {m['micro_batch']} × grad_accum "
             f"{m['grad_accum']}" + f" (auto_batch shrank {m['batch_size']})" * (m["micro_batch"] < m["batch_size"])
@@ -205,7 +192,7 @@ class Estimate:
             f"inference windows after a first call", "",
             "| part of the run | windows/s | MFU | windows | minutes here |", "| --- | --- | --- | --- | --- |", *rows,
             f"| whole run{f' (the course: {self.course})' if self.course else ''} | | | | "
-            f"{minutes['whole run']:,.1f} |", "",
+            f"{mins['whole run']:,.1f} |", "",
             f"peak memory: {m['peak_gib']:.1f} GiB of {m['total_gib']:.1f} GiB "
             + ("(GPU, reserved)" if m["gpu"] else "(the process's peak RSS: not this run's alone)")])
 
@@ -224,9 +211,9 @@ class Estimate:
 
 
 def estimate(cfg: Config, data: str = "", preset: str = "", steps=None, windows=None) -> Estimate:
-    """Time ``cfg``'s training and inference here (``measure``, with its ``steps`` and ``windows``)
-    and add up its whole run. ``data``: a QA file with answers whose windows stand for every split,
-    scaled to HW7's size; ``preset``: the config's preset, for the course's estimate of its tier."""
+    """Time ``cfg``'s training and inference here (``measure``, with its ``steps`` and ``windows``) and add
+    up its whole run. ``data``: a QA file with answers whose windows stand for every split, scaled to HW7's
+    size; ``preset``: the config's preset, for the course's estimate of its tier."""
     splits, notes = run_data(cfg, data)
     train = splits["train"][0]
     model, tokenizer = model_and_tokenizer(cfg, train)
@@ -254,10 +241,10 @@ def estimate(cfg: Config, data: str = "", preset: str = "", steps=None, windows=
                       / max(1, per_question["train"] * len(train.questions)))
     train_enc = (encode(QAData(train.path, train.questions * times, train.paragraphs), tokenizer, cfg.windows)
                  if times > 1 else encoded["train"])
-    infer = "dev" if dev else "train"
+    infer = encoded["dev" if dev else "train"]
     try:
-        result.measured = measure(cfg, model, tokenizer, train_enc, splits[infer][0], len(eval_windows(
-            encoded[infer])) / len(splits[infer][0].questions), steps, windows)
+        result.measured = measure(cfg, model, tokenizer, train_enc, infer.data,
+                                  len(eval_windows(infer)) / len(infer.data.questions), steps, windows)
     except (torch.cuda.OutOfMemoryError, TrainingError) as e:
         result.error = str(e).splitlines()[0]
     return result

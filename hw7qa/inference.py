@@ -3,14 +3,8 @@
     reader = Reader(cfg, tokenizer, model)              # or open_run(run_dir): the model loaded when needed
     predictions = answers(reader, data)                 # encode once, each stride, window logits, vote
 
-``stride_logits`` is the core: the file is tokenized once, cut into windows at each of the config's
-``inference_strides`` (``doc_stride``, then ``tta_strides``), and each set of windows goes through the
-model in batches (``window_logits``); ``decode.vote_predictions`` turns the sets into answers. A
-``Reader`` of a run folder caches each set's logits in ``<run>/logits/<key>.npz``, so evaluating,
-predicting or ensembling a run again does not run its model again.
-
-Under ``accelerate launch`` with several processes every batch is shared between them; only the main
-process writes files or prints.
+A run folder's ``Reader`` caches each stride's window logits in ``<run>/logits/<key>.npz``. Under
+``accelerate launch`` every batch is shared between the processes; only the main process writes or prints.
 """
 from __future__ import annotations
 
@@ -60,9 +54,7 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     tensor = torch.from_numpy(array)
     if device.type == "cpu":
         return tensor
-    # from pinned memory the copy is asynchronous; from pageable memory the driver may first wait for
-    # the GPU's queued work, which would end the overlap in window_logits
-    return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.pin_memory().to(device, non_blocking=True)   # pageable memory could wait for queued GPU work
 
 
 def logits_to_host(result) -> tuple[torch.Tensor, torch.Event | None]:
@@ -93,12 +85,9 @@ def unpack_logits(rows: np.ndarray, host: torch.Tensor, landed, length: np.ndarr
 
 def window_logits(model, tokenizer, windows: Windows, batch_size: int, precision: str = "no",
                   desc: str = "inference", accelerator=None) -> Logits:
-    """Start and end logits of every window, in the order of ``windows``.
-
-    No gradients, autocast at ``precision`` (a ``mixed_precision`` value). ``batch_size`` windows
-    per batch in total: with an ``accelerator`` of several processes each runs an equal part of every
-    batch and all get every logit back. ``model``: the unwrapped model, not a DDP wrapper.
-    """
+    """Start and end logits of every window, in the order of ``windows``, autocast at ``precision``;
+    ``batch_size`` windows a batch in total, shared among an ``accelerator``'s processes, which all get
+    every logit back. ``model``: the unwrapped model, not a DDP wrapper."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     padding = padding_of(tokenizer)
     device = next(model.parameters()).device
@@ -106,13 +95,11 @@ def window_logits(model, tokenizer, windows: Windows, batch_size: int, precision
     model.eval()
     mine, previous = [], None
     with torch.inference_mode(), inference_autocast(precision, device):
-        # leave=False, position=0: drawn on the line of training's open bar and cleared when done; a
-        # nested bar would add a line at every update in a notebook without widgets
+        # leave=False, position=0: on training's bar line, cleared when done (a nested bar floods a notebook)
         for rows in tqdm(batch_rows(windows, batch_size, rank, world), desc=desc, unit="batch", leave=False,
                          position=0, disable=rank != 0):
             inputs = {k: to_device(v, device) for k, v in windows.model_inputs(rows, **padding).items()}
-            # On a GPU model() only queues the forward pass: the previous batch is unpacked and the next
-            # one collated while this one runs. On the CPU the order changes nothing.
+            # a GPU only queues the forward pass: the previous batch is unpacked while this one runs
             this = (rows, *logits_to_host(model(**inputs)))
             if previous is not None:
                 mine += unpack_logits(*previous, windows.length, padding["pad_left"])
@@ -312,10 +299,9 @@ def load_data_of(cfg: Config, split: str, given: str = "", run_dir: str | Path =
 
 def ensemble_runs(run_dirs: list[str | Path], split: str = "dev", data_file: str = "", output_dir: str = "",
                   method: str = "auto") -> tuple[dict | None, list[Prediction]]:
-    """Combine the models of ``run_dirs`` (``decode.ensemble_predictions``) on the dev or test file
-    (``data_file`` or the first run's), each member at its own ``doc_stride``, decoded with the first
-    run's settings. ``dev``: prints each member's EM/F1 and the ensemble's, writes
-    ``dev_predictions.jsonl``; ``test``: writes ``result.csv``; both into ``output_dir``."""
+    """Combine ``run_dirs``' models (each at its ``doc_stride``, decoded with the first run's settings) on
+    ``data_file`` or the first run's dev/test file; ``dev``: print each member's and the ensemble's EM/F1,
+    write ``dev_predictions.jsonl``; ``test``: write ``result.csv``; both into ``output_dir``."""
     if split not in ("dev", "test"):
         raise ValueError(f"split={split!r}; choose dev or test")
     if len(run_dirs) < 2:

@@ -1,7 +1,5 @@
-"""A tiny, randomly initialised BERT and a tokenizer built from the data's own characters.
-
-Everything is made offline; its answers are not meaningful, it proves that the pipeline runs end to end.
-"""
+"""A tiny, randomly initialised BERT and a tokenizer of the data's own characters, made offline: its
+answers mean nothing, it shows that the pipeline runs end to end."""
 from __future__ import annotations
 
 import json
@@ -17,14 +15,9 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def build_tiny_tokenizer(texts: list[str], directory: str | Path | None = None, isolate_digits: bool = False):
-    """A fast BERT (WordPiece) tokenizer whose vocabulary is every character of ``texts``.
-
-    ASCII letters and digits are added with and without ``##`` so that English words and numbers
-    are split into characters rather than becoming [UNK]; characters not in ``texts`` are [UNK].
-    Its files are written to ``directory`` and kept there (to save a model beside them); without
-    one, to a temporary folder that is removed once they are loaded: a fast tokenizer lives in
-    memory and ``save_pretrained`` writes it from there.
-    """
+    """A fast BERT (WordPiece) tokenizer whose vocabulary is every character of ``texts`` (others: [UNK]),
+    plus ASCII letters and digits with and without ``##``, so that words and numbers split into characters.
+    Its files stay in ``directory``; without one, in a temporary folder removed once loaded."""
     from .models import load_tokenizer      # models builds the tiny model: imported when needed
     if directory:
         write_tokenizer_files(texts, Path(directory))

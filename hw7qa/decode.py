@@ -8,6 +8,11 @@ window the top ``n_best`` starts × top ``n_best`` ends *inside the paragraph pa
 original paragraph sliced by the tokens' character offsets, never ``tokenizer.decode``, so rare
 characters ([UNK]), upper case and spaces come back exactly as written.
 
+Ties (equal logits or span scores) are broken by one rule everywhere, so that answers never depend
+on a sort: of equal logits, the n_best taken are the leftmost (``top_positions``); of a window's
+spans with equal scores, the later start wins, then the later end (``best_spans``); of a question's
+windows with equal best scores, the earlier window (``best_window_per_question``).
+
 Both sides work on whole arrays, not window by window: batches are gathered from the ``Windows``
 table, and the best span of every window is found for thousands of windows at once
 (``window_best_spans``); only the rare question whose best span has no content (whitespace or
@@ -339,8 +344,7 @@ def decode_predictions(enc: Encoded, windows: Windows, logits: list[tuple[np.nda
     A span whose text is only whitespace and commas is skipped (it would be an empty answer in
     result.csv, ``submission.has_content``). If no window of a question has a valid
     top-k pair, every start/end of every window is searched, so the answer is empty only if the
-    question's paragraph has no tokens at all. Ties go to the earlier window, then (within a
-    window) to the later start and end.
+    question's paragraph has no tokens at all. Ties: the module's rule.
 
     The best span of every window is found for all windows at once, and the question's answer is
     the best of its windows' (``best_window_per_question``): what ``walk_spans`` would find,

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .config import Config, TrainingError
+from .devices import inference_autocast
 from .runfolder import TrainerState
 from .windows import Encoded, Windows, train_windows
 
@@ -118,7 +119,9 @@ def step_fits(model, batch: dict, accelerator, reserve_bytes: int) -> bool:
     from accelerate.utils.memory import release_memory, should_reduce_batch_size
     try:
         held = torch.empty(reserve_bytes, dtype=torch.uint8, device=accelerator.device)
-        with accelerator.autocast():
+        # not accelerator.autocast(): before accelerate 1.11 an error inside it (the out-of-memory
+        # error looked for here) left autocast on for the rest of the process
+        with inference_autocast(accelerator.mixed_precision, accelerator.device):
             model(**batch).loss.backward()
         del held
         return True

@@ -235,8 +235,7 @@ def decode_predictions(enc: Encoded, windows: Windows, logits: list[tuple[np.nda
     A span whose text is only whitespace and commas is skipped (it would be an empty answer in
     result.csv, ``has_content``). If no window of a question has a valid
     top-k pair, every start/end of every window is searched, so the answer is empty only if the
-    question's paragraph has no tokens at all. Ties go to the earlier window, then (within a
-    window) to the later start and end.
+    question's paragraph has no tokens at all. Ties: the module's rule.
 
     The best span of every window is found for all windows at once, and the question's answer is
     the best of its windows' (``best_window_per_question``): what ``walk_spans`` would find,

@@ -181,7 +181,8 @@ def logits_key(run_dir: Path, data: QAData, cfg: Config) -> str:
                                        data.paragraphs], ensure_ascii=False, default=str).encode()).hexdigest()
     model_files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
                          for f in (run_dir / "model").glob("*") if f.suffix in (".safetensors", ".bin"))
-    settings = [*dataclasses.astuple(cfg.windows), resolve_precision(cfg.mixed_precision)]
+    # "float32 head": logits cached before the QA head computed in float32 are not reused
+    settings = [*dataclasses.astuple(cfg.windows), resolve_precision(cfg.mixed_precision), "float32 head"]
     return hashlib.sha1(json.dumps([content, model_files, settings]).encode()).hexdigest()[:16]
 
 

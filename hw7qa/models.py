@@ -120,8 +120,25 @@ def weight_names() -> list[str]:
     return [SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME]
 
 
+class Float32Head(torch.nn.Linear):
+    """A QA head that computes its start and end logits in float32 also under float16 autocast, where
+    they would keep 3 significant digits (scores near 8 on steps of 1/256: close spans reorder and
+    tie). Its weights and state-dict keys stay a ``Linear``'s."""
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return super().forward(hidden.float())
+
+
+def with_float32_head(model):
+    """``model`` with its QA head (``qa_outputs``, a ``Linear``) a ``Float32Head``, changed in place."""
+    if type(getattr(model, "qa_outputs", None)) is torch.nn.Linear:
+        model.qa_outputs.__class__ = Float32Head
+    return model
+
+
 def load_model(name_or_dir: str, local_files_only: bool = False):
-    """``AutoModelForQuestionAnswering`` in float32 whatever dtype its files hold.
+    """``AutoModelForQuestionAnswering`` in float32 whatever dtype its files hold, its head a
+    ``Float32Head``.
 
     transformers 5 loads weights in the checkpoint's dtype; a model stored in fp16 would then be
     trained in fp16 (AdamW on fp16 weights: the loss moves in steps of 1/256 and stalls). Mixed
@@ -132,8 +149,9 @@ def load_model(name_or_dir: str, local_files_only: bool = False):
     new = tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (4, 56)
     dtype = {"dtype" if new else "torch_dtype": torch.float32}
     with quiet_transformers():
-        return from_pretrained("model", lambda name: transformers.AutoModelForQuestionAnswering.from_pretrained(
-            name, local_files_only=local_files_only, **dtype), name_or_dir)
+        return with_float32_head(from_pretrained("model", lambda name: transformers.AutoModelForQuestionAnswering
+                                                 .from_pretrained(name, local_files_only=local_files_only, **dtype),
+                                                 name_or_dir))
 
 
 def load_tokenizer_for(cfg: Config, train_data: QAData | None = None):
@@ -155,7 +173,7 @@ def load_model_and_tokenizer(cfg: Config, train_data: QAData | None = None):
     from . import tiny
     if cfg.model_name == TINY_MODEL:
         tokenizer = load_tokenizer_for(cfg, train_data)
-        return tiny.build_tiny_model(len(tokenizer), seed=cfg.seed), tokenizer
+        return with_float32_head(tiny.build_tiny_model(len(tokenizer), seed=cfg.seed)), tokenizer
     return load_model(cfg.model_name), load_tokenizer_for(cfg, train_data)
 
 

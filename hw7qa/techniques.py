@@ -93,11 +93,11 @@ class WeightAverage:
 def adversarial_backward(model: torch.nn.Module, embeddings: torch.nn.Parameter, batch: dict, epsilon: float,
                          backward) -> None:
     """One more forward and backward pass of ``batch`` with the word ``embeddings`` (a weight of
-    ``model``) moved by ``epsilon`` along their gradient so far, ``r = epsilon · g / ‖g‖``; restored
-    afterwards bit for bit; the new gradients add to the ones already there. ``model`` is the
-    prepared (possibly DDP-wrapped) model and ``backward`` the accelerator's. Where ``g`` is zero or
-    not finite (an fp16 overflow; that step is skipped anyway) ``r`` is 0. Decided on the device,
-    without a host sync."""
+    ``model``) moved by ``epsilon`` along their gradient so far, ``r = epsilon · g / ‖g‖`` (the same
+    for fp16's loss-scaled ``g``); restored afterwards bit for bit; the new gradients (scaled alike by
+    ``backward``, the accelerator's) add to the ones already there. ``model`` is the prepared
+    (possibly DDP-wrapped) model. Where ``g`` is zero or not finite (an fp16 overflow; that step is
+    skipped anyway) ``r`` is 0. Decided on the device, without a host sync."""
     if embeddings.grad is None:
         return
     saved = embeddings.detach().clone()

@@ -17,6 +17,8 @@ Promises kept here, each tested:
 - The host waits for the GPU only at logging, evaluation and checkpoints: a micro-batch's loss is
   accumulated on the device, and a non-finite loss or gradient skips the optimizer step on the device
   (every process sees the same all-reduced gradients, so all skip it together; none waits for another).
+  fp16 adds one wait per optimizer step: a step its loss scaler skipped is not trained (``state.step``
+  counts it, the lr schedule and the moving average do not; ``TrainingRun.trained_steps``).
 - The run folder is decided on the main process and shared; a new run never reuses an old run's folder.
 - Checkpoints (model, optimizer, scheduler, GradScaler, RNG states and ``trainer_state.json``) go to
   ``<run>/checkpoints/step-NNNNNNN`` every ``save_every`` steps and at each epoch end
@@ -120,10 +122,17 @@ class TrainingRun:
     loss_sum: torch.Tensor = None   # float64 on the device: finite micro-batch losses since the last record
     loss_n: torch.Tensor = None     # and how many they were
     streak: torch.Tensor = None     # optimizer steps skipped in a row (the same on every process)
+    nonfinite: torch.Tensor = None  # micro-batches of the current optimizer step with a non-finite loss
 
     @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.cfg.epochs
+
+    @property
+    def trained_steps(self) -> int:
+        """Optimizer steps applied, as the schedule counts them: ``state.step`` less the fp16 loss
+        scaler's skips."""
+        return self.scheduler.scheduler.last_epoch
 
     def kept_model(self) -> torch.nn.Module:
         """The weights that are evaluated and saved: the moving average with ``ema_decay``, else the
@@ -154,6 +163,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
         run = start_run(cfg, accelerator, inputs, run_dir, checkpoint)
         fit(run)
         accelerator.wait_for_everyone()
+        if run.state.step > run.trained_steps:
+            accelerator.print(f"fp16: the loss scaler skipped {run.state.step - run.trained_steps} of the {run.state.step} "
+                              f"optimizer steps (float16 gradients overflowed while it calibrated its scale); the "
+                              f"other {run.trained_steps} were applied, and the lr schedule followed them")
         accelerator.print(f"best model: {run.run_dir / 'model'}" + (
             f" (dev EM {run.state.best_em:.4f}, F1 {run.state.best_f1:.4f})" if run.dev_data else
             " (no dev file: the last epoch's model)"))
@@ -258,6 +271,7 @@ def restore(run: TrainingRun, checkpoint: Path | None) -> None:
     run.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     run.loss_n = torch.zeros((), dtype=torch.float64, device=device)
     run.streak = torch.zeros((), dtype=torch.int64, device=device)
+    run.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
     if checkpoint is None:
         return
     run.accelerator.load_state(str(checkpoint))
@@ -342,14 +356,23 @@ def train_step(run: TrainingRun, batch: dict) -> bool:
         finite = torch.isfinite(loss.detach())
         run.loss_sum += torch.where(finite, loss.detach().double(), 0.0)
         run.loss_n += finite
+        run.nonfinite += ~finite
         if accelerator.sync_gradients:
             norm = accelerator.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm or math.inf)
             skip = ~torch.isfinite(norm)
             step_unless(run.optimizer, skip)
-            run.scheduler.step()
-            if run.ema is not None:
-                run.ema.update(run.state.step + 1)
-            run.streak = torch.where(skip, run.streak + 1, 0)
+            scaler = run.optimizer.scaler
+            # fp16: a step the loss scaler skipped is not trained, so the schedule and the moving average
+            # wait for the next applied one (accelerate's scheduler wrapper cannot see a fused AdamW skip
+            # it). Asking is the one wait for the device per step that fp16 adds.
+            if scaler is None or not skip.item():
+                run.scheduler.step()
+                if run.ema is not None:
+                    run.ema.update(run.trained_steps)
+            # fp16: a skip with a finite loss is the scaler lowering its scale (as it calibrates at the
+            # start), not divergence; only a non-finite loss counts toward max_skipped_steps
+            run.streak = torch.where(skip & ((run.nonfinite > 0) if scaler is not None else True), run.streak + 1, 0)
+            run.nonfinite.zero_()
         run.optimizer.zero_grad()
     return accelerator.sync_gradients
 

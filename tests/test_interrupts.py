@@ -126,6 +126,13 @@ STAGES = {
 }
 
 
+# the stages whose line names a command of its own kind, run to its end: a resume that starts the run
+# again, one from a checkpoint, one from a checkpoint beside a saved model, the --overwrite command,
+# predict after training, and a command run again (the other stages' lines name one of these)
+CONTINUED = {"training", "training, past a checkpoint", "saving the last checkpoint", "saving a checkpoint",
+             "test prediction", "predict"}
+
+
 def event_number(events: list[str], event: str, after) -> int:
     """The number (1-based) of the first ``event`` after ``after`` = (event, first 0 or last -1)."""
     start = 0 if after is None else [i for i, e in enumerate(events) if e == after[0]][after[1]]
@@ -150,7 +157,7 @@ def test_an_interrupted_stage_says_what_was_kept_and_what_continues(stage, signu
     how = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "stopped (SIGTERM)"
     expected = f"{how}: {says.replace('RUN', str(run)).replace('CASE', str(tmp_path))}"
     assert err.strip().splitlines()[-1] == expected
-    if signum == signal.SIGTERM:        # the same hint for both: the command it names continues the run
+    if signum == signal.SIGTERM and stage in CONTINUED:      # the hint is the same for both signals
         continued = shlex.split(re.search(r"python -m hw7qa (.*)$", expected).group(1))
         assert main(continued) == 0
         if command == "train":

@@ -110,12 +110,13 @@ def test_same_predictions_as_the_reference_on_the_real_dev_file():
 
 def test_a_whitespace_best_span_gives_way_to_the_next(bert_tokenizer):
     paragraph = "甲乙丙丁戊己庚辛"
-    data = QAData("mem", [Question(0, "問?", 0), Question(1, "問?", 1)], [paragraph, ""])
+    data = QAData("mem", [Question(0, "問?", 0), Question(1, "問?", 1)], [paragraph, "甲"])
     enc = encode(data, bert_tokenizer, WindowSpec(64, 16, doc_stride=32))
-    # pretend token 2 (丙) covers no character, as a lone sentencepiece "▁" does once trimmed
+    # pretend token 2 (丙) covers no character, as a lone sentencepiece "▁" does once trimmed; and the
+    # second paragraph has no tokens (encode refuses such a file; the decoder still answers it empty)
     offsets = [list(enc.paragraph_offsets[0]), []]
     offsets[0][2] = (2, 2)
-    enc = dataclasses.replace(enc, paragraph_offsets=offsets)
+    enc = dataclasses.replace(enc, paragraph_offsets=offsets, paragraph_ids=[enc.paragraph_ids[0], []])
     windows = eval_windows(enc)
     logits = [(np.zeros(len(w.input_ids), np.float32), np.zeros(len(w.input_ids), np.float32)) for w in windows]
     first = windows[0].context_start

@@ -67,8 +67,8 @@ def main() -> None:
 
         def changed(name: str) -> str:
             moved = [i for i, (a, b) in enumerate(zip(answers["fp32"], answers[name])) if a != b]
-            lost = sum(right["fp32"][i] and not right[name][i] for i in moved)
-            won = sum(right[name][i] and not right["fp32"][i] for i in moved)
+            lost = int(sum(right["fp32"][i] and not right[name][i] for i in moved))
+            won = int(sum(right[name][i] and not right["fp32"][i] for i in moved))
             return f"{len(moved)} ({lost} right → wrong, {won} wrong → right)"
         em = {name: sum(r) / len(r) for name, r in right.items()}
         print(f"| {run} | {em['fp32']:.4f} | {em['fp16']:.4f} | {em['fp16 + float32 head']:.4f} | {changed('fp16')} "

@@ -187,7 +187,8 @@ def summarize_runs(runs: list[dict], baseline: str | None = None, n_boot: int = 
         seeds = sorted(by_row[row])
         mine = [by_row[row][s] for s in seeds]
         entry = {"seeds": seeds}
-        for key in ("em", "f1", "oracle_em", "empty_answers", "train_minutes", "added_inference_minutes"):
+        for key in ("em", "f1", "oracle_em", "empty_answers", "train_minutes", "added_inference_minutes",
+                    "beyond_length_limit"):
             if key in mine[0]:
                 entry[key] = spread([r[key] for r in mine])
         base = mine[0].get("paired_with", baseline)
@@ -224,17 +225,19 @@ def markdown_tables(summary: dict, runs: list[dict]) -> str:
     conf = round(100 * summary.get("confidence", 0.95))
     lines = [f"| recipe | seeds | dev EM (mean ± sd) | EM range | dev F1 (mean ± sd) | F1 range "
              f"| ΔEM vs {summary['baseline']} [{conf}% CI] | ΔF1 [{conf}% CI] | decoding-oracle EM "
-             f"| empty answers (mean) | training windows | training min (mean) | added inference min (mean) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"| empty answers (mean) | training windows | training min (mean) | added inference min (mean) "
+             f"| training answers beyond max_answer_length |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     windows = {r["recipe"]: r.get("train_windows", "") for r in runs}
     for row, e in summary["rows"].items():
         vs, base = e.get("vs_baseline", {}), row == summary["baseline"]
         against = "" if vs.get("row", summary["baseline"]) == summary["baseline"] else vs["row"]
         added = f"{e['added_inference_minutes']['mean']:+.2f}" if "added_inference_minutes" in e else ""
+        beyond = f"{e['beyond_length_limit']['mean']:.2%}" if "beyond_length_limit" in e else ""
         lines.append(f"| {row} | {len(e['seeds'])} | {_mean_sd(e['em'])} | {_range(e['em'])} | {_mean_sd(e['f1'])} "
                      f"| {_range(e['f1'])} | {_diff(vs.get('em'), base, against)} | {_diff(vs.get('f1'), base)} "
                      f"| {_mean_sd(e['oracle_em'], 3)} | {e['empty_answers']['mean']:g} | {windows[row]} "
-                     f"| {e['train_minutes']['mean']:.1f} | {added} |")
+                     f"| {e['train_minutes']['mean']:.1f} | {added} | {beyond} |")
     lines += ["", "| recipe | seed | dev EM | dev F1 | decoding-oracle EM | empty answers | training min | eval min |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(runs, key=lambda r: (list(summary["rows"]).index(r["recipe"]), r["seed"])):
@@ -354,6 +357,7 @@ def variant_results(task: dict, own: dict, dev, tokenizer, train_enc) -> list[di
         added = result["eval_windows"] - own_windows
         results.append({**own, **result, "recipe": name, "paired_with": own["recipe"], "added_windows": added,
                         "added_inference_minutes": added * own["eval_minutes"] / own["eval_windows"],
+                        "beyond_length_limit": beyond_length_limit(train_enc, cfg.max_answer_length),
                         "eval_minutes": (time.time() - started) / 60, "config": dataclasses.asdict(cfg)})
         print(f"{name} seed {own['seed']}: EM {result['em']:.4f} F1 {result['f1']:.4f} "
               f"(own decoding: EM {own['em']:.4f}); windows {added:+d}", flush=True)
@@ -370,6 +374,13 @@ def with_answer_length(cfg: Config, train_enc) -> Config:
         return cfg
     return dataclasses.replace(cfg, max_answer_length=answer_length_from(train_enc.answer_tokens,
                                                                          cfg.answer_length_quantile))
+
+
+def beyond_length_limit(train_enc, max_answer_length: int) -> float:
+    """The share of the training answers (``train_enc``, the training file tokenized) longer than
+    ``max_answer_length`` tokens: answers that a decoding with that limit can never produce."""
+    lengths = [last - first + 1 for first, last in filter(None, train_enc.answer_tokens)]
+    return sum(n > max_answer_length for n in lengths) / max(len(lengths), 1)
 
 
 def differing_settings(saved: Config, wanted: Config) -> list[str]:
@@ -454,7 +465,7 @@ def run_task(task: dict) -> list[dict]:
         results.append({"recipe": name, "trained_as": task["recipe"], "seed": cfg.seed, "run_dir": str(run_dir),
                         "train_windows": n_windows, "train_minutes": minutes,
                         "eval_minutes": (time.time() - started) / 60, "eval_device": str(eval_device(task["device"])),
-                        **result, "dev_questions": len(dev.questions), "config": dataclasses.asdict(eval_cfg)})
+                        "beyond_length_limit": beyond_length_limit(train_enc, eval_cfg.max_answer_length), **result, "dev_questions": len(dev.questions), "config": dataclasses.asdict(eval_cfg)})
         print(f"{name} seed {cfg.seed}: EM {result['em']:.4f} F1 {result['f1']:.4f} oracle EM "
               f"{result['oracle_em']:.4f} empty {result['empty_answers']}", flush=True)
     del model

@@ -302,6 +302,10 @@ def test_a_decoding_variant_decodes_the_cached_logits_and_trains_nothing(tmp_pat
     assert rows["demo@answer_length_quantile=0.5"]["config"]["max_answer_length"] == \
         answer_length_from(train_enc.answer_tokens, 0.5) != own["config"]["max_answer_length"]
     assert rows["demo@max_answer_length=3"]["config"]["max_answer_length"] == 3
+    lengths = [last - first + 1 for first, last in filter(None, train_enc.answer_tokens)]
+    assert rows["demo@max_answer_length=3"]["beyond_length_limit"] == pytest.approx(np.mean([n > 3 for n in lengths]))
+    assert rows["demo@max_answer_length=3"]["beyond_length_limit"] > own["beyond_length_limit"]
+    assert "beyond_length_limit" in result["summary"]["rows"]["demo@max_answer_length=3"]
 
 
 @pytest.mark.parametrize("variant, named", [("n_best=5+lr=1e-3", "lr would change training"),

@@ -8,7 +8,6 @@ Many questions, the model loaded once: ``ask_many(load_reader(run), pairs)``, or
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +44,8 @@ def load_reader(run_dir: str | Path, overrides: list[str] | dict | None = None) 
     return reader
 
 
-def questions_data(pairs: list[tuple[str, str]]) -> QAData:
-    """``(question, paragraph)`` pairs as a ``QAData`` (ids 0, 1, …; equal paragraphs stored once);
+def questions_data(pairs: list[tuple[str, str]], ids: list | None = None, path: str = "<your questions>") -> QAData:
+    """``(question, paragraph)`` pairs as a ``QAData`` (``ids``, default 0, 1, …; equal paragraphs stored once);
     a ValueError in one sentence for an empty question or paragraph."""
     paragraphs: dict[str, int] = {}
     questions = []
@@ -55,8 +54,8 @@ def questions_data(pairs: list[tuple[str, str]]) -> QAData:
             raise ValueError("the question is empty: ask something about the paragraph")
         if not paragraph.strip():
             raise ValueError("the paragraph is empty: give the text in which the answer is to be found")
-        questions.append(Question(i, question, paragraphs.setdefault(paragraph, len(paragraphs))))
-    return QAData("<your questions>", questions, list(paragraphs))
+        questions.append(Question(ids[i] if ids else i, question, paragraphs.setdefault(paragraph, len(paragraphs))))
+    return QAData(path, questions, list(paragraphs))
 
 
 def read_questions(path: str | Path) -> QAData:
@@ -82,8 +81,7 @@ def read_questions(path: str | Path) -> QAData:
         ids.append(item.get("id", len(ids)))
     if not pairs:
         raise DataError(f"{path}: no questions")
-    data = questions_data(pairs)
-    return QAData(str(path), [dataclasses.replace(q, id=i) for q, i in zip(data.questions, ids)], data.paragraphs)
+    return questions_data(pairs, ids, str(path))
 
 
 def ask(run: str | Path | Reader, question: str, paragraph: str, n_best: int = 5) -> Answer:

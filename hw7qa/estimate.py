@@ -77,7 +77,7 @@ def model_and_tokenizer(cfg: Config, train: QAData):
     """A model of ``cfg``'s shape with random weights, and the run's tokenizer (for ``SHAPES``' models,
     whose tokenizers cut Chinese into characters, one token per character of ``train``)."""
     from transformers import AutoModelForQuestionAnswering
-    tokenizer = build_tiny_tokenizer(train.paragraphs + [q.question_text for q in train.questions], None,
+    tokenizer = build_tiny_tokenizer(train.paragraphs + [q.question_text for q in train.questions],
                                      cfg.isolate_digits) if cfg.model_name in SHAPES else load_tokenizer_for(cfg, train)
     torch.manual_seed(cfg.seed)
     if cfg.model_name == TINY_MODEL:

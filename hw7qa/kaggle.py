@@ -1,8 +1,5 @@
 """Kaggle both ways, through the kaggle command: the competition's files down, a checked result.csv up.
-
-The command finds its credentials: ``~/.kaggle/kaggle.json`` or ``~/.config/kaggle/kaggle.json`` (kaggle.com →
-Settings → API → Create New Token), or ``KAGGLE_USERNAME`` and ``KAGGLE_KEY``; accept the rules on its page once.
-"""
+Its credentials: ``TOKEN_HELP`` (``~/.config/kaggle/kaggle.json`` works as well as ``~/.kaggle/kaggle.json``)."""
 from __future__ import annotations
 
 import shutil
@@ -41,15 +38,12 @@ def download(data_dir: str | Path = "data") -> list[Path]:
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     kaggle("competitions", "download", "-c", COMPETITION, "-p", str(data_dir))
-    extracted = []
     with zipfile.ZipFile(data_dir / f"{COMPETITION}.zip") as archive:
-        for member in archive.namelist():
-            if member.endswith(".json"):
-                target = data_dir / Path(member).name
-                with atomic_write(target, "wb") as f:
-                    f.write(archive.read(member))
-                extracted.append(target)
-    return extracted
+        members = [name for name in archive.namelist() if name.endswith(".json")]
+        for member in members:
+            with atomic_write(data_dir / Path(member).name, "wb") as f:
+                f.write(archive.read(member))
+    return [data_dir / Path(member).name for member in members]
 
 
 def submit(csv_path: str | Path, test_data: QAData, message: str) -> str:

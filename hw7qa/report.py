@@ -24,10 +24,8 @@ def format_example(data: QAData, question: Question, width: int = 60) -> str:
     if question.answer_start is None:
         return f"Q{question.id}: {question.question_text}\n{paragraph[:2 * width]}…"
     s, e = question.answer_start, question.answer_end + 1
-    before = paragraph[max(0, s - width):s]
-    after = paragraph[e:e + width]
     return (f"Q{question.id}: {question.question_text}\nanswer: {question.answer_text} (characters {s}-{e - 1})\n"
-            f"…{before}【{paragraph[s:e]}】{after}…")
+            f"…{paragraph[max(0, s - width):s]}【{paragraph[s:e]}】{paragraph[e:e + width]}…")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -51,8 +49,7 @@ def pyplot():
 def plot_windows(enc: Encoded, qi: int):
     """The inference windows of question ``qi`` as bars over its paragraph, to see what ``doc_stride`` does; gids
     ``paragraph``, ``answer`` and ``window-<k>``, x in paragraph tokens. None without matplotlib."""
-    plt = pyplot()
-    if plt is None:
+    if (plt := pyplot()) is None:
         return None
     spans, answer = question_windows(enc, qi), enc.answer_tokens[qi]
     n_tokens = len(enc.paragraph_ids[enc.data.questions[qi].paragraph_id])
@@ -83,36 +80,30 @@ def plot_windows(enc: Encoded, qi: int):
 
 def plot_metrics(run_dir: str | Path):
     """Loss, learning rate, and dev EM and F1 against optimizer steps; None without matplotlib."""
-    plt = pyplot()
-    if plt is None:
+    if (plt := pyplot()) is None:
         return None
     records = read_metrics(run_dir)
     train = [r for r in records if "loss" in r]
     dev = [r for r in records if "dev_em" in r]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
-    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
-    axes[0].set_title("training loss")
-    axes[1].plot([r["step"] for r in train], [r["lr"] for r in train])
-    axes[1].set_title("learning rate")
+    for ax, key, title in ((axes[0], "loss", "training loss"), (axes[1], "lr", "learning rate")):
+        ax.plot([r["step"] for r in train], [r[key] for r in train])
+        ax.set_title(title)
     for key, name in (("dev_em", "exact match"), ("dev_f1", "F1")):     # a young run's EM may stay 0, F1 moves
         axes[2].plot([r["step"] for r in dev], [r[key] for r in dev], marker="o", label=name)
     axes[2].set_ylim(bottom=0)
     axes[2].legend()
     axes[2].set_title("dev exact match and F1")
-    for ax in axes:
-        ax.set_xlabel("optimizer step")
+    plt.setp(axes, xlabel="optimizer step")
     fig.tight_layout()
     return fig
 
 
 def wrong_answers(data: QAData, predictions: list[Prediction], limit: int = 10) -> list[dict]:
     """Up to ``limit`` questions answered wrongly: question, gold, predicted, character F1."""
-    rows = []
-    for q, p in zip(data.questions, predictions):
-        if not exact_match(p.answer, q.answer_text):
-            rows.append({"id": q.id, "question": q.question_text, "gold": q.answer_text,
-                         "predicted": p.answer, "f1": round(char_f1(p.answer, q.answer_text), 3)})
-    return rows[:limit]
+    return [{"id": q.id, "question": q.question_text, "gold": q.answer_text, "predicted": p.answer,
+             "f1": round(char_f1(p.answer, q.answer_text), 3)}
+            for q, p in zip(data.questions, predictions) if not exact_match(p.answer, q.answer_text)][:limit]
 
 
 def display_width(text: str) -> int:
@@ -145,14 +136,11 @@ def format_table(rows: list[dict], max_width: int = 32) -> str:
     return "\n".join(lines)
 
 
-class TextTable:
-    """Rows shown as ``format_table`` by a notebook (and by ``print``)."""
-
-    def __init__(self, rows: list[dict]):
-        self.rows = rows
+class TextTable(list):
+    """Rows (a list of dicts) shown as ``format_table`` by a notebook (and by ``print``)."""
 
     def __repr__(self) -> str:
-        return format_table(self.rows)
+        return format_table(self)
 
 
 def as_table(rows: list[dict]):

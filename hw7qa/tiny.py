@@ -14,31 +14,22 @@ from transformers import BertConfig, BertForQuestionAnswering
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def build_tiny_tokenizer(texts: list[str], directory: str | Path | None = None, isolate_digits: bool = False):
+def build_tiny_tokenizer(texts: list[str], isolate_digits: bool = False):
     """A fast BERT (WordPiece) tokenizer whose vocabulary is every character of ``texts`` (others: [UNK]),
     plus ASCII letters and digits with and without ``##``, so that words and numbers split into characters.
-    Its files stay in ``directory``; without one, in a temporary folder removed once loaded."""
+    Its files are written to a temporary folder, removed once loaded (``save_pretrained`` keeps a copy)."""
     from .models import load_tokenizer      # models builds the tiny model: imported when needed
-    if directory:
-        write_tokenizer_files(texts, Path(directory))
-        return load_tokenizer(directory, isolate_digits)
-    with tempfile.TemporaryDirectory(prefix="hw7qa-tiny-tokenizer-") as folder:
-        write_tokenizer_files(texts, Path(folder))
-        return load_tokenizer(folder, isolate_digits)
-
-
-def write_tokenizer_files(texts: list[str], directory: Path) -> None:
-    """``vocab.txt`` and ``tokenizer_config.json`` of the tiny tokenizer of ``texts`` in ``directory``."""
     chars = sorted({c for text in texts for c in text.lower() if not c.isspace()})
     ascii_chars = string.ascii_lowercase + string.digits
     vocab = SPECIAL_TOKENS + [c for c in chars if c not in ascii_chars] + list(ascii_chars)
     vocab += ["##" + c for c in ascii_chars]
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "BertTokenizer", "do_lower_case": True, "tokenize_chinese_chars": True,
-        "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-        "mask_token": "[MASK]", "model_max_length": 512}), encoding="utf-8")
+    with tempfile.TemporaryDirectory(prefix="hw7qa-tiny-tokenizer-") as folder:
+        (Path(folder) / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+        (Path(folder) / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "BertTokenizer", "do_lower_case": True, "tokenize_chinese_chars": True,
+            "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+            "mask_token": "[MASK]", "model_max_length": 512}), encoding="utf-8")
+        return load_tokenizer(folder, isolate_digits)
 
 
 def build_tiny_model(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2):

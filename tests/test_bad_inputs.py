@@ -193,7 +193,7 @@ def inputs(pristine, tmp_path_factory):
     base = tmp_path_factory.mktemp("inputs")
     (base / "folder").mkdir()
     shutil.copy(SAMPLE / "hw7_test.json", base / "folder" / "hw7_test.json")
-    build_tiny_tokenizer(["甲乙"], base / "tokenizer-only")
+    build_tiny_tokenizer(["甲乙"]).save_pretrained(base / "tokenizer-only")
     (base / "no-weights").mkdir()
     shutil.copy(pristine.copy / "model" / "config.json", base / "no-weights" / "config.json")
     for name in ("no-model", "small-embedding", "other-tokenizer", "old-checkpoint"):

@@ -163,8 +163,8 @@ def test_inference_runs_at_the_configured_precision(tmp_path):
 # ---------------------------------------------------------------- fp32 master weights
 
 def test_a_checkpoint_stored_in_fp16_is_trained_in_fp32(tmp_path, monkeypatch, sample_train):
-    tokenizer = build_tiny_tokenizer(sample_train.paragraphs + [q.question_text for q in sample_train.questions],
-                                     directory=tmp_path / "fp16-model")
+    tokenizer = build_tiny_tokenizer(sample_train.paragraphs + [q.question_text for q in sample_train.questions])
+    tokenizer.save_pretrained(tmp_path / "fp16-model")
     build_tiny_model(len(tokenizer)).half().save_pretrained(tmp_path / "fp16-model")
     assert {t.dtype for t in load_file(tmp_path / "fp16-model" / "model.safetensors").values()} == {torch.float16}
     dtypes = watch_steps(monkeypatch, lambda run: {p.dtype for p in run.model.parameters()})
@@ -370,8 +370,8 @@ def test_the_seed_decides_the_new_qa_head_and_dropout(tmp_path, sample_train):
     """A pretrained encoder without a QA head (as every hub model): the head is initialised at random,
     which must come from cfg.seed, not from whatever ran before in the process."""
     from transformers import BertConfig, BertModel
-    tokenizer = build_tiny_tokenizer(sample_train.paragraphs + [q.question_text for q in sample_train.questions],
-                                     directory=tmp_path / "encoder")
+    tokenizer = build_tiny_tokenizer(sample_train.paragraphs + [q.question_text for q in sample_train.questions])
+    tokenizer.save_pretrained(tmp_path / "encoder")
     BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=128)).save_pretrained(tmp_path / "encoder")
     knobs = {**QUICK, "epochs": 1, "model_name": str(tmp_path / "encoder")}
@@ -387,8 +387,8 @@ def test_the_seed_decides_the_new_qa_head_and_dropout(tmp_path, sample_train):
 def test_attention_runs_through_pytorchs_sdpa_kernel(tmp_path, monkeypatch, sample_train):
     """Training and inference use ``scaled_dot_product_attention`` (fused kernels on a GPU), not the
     eager softmax(QKᵀ)V, for a model loaded from a folder as for the demo's built one."""
-    tokenizer = build_tiny_tokenizer(sample_train.paragraphs + [q.question_text for q in sample_train.questions],
-                                     directory=tmp_path / "model")
+    tokenizer = build_tiny_tokenizer(sample_train.paragraphs + [q.question_text for q in sample_train.questions])
+    tokenizer.save_pretrained(tmp_path / "model")
     build_tiny_model(len(tokenizer)).save_pretrained(tmp_path / "model")
     calls, real = [], torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",

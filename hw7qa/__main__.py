@@ -165,7 +165,7 @@ def run_command(args: argparse.Namespace) -> int:
         preset = path.stem if path and path.resolve().parent == PRESETS.resolve() else ""   # the course's tier
         print(estimate(load_config(path, args.set), args.data, preset))
     elif args.command == "demo":
-        from .devices import processes
+        from .models import processes
         run_dir = train_and_predict(demo_config(args.output_dir, args.set))
         if processes().is_main_process:
             print("demo finished. The model is tiny and random: its answers are not meaningful; "

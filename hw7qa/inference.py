@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 from .config import Config
 from .data import QAData, load_qa_file
 from .decode import Prediction, decode_predictions, ensemble_predictions, vote_predictions
-from .devices import accelerator_for, check_divisible, inference_autocast, processes, resolve_precision, tf32_matmuls
 from .files import atomic_write
 from .metrics import score
-from .models import check_max_length, compile_model, load_run_model, run_tokenizer
+from .models import (accelerator_for, check_divisible, check_max_length, compile_model, inference_autocast,
+                     load_run_model, processes, resolve_precision, run_tokenizer, tf32_matmuls)
 from .report import unknown_characters, write_dev_predictions
 from .runfolder import run_config
 from .submission import SubmissionError, check_result_csv, write_result_csv

@@ -1,9 +1,9 @@
-"""Loading a model and its tokenizer: for training (a hub name, a local folder, or the demo's tiny
-random BERT) and from a run folder (``<run>/model``).
+"""The model: loaded with its tokenizer, for training (a hub name, a local folder, or the demo's tiny random
+BERT) or from a run folder (``<run>/model``); run at a precision (mixed, ``tf32``), compiled or not, with a
+fresh ``Accelerator`` per call of ``train``/``predict``/``evaluate``, so that a notebook can train again.
 
-A run folder's model is loaded from its own files only: an absolute path, ``local_files_only``,
-every file checked first (``run_model_dir``: missing, empty, cut short or overwritten is one
-sentence naming the file), and the tokenizer checked against the model (``check_pair``), so that a
+A run folder's model is loaded from its own files only: an absolute path, ``local_files_only``, every file
+checked first (``run_model_dir``), and the tokenizer checked against the model (``check_pair``), so that a
 damaged folder is named, never used, and never stands in for a hub name.
 """
 from __future__ import annotations
@@ -17,8 +17,7 @@ import torch
 
 from .config import TINY_MODEL, Config, read_json
 from .data import QAData
-from .files import refused_as
-from .integrity import DamagedFile, check_file, check_folder
+from .files import DamagedFile, check_file, check_folder, refused_as
 
 # CJK ideographs (with extensions and compatibility forms), CJK punctuation and full-width forms
 CJK_CHARACTERS = r"[\u2e80-\u2fff\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]"
@@ -193,7 +192,7 @@ def check_max_length(model_config, max_length: int) -> None:
 def run_model_dir(run_dir: str | Path) -> Path:
     """``<run>/model`` as an absolute path (never taken for a hub name), once its files are checked:
     config.json, the weights (with every shard an index names), tokenizer.json and
-    tokenizer_config.json are there, and every file in it is whole (``integrity``)."""
+    tokenizer_config.json are there, and every file in it is whole (``check_folder``)."""
     folder = (Path(run_dir) / "model").resolve()
     if not folder.is_dir() and folder.with_name("model.old").is_dir():
         raise DamagedFile(Path(run_dir) / "model", "is missing: a save of a better model was cut off (the last "
@@ -235,6 +234,130 @@ def check_pair(folder: Path, tokenizer) -> None:
 def load_run_model(run_dir: str | Path):
     """The run's saved model (``load_model``) from its own checked files only (``run_model_dir``)."""
     return load_model(str(run_model_dir(run_dir)), local_files_only=True)
+
+
+# ---------------------------------------------------------------- precision and processes
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(requested: str) -> str:
+    """``auto`` → bf16 on GPUs that support it, fp16 on other GPUs (T4), no on CPU."""
+    if requested != "auto":
+        return requested
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def inference_autocast(precision: str, device: torch.device):
+    """The autocast context for a forward pass at ``precision`` (a ``Config.mixed_precision`` value)."""
+    dtype = AUTOCAST_DTYPES.get(resolve_precision(precision))
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool):
+    """TF32 for CUDA float32 matmuls and convolutions inside the block if ``enabled``; old settings restored."""
+    # CUDA flags only: set_float32_matmul_precision also changes CPU (oneDNN) results and breaks inductor (torch 2.9)
+    if not enabled:
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before
+
+
+def processes():
+    """The processes ``accelerate launch`` started (or this one alone), as an ``Accelerator`` sets them up."""
+    # ACCELERATE_USE_CPU (--cpu): without it a bare PartialState() on a machine without a GPU ignores the others
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def reset_accelerate_state() -> None:
+    """Forget the precision and accumulation settings of the last ``Accelerator`` (not the processes)."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+@contextlib.contextmanager
+def accelerator_for(precision: str = "no", grad_accum: int = 1, log_with: str = "none", project_dir=None):
+    """A new ``Accelerator`` (``split_batches``: ``batch_size`` is the total over all processes) logging to
+    ``log_with`` below ``project_dir``; on exit its trackers finish and accelerate's state is cleared (``release``)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+    reset_accelerate_state()    # a second Accelerator with another precision would raise otherwise
+    accelerator = Accelerator(mixed_precision=resolve_precision(precision), gradient_accumulation_steps=grad_accum,
+                              # non_blocking: pinned batches are copied to the device without waiting
+                              dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True),
+                              log_with=None if log_with == "none" else log_with,
+                              project_dir=None if project_dir is None else str(project_dir))
+    with quiet_writer_threads():
+        try:
+            yield accelerator
+        except BaseException:
+            release(accelerator, project_dir, quietly=True)
+            raise
+        release(accelerator, project_dir)
+
+
+def release(accelerator, project_dir=None, quietly: bool = False) -> None:
+    """Finish the trackers (not ``end_training``: later calls need the process group) and clear
+    accelerate's state; a refused tracker write is an ``OSError`` naming its folder, unless ``quietly``."""
+    try:
+        for tracker in accelerator.trackers:
+            with refused_as(getattr(tracker, "logging_dir", None) or project_dir or "."):
+                tracker.finish()
+    except Exception:
+        if not quietly:
+            raise
+    finally:
+        accelerator.free_memory()
+        reset_accelerate_state()
+
+
+@contextlib.contextmanager
+def quiet_writer_threads():
+    """No traceback from TensorBoard's writer thread on a failed write: the training thread meets it at its next log."""
+    import threading
+    previous = threading.excepthook
+
+    def hook(args):
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard")):
+            previous(args)
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def check_tracker(log_with: str) -> None:
+    """accelerate silently drops a tracker whose package is missing: refuse it before the run starts."""
+    import importlib.util
+    packages = TRACKER_PACKAGES.get(log_with, ())
+    if packages and not any(importlib.util.find_spec(name) for name in packages):
+        raise ValueError(f"log_with={log_with} needs the {packages[0]} package: pip install {packages[0]}")
+
+
+def check_divisible(cfg, num_processes: int) -> None:
+    """Each process gets an equal part of every batch, so batch sizes must divide evenly."""
+    for key in ("batch_size", "eval_batch_size"):
+        if getattr(cfg, key) % num_processes:
+            raise ValueError(f"{key} ({getattr(cfg, key)}) must be a multiple of the number of processes "
+                             f"({num_processes}): each process gets an equal part of every batch")
 
 
 # ---------------------------------------------------------------- compile=true

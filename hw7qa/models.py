@@ -17,27 +17,22 @@ import torch
 
 from .config import TINY_MODEL, Config, read_json
 from .data import QAData
-from .files import DamagedFile, check_file, check_folder, refused_as
+from .files import DamagedFile, check_file, check_folder, first_line, refused_as
 
 # CJK ideographs (with extensions and compatibility forms), CJK punctuation and full-width forms
 CJK_CHARACTERS = r"[\u2e80-\u2fff\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]"
 
 
 def load_tokenizer(name_or_dir, isolate_digits: bool = False, isolate_cjk: bool = False, **options):
-    """A fast ``AutoTokenizer``, optionally splitting digits and CJK characters before subwords.
-
-    A token is the smallest thing an answer can start or end on. BERT's WordPiece keeps "1900"
-    and "81" whole (DRCD marks "8" inside "81"); sentencepiece vocabularies (XLM-R) also join
-    Chinese characters ("人的", "1990年"). ``isolate_digits`` / ``isolate_cjk`` make each digit /
-    CJK character its own pre-token (as BERT already does for CJK), so every such character
-    boundary is a token boundary. Sentencepiece's "▁" is then kept only where the text had it.
-    The change is not saved with the tokenizer: the run's config carries it and every load applies it.
-    ``options`` go to ``AutoTokenizer.from_pretrained`` (a run folder's: ``local_files_only=True``).
-    """
+    """A fast ``AutoTokenizer`` (``options`` go to ``from_pretrained``) in which each digit (``isolate_digits``)
+    and each CJK character (``isolate_cjk``) is its own pre-token if asked, so that an answer may start or end
+    at any of them. Not saved with the tokenizer: the run's config carries it and every load applies it."""
     import json
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_dir), use_fast=True, **options)
+    # a token is the smallest thing an answer can start or end on: WordPiece keeps "1900" and "81" whole (DRCD
+    # marks "8" inside "81"); sentencepiece vocabularies (XLM-R) also join Chinese characters ("人的", "1990年")
     isolate = [{"type": "Digits", "individual_digits": True}] if isolate_digits else []
     if isolate_cjk:
         isolate.append({"type": "Split", "pattern": {"Regex": CJK_CHARACTERS}, "behavior": "Isolated", "invert": False})
@@ -75,21 +70,16 @@ def from_pretrained(what: str, load, name_or_dir: str):
         return load(str(folder) if folder.exists() else name_or_dir)
     except Exception as e:  # transformers raises OSError, ValueError or safetensors' own errors here
         where = f"the folder {folder}" if folder.exists() else f"{name_or_dir!r} (not a local folder; from the hub)"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"cannot load the {what} of {where}: {reason}") from e
+        raise ValueError(f"cannot load the {what} of {where}: {first_line(e)}") from e
 
 
 @contextlib.contextmanager
 def quiet_transformers():
-    """transformers' own progress bars ("Loading weights", "Writing model shards") off inside.
-
-    hw7qa loads and saves a model many times in a run (every best dev score, every predict); each
-    drew its bars between hw7qa's own lines. Through transformers' tqdm hook, so downloads from the
-    hub keep their bars, and transformers calls outside (a notebook user's own) keep theirs.
-    A transformers without the hook (4.57 has none) draws bars only for sharded checkpoints: unchanged.
-    """
+    """transformers' own progress bars ("Loading weights", "Writing model shards") off inside, through its
+    tqdm hook: downloads from the hub and transformers calls outside (a notebook user's own) keep theirs."""
+    # hw7qa loads and saves a model at every best dev score and every predict: bars between its own lines
     from transformers.utils import logging
-    if not hasattr(logging, "set_tqdm_hook"):
+    if not hasattr(logging, "set_tqdm_hook"):     # 4.57 has none: it draws bars only for sharded checkpoints
         yield
         return
     previous = logging.set_tqdm_hook(lambda factory, args, kwargs: logging.EmptyTqdm(*args, **kwargs))
@@ -136,13 +126,9 @@ def with_float32_head(model):
 
 
 def load_model(name_or_dir: str, local_files_only: bool = False):
-    """``AutoModelForQuestionAnswering`` in float32 whatever dtype its files hold, its head a
-    ``Float32Head``.
-
-    transformers 5 loads weights in the checkpoint's dtype; a model stored in fp16 would then be
-    trained in fp16 (AdamW on fp16 weights: the loss moves in steps of 1/256 and stalls). Mixed
-    precision casts per operation; the weights the optimizer updates stay fp32.
-    """
+    """``AutoModelForQuestionAnswering`` in float32 whatever dtype its files hold, its head a ``Float32Head``."""
+    # transformers 5 loads the checkpoint's dtype: a model stored in fp16 would be trained in fp16 (AdamW on fp16
+    # weights moves the loss in steps of 1/256 and stalls); mixed precision casts per operation instead
     import transformers
     # ``dtype`` since transformers 4.56; ``torch_dtype`` before (and deprecated after)
     new = tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (4, 56)
@@ -262,12 +248,10 @@ def inference_autocast(precision: str, device: torch.device):
 def tf32_matmuls(enabled: bool):
     """TF32 for CUDA float32 matmuls and convolutions inside the block if ``enabled``; old settings restored."""
     # CUDA flags only: set_float32_matmul_precision also changes CPU (oneDNN) results and breaks inductor (torch 2.9)
-    if not enabled:
-        yield
-        return
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     before = matmul.allow_tf32, cudnn.allow_tf32
-    matmul.allow_tf32 = cudnn.allow_tf32 = True
+    if enabled:
+        matmul.allow_tf32 = cudnn.allow_tf32 = True
     try:
         yield
     finally:
@@ -370,12 +354,9 @@ MIN_TORCH = "2.5"   # older: the guards of BERT's dynamic-shape graph fail, so e
 
 
 def compile_model(model: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
-    """``model``, compiled in place if ``enabled`` (the same object: its ``state_dict`` keys and
-    checkpoints are those of an eager run); returned for chaining. ``compile`` is a speed setting,
-    never a reason for a run to stop: where ``torch.compile`` cannot run on the model's device (torch
-    older than ``MIN_TORCH``, no C compiler, a GPU too old for Triton, an unsupported Python), one
-    line says so and the model runs eagerly. The model's graphs compile at its first call in each
-    mode; an error of the compiler on them alone is raised as torch raises it (``compile=false``)."""
+    """``model``, compiled in place if ``enabled`` (the same object: its ``state_dict`` keys and checkpoints
+    are an eager run's). A speed setting, never a reason to stop: where ``cannot_compile``, the model runs
+    eagerly. Its graphs compile at its first call in each mode; a compiler error on them is raised as is."""
     if enabled and not cannot_compile(next(model.parameters()).device):
         model.compile(**COMPILE_OPTIONS)   # again on a compiled model: dynamo reuses its graphs
     return model
@@ -383,7 +364,8 @@ def compile_model(model: torch.nn.Module, enabled: bool = True) -> torch.nn.Modu
 
 @functools.cache   # once per device and process: each dev evaluation compiles the model it scores
 def cannot_compile(device: torch.device) -> bool:
-    """Whether ``torch.compile`` fails on a small function on ``device`` here, said in one line."""
+    """Whether ``torch.compile`` fails on a small function on ``device`` here (torch older than ``MIN_TORCH``,
+    no C compiler, a GPU too old for Triton, an unsupported Python), said in one line."""
     try:
         if torch.__version__ < MIN_TORCH:
             raise RuntimeError(f"it needs torch {MIN_TORCH} or newer, this is {torch.__version__}")

@@ -74,8 +74,8 @@ def with_new_file_modes(folder: Path) -> None:
 
 # errors whose words libraries quote (torch: "open file failed with strerror: Read-only file system")
 QUOTED_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG)
-# safetensors and tokenizers (Rust): "... No space left on device (os error 28)"
-RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
+# safetensors and tokenizers (Rust) raise no OSError, only this text: "... No space left on device (os error 28)"
+RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 # torch's zip writer keeps no errno ("unexpected pos 576 vs 534", "file write failed"): see disk_errno
 TORCH_WRITER = ("inline_container.cc", "PytorchStreamWriter")
 NEARLY_FULL = 1 << 20      # bytes: what a write that failed on a full disk leaves free, at most
@@ -103,7 +103,7 @@ def refused_errno(error: BaseException, path: str | Path) -> int | None:
     text = str(error)
     quoted = RUST_OS_ERROR.search(text)
     if quoted:
-        return int(quoted.group(1) or quoted.group(2))
+        return int(quoted.group(1))
     if isinstance(error, RuntimeError) and any(marker in text for marker in TORCH_WRITER):
         return next((number for number in QUOTED_ERRNOS if os.strerror(number) in text), None) or disk_errno(path)
     return None

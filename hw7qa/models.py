@@ -224,9 +224,6 @@ def load_run_model(run_dir: str | Path):
 
 # ---------------------------------------------------------------- precision and processes
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def resolve_precision(requested: str) -> str:
     """``auto`` → bf16 on GPUs that support it, fp16 on other GPUs (T4), no on CPU."""
     if requested != "auto":
@@ -238,10 +235,8 @@ def resolve_precision(requested: str) -> str:
 
 def inference_autocast(precision: str, device: torch.device):
     """The autocast context for a forward pass at ``precision`` (a ``Config.mixed_precision`` value)."""
-    dtype = AUTOCAST_DTYPES.get(resolve_precision(precision))
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision))
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -276,7 +271,8 @@ def reset_accelerate_state() -> None:
 @contextlib.contextmanager
 def accelerator_for(precision: str = "no", grad_accum: int = 1, log_with: str = "none", project_dir=None):
     """A new ``Accelerator`` (``split_batches``: ``batch_size`` is the total over all processes) logging to
-    ``log_with`` below ``project_dir``; on exit its trackers finish and accelerate's state is cleared (``release``)."""
+    ``log_with`` below ``project_dir``. On exit its trackers finish (a refused write is an ``OSError`` naming
+    its folder, unless the block failed) and accelerate's state is cleared."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
     reset_accelerate_state()    # a second Accelerator with another precision would raise otherwise
@@ -285,28 +281,22 @@ def accelerator_for(precision: str = "no", grad_accum: int = 1, log_with: str = 
                               dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True),
                               log_with=None if log_with == "none" else log_with,
                               project_dir=None if project_dir is None else str(project_dir))
+    failed = True
     with quiet_writer_threads():
         try:
             yield accelerator
-        except BaseException:
-            release(accelerator, project_dir, quietly=True)
-            raise
-        release(accelerator, project_dir)
-
-
-def release(accelerator, project_dir=None, quietly: bool = False) -> None:
-    """Finish the trackers (not ``end_training``: later calls need the process group) and clear
-    accelerate's state; a refused tracker write is an ``OSError`` naming its folder, unless ``quietly``."""
-    try:
-        for tracker in accelerator.trackers:
-            with refused_as(getattr(tracker, "logging_dir", None) or project_dir or "."):
-                tracker.finish()
-    except Exception:
-        if not quietly:
-            raise
-    finally:
-        accelerator.free_memory()
-        reset_accelerate_state()
+            failed = False
+        finally:
+            try:
+                for tracker in accelerator.trackers:    # not end_training: later calls need the process group
+                    with refused_as(getattr(tracker, "logging_dir", None) or project_dir or "."):
+                        tracker.finish()
+            except Exception:
+                if not failed:      # the block's own error is the one to report
+                    raise
+            finally:
+                accelerator.free_memory()
+                reset_accelerate_state()
 
 
 @contextlib.contextmanager

@@ -140,9 +140,8 @@ def load_model(name_or_dir: str, local_files_only: bool = False):
 
 
 def load_tokenizer_for(cfg: Config, train_data: QAData | None = None):
-    """The run's tokenizer: ``cfg.model_name``'s, or for ``tiny-random-bert`` one built from the
-    characters of the training file (``train_data``) in a temporary folder (a write the system
-    refuses there names that folder)."""
+    """The run's tokenizer: ``cfg.model_name``'s, or for ``tiny-random-bert`` one built from the characters of the
+    training file (``train_data``) in a temporary folder (a write the system refuses there names that folder)."""
     from . import tiny
     if cfg.model_name == TINY_MODEL:
         texts = train_data.paragraphs + [q.question_text for q in train_data.questions]

@@ -51,9 +51,8 @@ from hw7qa.config import Config, apply_overrides  # noqa: E402
 from hw7qa.data import QAData, load_qa_file  # noqa: E402
 from hw7qa.batches import length_grouped_batches  # noqa: E402
 from hw7qa.decode import decode_predictions  # noqa: E402
-from hw7qa.devices import inference_autocast  # noqa: E402
 from hw7qa.inference import Reader, answers, batch_rows, window_logits  # noqa: E402
-from hw7qa.models import load_tokenizer  # noqa: E402
+from hw7qa.models import inference_autocast, load_tokenizer  # noqa: E402
 from hw7qa.windows import encode, eval_windows, features, padding_of, train_windows  # noqa: E402
 
 SHARED = ROOT.parent / "shared"

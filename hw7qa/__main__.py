@@ -26,7 +26,7 @@ from pathlib import Path
 # torch, transformers and accelerate are imported in run_command, so that --help and check answer at once
 from . import __version__
 from .config import FREE_ON_RESUME, PRESETS, TrainingError, demo_config, load_config, preset_names, preset_path
-from .data import DataError, load_qa_file
+from .data import load_qa_file
 from .kaggle import KaggleError
 from .submission import SubmissionError, check_result_csv
 
@@ -48,8 +48,8 @@ EXIT_CODES = {
 
 def exit_codes_epilog() -> str:
     import textwrap
-    return "exit codes:\n" + "\n".join(textwrap.fill(text, 100, initial_indent=f"  {code:<5}", subsequent_indent=" " * 7)
-                                       for code, text in EXIT_CODES.items())
+    return "exit codes:\n" + "\n".join(textwrap.fill(text, 100, initial_indent=f"  {code:<5}",
+                                                     subsequent_indent=" " * 7) for code, text in EXIT_CODES.items())
 
 
 # errno → what went wrong, in words, and the exit code (see EXIT_CODES)
@@ -64,6 +64,8 @@ OS_ERRORS = {
     errno.ENOSPC: ("no space left on the disk", 4),
     errno.EDQUOT: ("disk quota exceeded", 4),
 }
+# the exit code of every other expected failure, the first kind that matches (DataError is a ValueError)
+ERROR_CODES = {SubmissionError: 1, ValueError: 2, TrainingError: 3, KaggleError: 5}
 
 
 def os_error_message(e: OSError) -> tuple[str, int]:
@@ -123,11 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-file", default="", help="the test JSON to check against (default: the run's test_file)")
     p = sub.add_parser("download", help="the competition's JSON files from Kaggle into a folder")
     p.add_argument("--dir", default="data", help="where they go (default: data)")
-    p = sub.add_parser("estimate", parents=[settings], help="time and memory of a config's whole run here, measured before training")
+    p = sub.add_parser("estimate", parents=[settings],
+                       help="time and memory of a config's whole run here, measured before training")
     p.add_argument("--config", help="a preset's name or a JSON file (as train takes it)")
     p.add_argument("--data", default="", help="a QA file with answers whose windows stand for every split, scaled "
                    "to HW7's size (default: the config's files; HW7-typical lengths where they are missing)")
-    p = sub.add_parser("demo", parents=[settings], help="the whole pipeline offline on data/sample with a tiny random model")
+    p = sub.add_parser("demo", parents=[settings],
+                       help="the whole pipeline offline on data/sample with a tiny random model")
     p.add_argument("--output-dir", default="", help="run folder (default: outputs/tiny-random-bert-<time>)")
     return parser
 
@@ -165,7 +169,7 @@ def run_command(args: argparse.Namespace) -> int:
         preset = path.stem if path and path.resolve().parent == PRESETS.resolve() else ""   # the course's tier
         print(estimate(load_config(path, args.set), args.data, preset))
     elif args.command == "demo":
-        from .devices import processes
+        from .models import processes
         run_dir = train_and_predict(demo_config(args.output_dir, args.set))
         if processes().is_main_process:
             print("demo finished. The model is tiny and random: its answers are not meaningful; "
@@ -205,7 +209,6 @@ def kaggle_command(args: argparse.Namespace) -> int:
 def end_processes(together: bool) -> None:
     """Take down ``accelerate launch``'s process group once a command is done; ``together``: it ended normally on
     every process. Left to exit, gloo may abort a finished process (exit -6), failing the whole launch."""
-    import sys
     if "torch.distributed" not in sys.modules:          # a command that never started torch
         return
     import torch.distributed as dist
@@ -261,24 +264,16 @@ def run_reporting_errors(args: argparse.Namespace) -> int:
     """``run_command``, with an expected failure printed as one line and turned into its exit code."""
     try:
         return run_command(args)
-    except SubmissionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"training stopped: {e}", file=sys.stderr)
-        return 3
+    except KeyboardInterrupt as e:
+        return interrupted(args, e)
+    except tuple(ERROR_CODES) as e:        # before OSError: io.UnsupportedOperation is also a ValueError
+        code = next(code for kind, code in ERROR_CODES.items() if isinstance(e, kind))
+        print(f"{'training stopped' if isinstance(e, TrainingError) else 'error'}: {e}", file=sys.stderr)
+        return code
     except OSError as e:
         message, code = os_error_message(e)
         print(f"error: {message}", file=sys.stderr)
         return code
-    except KaggleError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 5
-    except KeyboardInterrupt as e:
-        return interrupted(args, e)
 
 
 if __name__ == "__main__":

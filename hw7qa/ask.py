@@ -15,8 +15,8 @@ from pathlib import Path
 from .config import DecodeSpec
 from .data import DataError, QAData, Question, load_qa_file
 from .decode import balance_quotes, softmax, span_scores, vote_predictions
-from .devices import tf32_matmuls
 from .inference import Reader, open_run, stride_logits
+from .models import tf32_matmuls
 from .runfolder import run_config
 
 

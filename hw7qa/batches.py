@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .config import Config, TrainingError
-from .devices import inference_autocast
+from .models import inference_autocast
 from .runfolder import TrainerState
 from .windows import Encoded, Windows, train_windows
 

@@ -32,6 +32,14 @@ AT_LEAST_1 = ("max_length", "max_question_tokens", "doc_stride", "epochs", "batc
               "max_skipped_steps", "log_every", "eval_batch_size", "n_best", "max_answer_length")
 AT_LEAST_0 = ("max_paragraph_tokens", "eval_every", "save_every", "keep_checkpoints", "seed",
               "weight_decay", "max_grad_norm", "fgm_epsilon")
+# (setting, whether a value is in its range, the range in words), checked in this order
+RANGES = [*((key, lambda v: v >= 1, "at least 1") for key in AT_LEAST_1),
+          *((key, lambda v: v >= 0, "0 or more") for key in AT_LEAST_0),
+          ("seed", lambda v: v < 2 ** 32, "below 2**32"), ("lr", lambda v: v > 0, "above 0"),
+          ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
+          ("layer_lr_decay", lambda v: 0 < v <= 1, "in (0, 1] (1: off)"),
+          ("ema_decay", lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
+          ("answer_length_quantile", lambda v: 0 <= v <= 1, "in [0, 1] (0: off)")]
 
 # Settings a resume may change (``check_resume``): they do not shape the model. ``compile`` changes how, not what,
 # is computed (such a resume is not bit-identical, as on another GPU); ``tf32`` is frozen with ``mixed_precision``.
@@ -69,7 +77,7 @@ class Config:
     # --- windows (see windows.py; cfg.windows) ---
     max_length: int = 384            # tokens per window, special tokens included
     max_question_tokens: int = 64    # longer questions are cut (the sample code used 40)
-    doc_stride: int = 128            # paragraph tokens a window advances (not HF's stride, the overlap); smaller = more overlap
+    doc_stride: int = 128            # paragraph tokens a window advances (not HF's stride, which is the overlap)
     max_paragraph_tokens: int = 0    # cap on paragraph tokens per window (0: fill max_length; sample code: 150)
     train_windows: str = "random"    # random | center (the sample code) | all
     isolate_digits: bool = False     # split numbers into digits, so an answer may end inside "1900"
@@ -79,19 +87,19 @@ class Config:
     lr: float = 3e-5
     weight_decay: float = 0.01       # not applied to biases and LayerNorm weights
     warmup_ratio: float = 0.1        # fraction of optimizer steps spent warming up
-    lr_schedule: str = "linear"      # after warmup: linear (decay to 0) | cosine | constant (the sample) | ... (LR_SCHEDULES)
+    lr_schedule: str = "linear"      # after warmup: linear (to 0) | cosine | constant (the sample) | ... (LR_SCHEDULES)
     batch_size: int = 16             # windows per optimizer step and forward pass, over all processes
     grad_accum: int = 1              # forward passes per optimizer step
-    auto_batch: bool = True          # halve batch_size and double grad_accum until a step of the longest windows fits memory
+    auto_batch: bool = True          # halve batch_size, double grad_accum until the longest windows' step fits memory
     group_by_length: bool = False    # batches of windows of similar length: less padding, faster
     max_grad_norm: float = 1.0       # 0 turns clipping off
     mixed_precision: str = "auto"    # auto (bf16 if supported, else fp16 on GPU, no on CPU) | fp16 | bf16 | no
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~20% slower
     # --- opt-in techniques (techniques.py): each off by default until measured over seeds ---
     layer_lr_decay: float = 1.0      # lr × this per layer below the top (QA head: lr; embeddings: lowest); 1: off
-    ema_decay: float = 0.0           # evaluate and save an exponential moving average of the weights (e.g. 0.999); 0: off
-    fgm_epsilon: float = 0.0         # adversarial training: a second pass with the word embeddings moved by this norm along their gradient (e.g. 1.0); 0: off
-    answer_length_quantile: float = 0.0  # set max_answer_length to this quantile of the training answers' token lengths (e.g. 0.995); 0: off
+    ema_decay: float = 0.0           # evaluate and save a moving average of the weights (e.g. 0.999); 0: off
+    fgm_epsilon: float = 0.0         # adversarial 2nd pass: word embeddings moved this far along the gradient; 0: off
+    answer_length_quantile: float = 0.0  # max_answer_length from this quantile of train answers (e.g. 0.995); 0: off
     max_skipped_steps: int = 20      # stop after this many optimizer steps in a row with a non-finite loss/gradients
     eval_every: int = 0              # evaluate on dev every N optimizer steps (0: at epoch ends only)
     log_every: int = 20              # append loss and lr to metrics.jsonl every N optimizer steps
@@ -105,10 +113,10 @@ class Config:
     n_best: int = 20                 # top-k starts x top-k ends considered per window
     max_answer_length: int = 30      # tokens
     balance_quotes: bool = True      # repair unpaired 「」《》“”() at the answer's edges
-    tta_strides: str = ""            # more doc_strides at inference, e.g. "64,96": their answers and doc_stride's vote per character span
+    tta_strides: str = ""            # more doc_strides at inference ("64,96"): all strides vote per character span
     # --- speed levers: each off until measured on a GPU; answers change by float rounding only ---
-    compile: bool = False            # torch.compile the model for training and inference (models.compile_model); else eager
-    tf32: bool = False               # TF32 tensor cores for float32 matmuls on CUDA (Ampere and later), for the call only
+    compile: bool = False            # torch.compile the model for training and inference (models.compile_model)
+    tf32: bool = False               # TF32 for float32 matmuls on CUDA (Ampere and later), for the call only
     # --- output ---
     output_dir: str = ""             # run folder; empty: outputs/<model>-<time>
 
@@ -147,24 +155,9 @@ def check_config(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{key}={getattr(cfg, key)!r}; choose one of {', '.join(allowed)}")
-    for key in AT_LEAST_1:
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"{key} must be at least 1, got {getattr(cfg, key)}")
-    for key in AT_LEAST_0:
-        if getattr(cfg, key) < 0:
-            raise ValueError(f"{key} must be 0 or more, got {getattr(cfg, key)}")
-    if cfg.seed >= 2 ** 32:
-        raise ValueError(f"seed must be below 2**32, got {cfg.seed}")
-    if not cfg.lr > 0:
-        raise ValueError(f"lr must be above 0, got {cfg.lr}")
-    if not 0 <= cfg.warmup_ratio < 1:
-        raise ValueError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
-    if not 0 < cfg.layer_lr_decay <= 1:
-        raise ValueError(f"layer_lr_decay must be in (0, 1] (1: off), got {cfg.layer_lr_decay}")
-    if not 0 <= cfg.ema_decay < 1:
-        raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {cfg.ema_decay}")
-    if not 0 <= cfg.answer_length_quantile <= 1:
-        raise ValueError(f"answer_length_quantile must be in [0, 1] (0: off), got {cfg.answer_length_quantile}")
+    for key, within, words in RANGES:
+        if not within(getattr(cfg, key)):
+            raise ValueError(f"{key} must be {words}, got {getattr(cfg, key)}")
     parse_strides(cfg.tta_strides)
     if cfg.max_question_tokens >= cfg.max_length - 8:
         raise ValueError(f"max_question_tokens ({cfg.max_question_tokens}) leaves no room for the "

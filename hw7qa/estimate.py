@@ -23,9 +23,8 @@ import torch
 
 from .config import TINY_MODEL, Config, TrainingError
 from .data import QAData, Question, load_qa_file
-from .devices import accelerator_for, tf32_matmuls
 from .inference import Reader, answers
-from .models import cannot_compile, check_max_length, from_pretrained, load_tokenizer_for
+from .models import accelerator_for, cannot_compile, check_max_length, from_pretrained, load_tokenizer_for, tf32_matmuls
 from .tiny import build_tiny_model, build_tiny_tokenizer
 from .train import Inputs, evaluate_due, start_run, train_step
 from .windows import encode, eval_windows, paragraph_lengths, question_budgets, train_windows, window_grid

@@ -1,16 +1,21 @@
-"""Files written whole or not at all, and a write the system refuses named in one line.
+"""Run files read and written safely: each written whole or not at all, a refused write named in one line,
+and each checked whole before it is used.
 
 ``atomic_write`` replaces a file and ``append_whole`` adds a line, each whole or not at all. ``refused_as``
 turns a write the system refuses (full disk, read-only folder, no permission, quota), however a library
 reports it, into an ``OSError`` naming the file the user knows: one line and exit code 4 on the command line.
+``check_file``/``check_folder`` raise ``DamagedFile`` (one sentence: the file, what is wrong, what to do) for a
+file missing, empty, cut short or overwritten, instead of a library's traceback or silent default.
 """
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import stat
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,12 +25,6 @@ def is_temporary_of(name: str, path: Path) -> bool:
     return re.fullmatch(re.escape(f".{path.name}.") + r"[a-z0-9_]+\.tmp", name) is not None
 
 
-def temporaries(path: str | Path) -> list[Path]:
-    """The temporary files of ``atomic_write`` for ``path`` that exist now."""
-    path = Path(path)
-    return sorted(p for p in path.parent.iterdir() if is_temporary_of(p.name, path)) if path.parent.is_dir() else []
-
-
 @contextmanager
 def atomic_write(path: str | Path, mode: str = "w", **open_kwargs):
     """An open file (``mode``, ``open_kwargs`` as for ``open``) that replaces ``path`` when the block ends without an
@@ -33,8 +32,9 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kwargs):
     temporary is left; a refused write is an ``OSError`` naming ``path`` (``as_refusal``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in temporaries(path):     # left by a killed write (kill -9, a Colab VM taken away)
-        stale.unlink(missing_ok=True)
+    for stale in path.parent.iterdir():     # temporaries left by a killed write (kill -9, a Colab VM taken away)
+        if is_temporary_of(stale.name, path):
+            stale.unlink(missing_ok=True)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -74,8 +74,8 @@ def with_new_file_modes(folder: Path) -> None:
 
 # errors whose words libraries quote (torch: "open file failed with strerror: Read-only file system")
 QUOTED_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG)
-# safetensors and tokenizers (Rust): "... No space left on device (os error 28)"
-RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
+# safetensors and tokenizers (Rust) raise no OSError, only this text: "... No space left on device (os error 28)"
+RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 # torch's zip writer keeps no errno ("unexpected pos 576 vs 534", "file write failed"): see disk_errno
 TORCH_WRITER = ("inline_container.cc", "PytorchStreamWriter")
 NEARLY_FULL = 1 << 20      # bytes: what a write that failed on a full disk leaves free, at most
@@ -103,7 +103,7 @@ def refused_errno(error: BaseException, path: str | Path) -> int | None:
     text = str(error)
     quoted = RUST_OS_ERROR.search(text)
     if quoted:
-        return int(quoted.group(1) or quoted.group(2))
+        return int(quoted.group(1))
     if isinstance(error, RuntimeError) and any(marker in text for marker in TORCH_WRITER):
         return next((number for number in QUOTED_ERRNOS if os.strerror(number) in text), None) or disk_errno(path)
     return None
@@ -155,3 +155,106 @@ def append_whole(path: str | Path, text: str) -> None:
                 raise
         finally:
             os.close(fd)
+
+
+# ---------------------------------------------------------------- whether a run file is whole
+
+class DamagedFile(ValueError):
+    """A file of a run folder that cannot be used; the message names it, what is wrong and what to do."""
+
+    def __init__(self, path: str | Path, problem: str, fix: str):
+        super().__init__(f"{path} {problem}; {fix}")
+        self.path = Path(path)
+
+
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def json_problem(path: Path) -> str | None:
+    try:
+        json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"is damaged: not JSON ({first_line(e)})"
+    return None
+
+
+def json_lines_problem(path: Path) -> str | None:
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            record = json.loads(line.decode("utf-8")) if line.strip() else {}
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            record = None
+        if not isinstance(record, dict):
+            return f"is damaged: line {number} is not a JSON record (cut short or overwritten)"
+    return None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    import safetensors
+    from safetensors import safe_open
+    error = getattr(safetensors, "SafetensorError", Exception)  # importable by that name in newer releases only
+    try:
+        with safe_open(str(path), framework="pt"):     # checks the header matches the bytes, reading none
+            pass
+    except error as e:
+        return f"is damaged: not a whole safetensors file ({first_line(e)})"
+    return None
+
+
+def torch_file_problem(path: Path) -> str | None:
+    try:         # torch.save writes a zip archive; its directory is at the end, so a file cut short has none
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile:
+        return "is damaged: not a whole torch file (no zip directory at its end: cut short or overwritten)"
+    if not any(name.endswith("data.pkl") for name in names):
+        return "is damaged: a zip archive, but not a torch file"
+    return None
+
+
+def text_problem(path: Path) -> str | None:
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"is damaged: not UTF-8 text ({first_line(e)})"
+    return None
+
+
+# by file name suffix: what makes a file of that kind whole
+CHECKS = {".json": json_problem, ".jsonl": json_lines_problem, ".safetensors": safetensors_problem,
+          ".bin": torch_file_problem, ".pt": torch_file_problem, ".pth": torch_file_problem,
+          ".pkl": torch_file_problem, ".txt": text_problem}
+
+
+def problem_of(path: str | Path, size: int | None = None) -> str | None:
+    """What is wrong with the file ``path`` ("is missing", "is empty", "is damaged: ..."), or None if it looks
+    whole; ``size``, if known, is the size it was written with."""
+    path = Path(path)
+    if not path.exists():
+        return "is missing"
+    if not path.is_file():
+        return "is a folder where a file should be"
+    actual = path.stat().st_size
+    if actual == 0:
+        return "is empty"
+    if size is not None and actual != size:
+        how = "cut short" if actual < size else "overwritten"
+        return f"is damaged: {actual:,} bytes where {size:,} were written ({how})"
+    check = CHECKS.get(path.suffix.lower())
+    return check(path) if check else None
+
+
+def check_file(path: str | Path, fix: str, size: int | None = None) -> None:
+    """Raise ``DamagedFile`` (with ``fix``, what to do) if the file ``path`` is not whole."""
+    problem = problem_of(path, size)
+    if problem:
+        raise DamagedFile(path, problem, fix)
+
+
+def check_folder(folder: str | Path, required: list[str], fix: str) -> None:
+    """The files ``required`` (names in ``folder``) are there, and every file of ``folder`` is whole."""
+    folder = Path(folder)
+    present = sorted(p.name for p in folder.iterdir() if p.is_file())
+    for name in dict.fromkeys([*required, *present]):
+        check_file(folder / name, fix)

@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 from .config import Config
 from .data import QAData, load_qa_file
 from .decode import Prediction, decode_predictions, ensemble_predictions, vote_predictions
-from .devices import accelerator_for, check_divisible, inference_autocast, processes, resolve_precision, tf32_matmuls
 from .files import atomic_write
 from .metrics import score
-from .models import check_max_length, compile_model, load_run_model, run_tokenizer
+from .models import (accelerator_for, check_divisible, check_max_length, compile_model, inference_autocast,
+                     load_run_model, processes, resolve_precision, run_tokenizer, tf32_matmuls)
 from .report import unknown_characters, write_dev_predictions
 from .runfolder import run_config
 from .submission import SubmissionError, check_result_csv, write_result_csv
@@ -40,9 +40,8 @@ Logits = list[tuple[np.ndarray, np.ndarray]]       # per window: start and end l
 # ---------------------------------------------------------------- the forward passes
 
 def batch_rows(windows: Windows, batch_size: int, rank: int = 0, world: int = 1) -> list[np.ndarray]:
-    """The windows of each batch process ``rank`` of ``world`` runs: all windows sorted by length,
-    longest first (ties in window order), cut into batches of ``batch_size`` in total, each process
-    taking an equal part of every batch."""
+    """The windows of each batch process ``rank`` of ``world`` runs: all windows sorted by length, longest first (ties
+    in window order), cut into batches of ``batch_size`` in total, each process taking an equal part of every batch."""
     order = np.argsort(-windows.length, kind="stable")
     share = -(-batch_size // world)
     batches = [order[b:b + batch_size][rank * share:(rank + 1) * share] for b in range(0, len(order), batch_size)]
@@ -154,12 +153,12 @@ def stride_logits(reader: Reader, data: QAData, strides: list[int] | None = None
     for stride in strides or cfg.inference_strides:
         at_stride = with_stride(enc, stride)     # tokenizing does not depend on the stride
         windows = eval_windows(at_stride)
-        path = logits_path(reader, data, stride) if reader.run_dir and reader.cache else None
+        path = logits_path(reader.run_dir, data, cfg, stride) if reader.run_dir and reader.cache else None
         logits = read_cached_logits(path, windows.length.tolist()) if path else None
         if logits is None:
+            named = desc if stride == cfg.doc_stride else f"{desc} (stride {stride})"
             logits = window_logits(reader.loaded_model(), reader.tokenizer, windows, cfg.eval_batch_size,
-                                   cfg.mixed_precision, desc if stride == cfg.doc_stride else f"{desc} (stride {stride})",
-                                   reader.accelerator)
+                                   cfg.mixed_precision, named, reader.accelerator)
             if path and is_main(reader.accelerator):
                 save_logits(path, logits)
         members.append((at_stride, windows, logits))
@@ -174,21 +173,18 @@ def answers(reader: Reader, data: QAData, strides: list[int] | None = None, enc=
 
 # ---------------------------------------------------------------- the logits cache
 
-def logits_key(run_dir: Path, data: QAData, cfg: Config) -> str:
-    """What window logits depend on: the questions and paragraphs, the window settings, the precision
-    and the saved model file (its size and modification time)."""
+def logits_path(run_dir: Path, data: QAData, cfg: Config, stride: int) -> Path:
+    """``<run>/logits/<key>.npz``, the key a hash of what window logits depend on: the questions and paragraphs,
+    the window settings at ``stride``, the precision and the saved model file (its size and modification time)."""
     content = hashlib.sha1(json.dumps([[(q.id, q.question_text, q.paragraph_id) for q in data.questions],
                                        data.paragraphs], ensure_ascii=False, default=str).encode()).hexdigest()
     model_files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
                          for f in (run_dir / "model").glob("*") if f.suffix in (".safetensors", ".bin"))
     # "float32 head": logits cached before the QA head computed in float32 are not reused
-    settings = [*dataclasses.astuple(cfg.windows), resolve_precision(cfg.mixed_precision), "float32 head"]
-    return hashlib.sha1(json.dumps([content, model_files, settings]).encode()).hexdigest()[:16]
-
-
-def logits_path(reader: Reader, data: QAData, stride: int) -> Path:
-    cfg = dataclasses.replace(reader.cfg, doc_stride=stride)
-    return reader.run_dir / "logits" / f"{logits_key(reader.run_dir, data, cfg)}.npz"
+    settings = [*dataclasses.astuple(dataclasses.replace(cfg.windows, doc_stride=stride)),
+                resolve_precision(cfg.mixed_precision), "float32 head"]
+    key = hashlib.sha1(json.dumps([content, model_files, settings]).encode()).hexdigest()[:16]
+    return run_dir / "logits" / f"{key}.npz"
 
 
 def save_logits(path: Path, logits: Logits) -> None:

@@ -1,9 +1,9 @@
-"""Loading a model and its tokenizer: for training (a hub name, a local folder, or the demo's tiny
-random BERT) and from a run folder (``<run>/model``).
+"""The model: loaded with its tokenizer, for training (a hub name, a local folder, or the demo's tiny random
+BERT) or from a run folder (``<run>/model``); run at a precision (mixed, ``tf32``), compiled or not, with a
+fresh ``Accelerator`` per call of ``train``/``predict``/``evaluate``, so that a notebook can train again.
 
-A run folder's model is loaded from its own files only: an absolute path, ``local_files_only``,
-every file checked first (``run_model_dir``: missing, empty, cut short or overwritten is one
-sentence naming the file), and the tokenizer checked against the model (``check_pair``), so that a
+A run folder's model is loaded from its own files only: an absolute path, ``local_files_only``, every file
+checked first (``run_model_dir``), and the tokenizer checked against the model (``check_pair``), so that a
 damaged folder is named, never used, and never stands in for a hub name.
 """
 from __future__ import annotations
@@ -17,28 +17,22 @@ import torch
 
 from .config import TINY_MODEL, Config, read_json
 from .data import QAData
-from .files import refused_as
-from .integrity import DamagedFile, check_file, check_folder
+from .files import DamagedFile, check_file, check_folder, first_line, refused_as
 
 # CJK ideographs (with extensions and compatibility forms), CJK punctuation and full-width forms
 CJK_CHARACTERS = r"[\u2e80-\u2fff\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]"
 
 
 def load_tokenizer(name_or_dir, isolate_digits: bool = False, isolate_cjk: bool = False, **options):
-    """A fast ``AutoTokenizer``, optionally splitting digits and CJK characters before subwords.
-
-    A token is the smallest thing an answer can start or end on. BERT's WordPiece keeps "1900"
-    and "81" whole (DRCD marks "8" inside "81"); sentencepiece vocabularies (XLM-R) also join
-    Chinese characters ("人的", "1990年"). ``isolate_digits`` / ``isolate_cjk`` make each digit /
-    CJK character its own pre-token (as BERT already does for CJK), so every such character
-    boundary is a token boundary. Sentencepiece's "▁" is then kept only where the text had it.
-    The change is not saved with the tokenizer: the run's config carries it and every load applies it.
-    ``options`` go to ``AutoTokenizer.from_pretrained`` (a run folder's: ``local_files_only=True``).
-    """
+    """A fast ``AutoTokenizer`` (``options`` go to ``from_pretrained``) in which each digit (``isolate_digits``)
+    and each CJK character (``isolate_cjk``) is its own pre-token if asked, so that an answer may start or end
+    at any of them. Not saved with the tokenizer: the run's config carries it and every load applies it."""
     import json
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_dir), use_fast=True, **options)
+    # a token is the smallest thing an answer can start or end on: WordPiece keeps "1900" and "81" whole (DRCD
+    # marks "8" inside "81"); sentencepiece vocabularies (XLM-R) also join Chinese characters ("人的", "1990年")
     isolate = [{"type": "Digits", "individual_digits": True}] if isolate_digits else []
     if isolate_cjk:
         isolate.append({"type": "Split", "pattern": {"Regex": CJK_CHARACTERS}, "behavior": "Isolated", "invert": False})
@@ -76,21 +70,16 @@ def from_pretrained(what: str, load, name_or_dir: str):
         return load(str(folder) if folder.exists() else name_or_dir)
     except Exception as e:  # transformers raises OSError, ValueError or safetensors' own errors here
         where = f"the folder {folder}" if folder.exists() else f"{name_or_dir!r} (not a local folder; from the hub)"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"cannot load the {what} of {where}: {reason}") from e
+        raise ValueError(f"cannot load the {what} of {where}: {first_line(e)}") from e
 
 
 @contextlib.contextmanager
 def quiet_transformers():
-    """transformers' own progress bars ("Loading weights", "Writing model shards") off inside.
-
-    hw7qa loads and saves a model many times in a run (every best dev score, every predict); each
-    drew its bars between hw7qa's own lines. Through transformers' tqdm hook, so downloads from the
-    hub keep their bars, and transformers calls outside (a notebook user's own) keep theirs.
-    A transformers without the hook (4.57 has none) draws bars only for sharded checkpoints: unchanged.
-    """
+    """transformers' own progress bars ("Loading weights", "Writing model shards") off inside, through its
+    tqdm hook: downloads from the hub and transformers calls outside (a notebook user's own) keep theirs."""
+    # hw7qa loads and saves a model at every best dev score and every predict: bars between its own lines
     from transformers.utils import logging
-    if not hasattr(logging, "set_tqdm_hook"):
+    if not hasattr(logging, "set_tqdm_hook"):     # 4.57 has none: it draws bars only for sharded checkpoints
         yield
         return
     previous = logging.set_tqdm_hook(lambda factory, args, kwargs: logging.EmptyTqdm(*args, **kwargs))
@@ -137,13 +126,9 @@ def with_float32_head(model):
 
 
 def load_model(name_or_dir: str, local_files_only: bool = False):
-    """``AutoModelForQuestionAnswering`` in float32 whatever dtype its files hold, its head a
-    ``Float32Head``.
-
-    transformers 5 loads weights in the checkpoint's dtype; a model stored in fp16 would then be
-    trained in fp16 (AdamW on fp16 weights: the loss moves in steps of 1/256 and stalls). Mixed
-    precision casts per operation; the weights the optimizer updates stay fp32.
-    """
+    """``AutoModelForQuestionAnswering`` in float32 whatever dtype its files hold, its head a ``Float32Head``."""
+    # transformers 5 loads the checkpoint's dtype: a model stored in fp16 would be trained in fp16 (AdamW on fp16
+    # weights moves the loss in steps of 1/256 and stalls); mixed precision casts per operation instead
     import transformers
     # ``dtype`` since transformers 4.56; ``torch_dtype`` before (and deprecated after)
     new = tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (4, 56)
@@ -155,9 +140,8 @@ def load_model(name_or_dir: str, local_files_only: bool = False):
 
 
 def load_tokenizer_for(cfg: Config, train_data: QAData | None = None):
-    """The run's tokenizer: ``cfg.model_name``'s, or for ``tiny-random-bert`` one built from the
-    characters of the training file (``train_data``) in a temporary folder (a write the system
-    refuses there names that folder)."""
+    """The run's tokenizer: ``cfg.model_name``'s, or for ``tiny-random-bert`` one built from the characters of the
+    training file (``train_data``) in a temporary folder (a write the system refuses there names that folder)."""
     from . import tiny
     if cfg.model_name == TINY_MODEL:
         texts = train_data.paragraphs + [q.question_text for q in train_data.questions]
@@ -193,7 +177,7 @@ def check_max_length(model_config, max_length: int) -> None:
 def run_model_dir(run_dir: str | Path) -> Path:
     """``<run>/model`` as an absolute path (never taken for a hub name), once its files are checked:
     config.json, the weights (with every shard an index names), tokenizer.json and
-    tokenizer_config.json are there, and every file in it is whole (``integrity``)."""
+    tokenizer_config.json are there, and every file in it is whole (``check_folder``)."""
     folder = (Path(run_dir) / "model").resolve()
     if not folder.is_dir() and folder.with_name("model.old").is_dir():
         raise DamagedFile(Path(run_dir) / "model", "is missing: a save of a better model was cut off (the last "
@@ -237,6 +221,118 @@ def load_run_model(run_dir: str | Path):
     return load_model(str(run_model_dir(run_dir)), local_files_only=True)
 
 
+# ---------------------------------------------------------------- precision and processes
+
+def resolve_precision(requested: str) -> str:
+    """``auto`` → bf16 on GPUs that support it, fp16 on other GPUs (T4), no on CPU."""
+    if requested != "auto":
+        return requested
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def inference_autocast(precision: str, device: torch.device):
+    """The autocast context for a forward pass at ``precision`` (a ``Config.mixed_precision`` value)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision))
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool):
+    """TF32 for CUDA float32 matmuls and convolutions inside the block if ``enabled``; old settings restored."""
+    # CUDA flags only: set_float32_matmul_precision also changes CPU (oneDNN) results and breaks inductor (torch 2.9)
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32, cudnn.allow_tf32
+    if enabled:
+        matmul.allow_tf32 = cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before
+
+
+def processes():
+    """The processes ``accelerate launch`` started (or this one alone), as an ``Accelerator`` sets them up."""
+    # ACCELERATE_USE_CPU (--cpu): without it a bare PartialState() on a machine without a GPU ignores the others
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def reset_accelerate_state() -> None:
+    """Forget the precision and accumulation settings of the last ``Accelerator`` (not the processes)."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+@contextlib.contextmanager
+def accelerator_for(precision: str = "no", grad_accum: int = 1, log_with: str = "none", project_dir=None):
+    """A new ``Accelerator`` (``split_batches``: ``batch_size`` is the total over all processes) logging to
+    ``log_with`` below ``project_dir``. On exit its trackers finish (a refused write is an ``OSError`` naming
+    its folder, unless the block failed) and accelerate's state is cleared."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+    reset_accelerate_state()    # a second Accelerator with another precision would raise otherwise
+    accelerator = Accelerator(mixed_precision=resolve_precision(precision), gradient_accumulation_steps=grad_accum,
+                              # non_blocking: pinned batches are copied to the device without waiting
+                              dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True),
+                              log_with=None if log_with == "none" else log_with,
+                              project_dir=None if project_dir is None else str(project_dir))
+    failed = True
+    with quiet_writer_threads():
+        try:
+            yield accelerator
+            failed = False
+        finally:
+            try:
+                for tracker in accelerator.trackers:    # not end_training: later calls need the process group
+                    with refused_as(getattr(tracker, "logging_dir", None) or project_dir or "."):
+                        tracker.finish()
+            except Exception:
+                if not failed:      # the block's own error is the one to report
+                    raise
+            finally:
+                accelerator.free_memory()
+                reset_accelerate_state()
+
+
+@contextlib.contextmanager
+def quiet_writer_threads():
+    """No traceback from TensorBoard's writer thread on a failed write: the training thread meets it at its next log."""
+    import threading
+    previous = threading.excepthook
+
+    def hook(args):
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard")):
+            previous(args)
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def check_tracker(log_with: str) -> None:
+    """accelerate silently drops a tracker whose package is missing: refuse it before the run starts."""
+    import importlib.util
+    packages = TRACKER_PACKAGES.get(log_with, ())
+    if packages and not any(importlib.util.find_spec(name) for name in packages):
+        raise ValueError(f"log_with={log_with} needs the {packages[0]} package: pip install {packages[0]}")
+
+
+def check_divisible(cfg, num_processes: int) -> None:
+    """Each process gets an equal part of every batch, so batch sizes must divide evenly."""
+    for key in ("batch_size", "eval_batch_size"):
+        if getattr(cfg, key) % num_processes:
+            raise ValueError(f"{key} ({getattr(cfg, key)}) must be a multiple of the number of processes "
+                             f"({num_processes}): each process gets an equal part of every batch")
+
+
 # ---------------------------------------------------------------- compile=true
 
 # torch.compile's keywords. dynamic: batches are padded to their longest window, so widths vary; one
@@ -247,12 +343,9 @@ MIN_TORCH = "2.5"   # older: the guards of BERT's dynamic-shape graph fail, so e
 
 
 def compile_model(model: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
-    """``model``, compiled in place if ``enabled`` (the same object: its ``state_dict`` keys and
-    checkpoints are those of an eager run); returned for chaining. ``compile`` is a speed setting,
-    never a reason for a run to stop: where ``torch.compile`` cannot run on the model's device (torch
-    older than ``MIN_TORCH``, no C compiler, a GPU too old for Triton, an unsupported Python), one
-    line says so and the model runs eagerly. The model's graphs compile at its first call in each
-    mode; an error of the compiler on them alone is raised as torch raises it (``compile=false``)."""
+    """``model``, compiled in place if ``enabled`` (the same object: its ``state_dict`` keys and checkpoints
+    are an eager run's). A speed setting, never a reason to stop: where ``cannot_compile``, the model runs
+    eagerly. Its graphs compile at its first call in each mode; a compiler error on them is raised as is."""
     if enabled and not cannot_compile(next(model.parameters()).device):
         model.compile(**COMPILE_OPTIONS)   # again on a compiled model: dynamo reuses its graphs
     return model
@@ -260,7 +353,8 @@ def compile_model(model: torch.nn.Module, enabled: bool = True) -> torch.nn.Modu
 
 @functools.cache   # once per device and process: each dev evaluation compiles the model it scores
 def cannot_compile(device: torch.device) -> bool:
-    """Whether ``torch.compile`` fails on a small function on ``device`` here, said in one line."""
+    """Whether ``torch.compile`` fails on a small function on ``device`` here (torch older than ``MIN_TORCH``,
+    no C compiler, a GPU too old for Triton, an unsupported Python), said in one line."""
     try:
         if torch.__version__ < MIN_TORCH:
             raise RuntimeError(f"it needs torch {MIN_TORCH} or newer, this is {torch.__version__}")

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from .data import QAData, Question
 from .decode import Prediction
-from .files import atomic_write
-from .integrity import check_file
+from .files import atomic_write, check_file
 from .metrics import char_f1, exact_match
 from .windows import Encoded, question_budgets, question_windows
 

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, apply_overrides, check_resume, load_config, read_json, save_config
-from .files import append_whole, atomic_write, refused_as, with_new_file_modes
-from .integrity import DamagedFile, check_file, check_folder
+from .files import DamagedFile, append_whole, atomic_write, check_file, check_folder, refused_as, with_new_file_modes
 from .models import quiet_transformers, run_model_dir
 
 

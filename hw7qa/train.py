@@ -11,7 +11,7 @@ keeps the run folder, its checkpoints and the state they hold. It follows accele
 Promises kept here, each tested:
 
 - ``train()`` can be called any number of times in one process with any settings: each call gets a
-  fresh ``Accelerator`` (``devices.accelerator_for``) and leaves no state behind.
+  fresh ``Accelerator`` (``models.accelerator_for``) and leaves no state behind.
 - ``batch_size`` is the number of windows per forward pass *in total*: with several processes
   (``accelerate launch``) each gets ``batch_size / num_processes`` of every batch (``split_batches``).
 - The host waits for the GPU only at logging, evaluation and checkpoints: a micro-batch's loss is
@@ -54,10 +54,10 @@ from .batches import EpochBatches, EpochWindows, choose_batches
 from .config import Config, TrainingError
 from .data import DataError, QAData, concat_data, load_qa_file
 from .inference import Reader, answers
-from .devices import accelerator_for, check_divisible, check_tracker, processes, tf32_matmuls
 from .files import refused_as
 from .metrics import score
-from .models import check_max_length, compile_model, load_model_and_tokenizer
+from .models import (accelerator_for, check_divisible, check_max_length, check_tracker, compile_model,
+                     load_model_and_tokenizer, processes, tf32_matmuls)
 from .optim import make_optimizer, make_scheduler, step_unless
 from .runfolder import (TrainerState, done_on_main, list_checkpoints, log_metrics, on_interrupt, past_the_start,
                         prepare_run_dir, read_trainer_state, save_checkpoint, save_model, what_is_kept)

@@ -16,7 +16,7 @@ import hw7qa.models as compiling
 import hw7qa.inference as inference
 import hw7qa.train as train_module
 from hw7qa.__main__ import main
-from hw7qa.devices import tf32_matmuls
+from hw7qa.models import tf32_matmuls
 from hw7qa.report import read_metrics
 from hw7qa.config import demo_config
 from hw7qa.inference import evaluate_run

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hw7qa.config import WindowSpec
-from hw7qa.integrity import DamagedFile
+from hw7qa.files import DamagedFile
 from hw7qa.report import TextTable, as_table, display_width, format_table, plot_metrics, plot_windows
 from hw7qa.windows import encode, eval_windows, question_windows
 

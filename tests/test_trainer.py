@@ -359,8 +359,8 @@ def test_tensorboard_gets_what_metrics_jsonl_gets(tmp_path):
 
 
 def test_a_tracker_whose_package_is_missing_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
-    import hw7qa.devices
-    monkeypatch.setitem(hw7qa.devices.TRACKER_PACKAGES, "wandb", ("no_such_package_here",))
+    import hw7qa.models
+    monkeypatch.setitem(hw7qa.models.TRACKER_PACKAGES, "wandb", ("no_such_package_here",))
     assert main(["demo", "--output-dir", str(tmp_path / "run"), "--set", "log_with=wandb"]) == 2
     assert "log_with=wandb needs the no_such_package_here package" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

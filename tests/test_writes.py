@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from hw7qa.__main__ import main
 from hw7qa.config import Config
-from hw7qa.files import as_refusal, append_whole
+from hw7qa.files import as_refusal, append_whole, refused_errno
 from hw7qa.report import read_metrics
 from hw7qa.runfolder import list_checkpoints, save_model
 from hw7qa.tiny import build_tiny_model
@@ -305,6 +305,23 @@ def test_library_errors_of_a_refused_write_become_one_os_error(error, disk, expe
     monkeypatch.setattr(os, "statvfs", statvfs)
     refused = as_refusal(error, "/r/model", "/r/model.partial")
     assert (refused.errno, refused.filename) == (expected, "/r/model")
+
+
+def test_the_libraries_report_a_refused_write_in_words_only(tmp_path):
+    """Why ``refused_errno`` reads error text: safetensors and tokenizers quote the errno, torch's writer raises a
+    RuntimeError; none raises or chains an ``OSError`` (in both version sets CI runs)."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models
+    missing = tmp_path / "no such folder" / "file"
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    for save in (lambda: save_file({"a": torch.ones(1)}, str(missing)), lambda: tokenizer.save(str(missing)),
+                 lambda: torch.save({}, str(missing))):
+        with pytest.raises(Exception) as raised:
+            save()
+        error = raised.value
+        assert not isinstance(error, OSError) and not isinstance(error.__cause__ or error.__context__, OSError)
+        if not isinstance(error, RuntimeError):             # Rust's: the errno is in the words only
+            assert refused_errno(error, missing) == errno.ENOENT
 
 
 def test_errors_that_are_not_a_refused_write_pass_as_they_are(tmp_path):

@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import DecodeSpec
 from .submission import csv_answer
-from .windows import Encoded, Window, Windows
+from .windows import Encoded, Windows, answer_positions
 
 QUOTE_PAIRS = ("「」", "『』", "《》", "“”", "()", "（）")
 CHUNK_WINDOWS = 4096   # windows decoded at once: the n_best × n_best pair arrays of a chunk stay a few MB
@@ -266,23 +266,19 @@ def decode_predictions(enc: Encoded, windows: Windows, logits: list[tuple[np.nda
 def oracle_logits(enc: Encoded, windows: Windows) -> list[tuple[np.ndarray, np.ndarray]]:
     """Logits of a perfect model: 10 on the gold start and end token of every window holding the
     whole answer, 0 elsewhere. Decoding these measures what the windows and decoding alone lose."""
-    logits = []
-    for w in windows:
-        start, end = np.zeros(len(w.input_ids), np.float32), np.zeros(len(w.input_ids), np.float32)
-        answer = enc.answer_tokens[w.question_index]
-        if answer and w.token_start <= answer[0] and answer[1] < w.token_end:
-            start[w.context_start + answer[0] - w.token_start] = 10
-            end[w.context_start + answer[1] - w.token_start] = 10
-        logits.append((start, end))
+    logits = [(np.zeros(n, np.float32), np.zeros(n, np.float32)) for n in windows.length.tolist()]
+    holds, start, end = answer_positions(enc, windows)
+    for i in np.flatnonzero(holds).tolist():
+        logits[i][0][start[i]] = logits[i][1][end[i]] = 10
     return logits
 
 
 # ---------------------------------------------------------------- several sets of logits: strides, models
 
-def same_windows(a: list[Window], b: list[Window]) -> bool:
-    """True if both window lists hold the same tokens for the same questions, window by window."""
-    return len(a) == len(b) and all(x.question_index == y.question_index and x.input_ids == y.input_ids
-                                    for x, y in zip(a, b))
+def same_windows(a: Windows, b: Windows) -> bool:
+    """True if both tables hold the same tokens for the same questions, window by window."""
+    return all(np.array_equal(x, y) for x, y in zip((a.question_index, a.length, a.ids),
+                                                   (b.question_index, b.length, b.ids)))
 
 
 def average_logits(members: list[list[tuple[np.ndarray, np.ndarray]]]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -291,7 +287,7 @@ def average_logits(members: list[list[tuple[np.ndarray, np.ndarray]]]) -> list[t
             for w in range(len(members[0]))]
 
 
-def span_scores(enc: Encoded, windows: list[Window], logits: list[tuple[np.ndarray, np.ndarray]],
+def span_scores(enc: Encoded, windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]],
                 spec: DecodeSpec = DecodeSpec()) -> list[dict[tuple[int, int], float]]:
     """Per question, ``{(char_start, char_end): score}`` over its candidate spans.
 
@@ -300,15 +296,10 @@ def span_scores(enc: Encoded, windows: list[Window], logits: list[tuple[np.ndarr
     a span seen in several windows keeps its highest score (start logit + end logit).
     """
     scores: list[dict[tuple[int, int], float]] = [{} for _ in enc.data.questions]
-    for w, (start_logits, end_logits) in zip(windows, logits):
-        n_context = w.token_end - w.token_start
-        if n_context == 0:
-            continue
-        paragraph = enc.data.paragraph(enc.data.questions[w.question_index])
-        found = scores[w.question_index]
-        for score, s, e in best_spans(start_logits, end_logits, w.context_start, n_context, spec.n_best,
-                                      spec.max_answer_length):
-            span = w.char_span(enc, s, e)
+    for wi, qi in enumerate(windows.question_index.tolist()):
+        paragraph, found = enc.data.paragraph(enc.data.questions[qi]), scores[qi]
+        for score, s, e in window_spans(windows, logits, wi, spec, "top-k"):
+            span = windows.char_span(enc, wi, s, e)
             if has_content(paragraph[span[0]:span[1]]) and score > found.get(span, -np.inf):
                 found[span] = float(score)
     return scores
@@ -323,7 +314,7 @@ def softmax(scores: dict) -> dict:
     return dict(zip(scores, (weights / weights.sum()).tolist()))
 
 
-def span_probabilities(enc: Encoded, windows: list[Window], logits: list[tuple[np.ndarray, np.ndarray]],
+def span_probabilities(enc: Encoded, windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]],
                        spec: DecodeSpec = DecodeSpec()) -> list[dict[tuple[int, int], float]]:
     """Per question, ``{(char_start, char_end): probability}`` over its candidate spans: the
     softmax of their ``span_scores`` over the question's candidates."""
@@ -353,7 +344,7 @@ def combine_at_characters(enc: Encoded, groups: list[list[dict[tuple[int, int], 
     return predictions
 
 
-def ensemble_predictions(members: list[tuple[Encoded, list[Window], list]], spec: DecodeSpec = DecodeSpec(),
+def ensemble_predictions(members: list[tuple[Encoded, Windows, list]], spec: DecodeSpec = DecodeSpec(),
                          method: str = "auto") -> tuple[list[Prediction], str]:
     """Answers of the ensemble of ``members`` (each ``(enc, windows, logits)`` for the same questions)
     and a one-line description of how they were combined.
@@ -384,7 +375,7 @@ def ensemble_predictions(members: list[tuple[Encoded, list[Window], list]], spec
     return combined, f"character-level vote of {len(groups)} groups, logits averaged within each: {how}"
 
 
-def vote_predictions(members: list[tuple[Encoded, list[Window], list]], spec: DecodeSpec = DecodeSpec()
+def vote_predictions(members: list[tuple[Encoded, Windows, list]], spec: DecodeSpec = DecodeSpec()
                      ) -> list[Prediction]:
     """Answers from the logits of one model over several sets of windows (``tta_strides``: one set
     per ``doc_stride``), combined at the character level; with one set, that set decoded alone."""

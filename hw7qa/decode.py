@@ -62,13 +62,6 @@ def top_positions(logits: np.ndarray, n_valid: np.ndarray, k: int) -> np.ndarray
     return np.where(columns < n_valid[:, None], columns, -1)   # ... and mark the filling invalid
 
 
-def highest(logits: np.ndarray, k: int) -> np.ndarray:
-    """``top_positions`` of one row with no invalid positions, the simple way: a stable sort keeps
-    tied values in position order, so the leftmost of them come first."""
-    ranked = np.argsort(-np.where(np.isnan(logits), -np.inf, logits), kind="stable")
-    return np.sort(ranked[:k])
-
-
 def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, context_start: int, n_context: int,
                n_best: int, max_answer_length: int) -> list[tuple[float, int, int]]:
     """Valid spans of one window, best first, as ``(score, start, end)`` window positions (inclusive).
@@ -80,8 +73,8 @@ def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, context_start: 
     """
     lo, hi = context_start, context_start + n_context
     k = min(n_best, n_context)
-    starts = lo + highest(start_logits[lo:hi], k)
-    ends = lo + highest(end_logits[lo:hi], k)
+    starts = lo + top_positions(start_logits[None, lo:hi], np.array([n_context]), k)[0]
+    ends = lo + top_positions(end_logits[None, lo:hi], np.array([n_context]), k)[0]
     scores = start_logits[starts][:, None] + end_logits[ends][None, :]
     length = ends[None, :] - starts[:, None] + 1
     valid = (length >= 1) & (length <= max_answer_length)

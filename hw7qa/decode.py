@@ -64,13 +64,9 @@ def top_positions(logits: np.ndarray, n_valid: np.ndarray, k: int) -> np.ndarray
 
 def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, context_start: int, n_context: int,
                n_best: int, max_answer_length: int) -> list[tuple[float, int, int]]:
-    """Valid spans of one window, best first, as ``(score, start, end)`` window positions (inclusive).
-
-    Only positions ``context_start .. context_start + n_context - 1`` (the paragraph) are considered;
-    of those the ``n_best`` highest starts and ends are paired, keeping ``start <= end`` and
-    ``end - start + 1 <= max_answer_length``. Returns [] if no pair is valid. Which ``n_best``
-    logits are highest is decided as in ``top_positions`` (ties from the left, NaN as -inf).
-    """
+    """Valid spans of one window, best first, as ``(score, start, end)`` window positions (inclusive): the
+    ``n_best`` highest starts × ends (``top_positions``) among positions ``context_start .. context_start +
+    n_context - 1`` (the paragraph), kept when ``start <= end`` and ``end - start + 1 <= max_answer_length``."""
     lo, hi = context_start, context_start + n_context
     k = min(n_best, n_context)
     starts = lo + top_positions(start_logits[None, lo:hi], np.array([n_context]), k)[0]
@@ -198,14 +194,10 @@ def window_spans(windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]], 
 
 def walk_spans(enc: Encoded, windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]], qi: int,
                spec: DecodeSpec, search: str) -> tuple[float, int, int, int] | None:
-    """The best span of question ``qi`` found one span at a time: ``(score, window, char_start,
-    char_end)``, or None if no span has content.
-
-    Each window's spans (``window_spans``) are walked best first, spans without content (only
-    whitespace and commas: ``has_content``) skipped; the
-    first other span of a window replaces the best so far only if it scores higher, so ties go to
-    the earlier window.
-    """
+    """The best span of question ``qi`` found one span at a time: ``(score, window, char_start, char_end)``,
+    or None if no span has content. Each window's spans (``window_spans``) are walked best first, those
+    without content (``has_content``) skipped; a window's first span with content replaces the best so far
+    only if it scores higher, so ties go to the earlier window."""
     paragraph = enc.data.paragraph(enc.data.questions[qi])
     best = None
     for wi in np.flatnonzero(windows.question_index == qi).tolist():
@@ -221,19 +213,11 @@ def walk_spans(enc: Encoded, windows: Windows, logits: list[tuple[np.ndarray, np
 
 def decode_predictions(enc: Encoded, windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]],
                        spec: DecodeSpec = DecodeSpec()) -> list[Prediction]:
-    """One ``Prediction`` per question of ``enc.data``: the best span over all its windows, with
-    ``spec``'s ``n_best`` and ``max_answer_length`` (``best_spans``) and, if ``balance_quotes``, its
-    quotes repaired (``balance_quotes``).
-
-    A span whose text is only whitespace and commas is skipped (it would be an empty answer in
-    result.csv, ``has_content``). If no window of a question has a valid
-    top-k pair, every start/end of every window is searched, so the answer is empty only if the
-    question's paragraph has no tokens at all. Ties: the module's rule.
-
-    The best span of every window is found for all windows at once, and the question's answer is
-    the best of its windows' (``best_window_per_question``): what ``walk_spans`` would find,
-    unless that span has no content. Only then is the question walked span by span.
-    """
+    """One ``Prediction`` per question of ``enc.data``: the best span over all its windows (``best_spans``,
+    ties as the module says), quotes repaired if ``spec.balance_quotes``. A span without content
+    (``has_content``) is skipped; where no window has a valid top-k pair every start and end is searched,
+    so an answer is empty only if its paragraph has no tokens. Every window's best span is found at once
+    (``window_best_spans``); a question is walked span by span (``walk_spans``) only if its best is empty."""
     score, start, end, found = window_best_spans(windows, logits, spec)
     best_window = best_window_per_question(windows.question_index, score, found, len(enc.data.questions))
     predictions = []

@@ -11,8 +11,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import atomic_write
-
 
 class DataError(ValueError):
     """A data file that cannot be used; the message lists every problem found."""
@@ -33,10 +31,6 @@ class QAData:
     path: str
     questions: list[Question]
     paragraphs: list[str]
-
-    @property
-    def has_answers(self) -> bool:
-        return all(q.answer_text is not None for q in self.questions)
 
     def paragraph(self, question: Question) -> str:
         return self.paragraphs[question.paragraph_id]
@@ -194,12 +188,3 @@ def concat_data(first: QAData, second: QAData) -> QAData:
     moved = [dataclasses.replace(q, id=f"{name}:{q.id}", paragraph_id=q.paragraph_id + shift)
              for q in second.questions]
     return QAData(f"{first.path}+{second.path}", first.questions + moved, first.paragraphs + second.paragraphs)
-
-
-def save_hw7(data: QAData, path: str | Path) -> None:
-    """Write ``data`` as HW7 JSON (e.g. DRCD converted), whole or not at all."""
-    questions = [{"id": q.id, "paragraph_id": q.paragraph_id, "question_text": q.question_text,
-                  "answer_text": q.answer_text, "answer_start": q.answer_start, "answer_end": q.answer_end}
-                 for q in data.questions]
-    with atomic_write(path, encoding="utf-8") as f:
-        json.dump({"questions": questions, "paragraphs": data.paragraphs}, f, ensure_ascii=False)

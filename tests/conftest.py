@@ -97,6 +97,16 @@ def features(windows: list[Window], with_labels: bool = False) -> list[dict]:
     return out
 
 
+def save_hw7(data, path) -> None:
+    """Write ``data`` (a ``QAData``) as HW7 JSON (e.g. DRCD converted), whole or not at all."""
+    from hw7qa.files import atomic_write
+    questions = [{"id": q.id, "paragraph_id": q.paragraph_id, "question_text": q.question_text,
+                  "answer_text": q.answer_text, "answer_start": q.answer_start, "answer_end": q.answer_end}
+                 for q in data.questions]
+    with atomic_write(path, encoding="utf-8") as f:
+        json.dump({"questions": questions, "paragraphs": data.paragraphs}, f, ensure_ascii=False)
+
+
 def shared_path(relative: str) -> Path:
     """A file of ../shared, or a skip that says why the test cannot run here."""
     path = SHARED / relative

@@ -98,8 +98,7 @@ def _from_hw7(path: str, raw: dict) -> QAData:
         if bad:
             errors.append(f"{where}: {'; '.join(bad)}")
             continue
-        questions.append(Question(q["id"], q["question_text"], q["paragraph_id"],
-                                  q["answer_text"], q["answer_start"], q["answer_end"]))
+        questions.append(Question(**{k: q[k] for k in fields}))     # the fields are named as Question's
     bad_paragraphs = [i for i, p in enumerate(raw["paragraphs"]) if not isinstance(p, str)]
     if bad_paragraphs:
         errors.append(f"paragraphs {bad_paragraphs[:10]} are not strings")
@@ -136,10 +135,8 @@ def validate(data: QAData, need_answers: bool = False) -> None:
     if need_answers and data.questions and not any(q.answer_text is not None for q in data.questions):
         raise DataError(f"{data.path}: no answer in any of its {len(data.questions)} questions (a test file?); "
                         f"training and evaluation need a file with answers (a train or dev file)")
-    errors, seen = [], {}
-    for p_id, paragraph in enumerate(data.paragraphs):
-        if not paragraph.strip():
-            errors.append(f"paragraph {p_id} is empty")
+    errors = [f"paragraph {p_id} is empty" for p_id, paragraph in enumerate(data.paragraphs) if not paragraph.strip()]
+    seen = {}
     for q in data.questions:
         where = f"question id {q.id!r}"
         key = str(q.id)     # as result.csv writes it: 4 and "4" would be one ID there

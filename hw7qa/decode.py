@@ -62,20 +62,28 @@ def top_positions(logits: np.ndarray, n_valid: np.ndarray, k: int) -> np.ndarray
     return np.where(columns < n_valid[:, None], columns, -1)   # ... and mark the filling invalid
 
 
+def top_pairs(start_logits: np.ndarray, end_logits: np.ndarray, n_context: np.ndarray, n_best: int,
+              max_answer_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of paragraph-part logits (the first ``n_context[row]`` columns valid), each pair of its ``n_best``
+    highest starts × ends (``top_positions``), by start then end: ``(score, start, end, valid)``, rows × k·k;
+    ``valid``: both exist, ``start <= end`` and the span has at most ``max_answer_length`` tokens."""
+    k = min(n_best, start_logits.shape[1])
+    starts = np.repeat(top_positions(start_logits, n_context, k), k, axis=1)
+    ends = np.tile(top_positions(end_logits, n_context, k), k)
+    score = (np.take_along_axis(start_logits, np.maximum(starts, 0), 1)
+             + np.take_along_axis(end_logits, np.maximum(ends, 0), 1))
+    length = ends - starts + 1
+    return score, starts, ends, (starts >= 0) & (ends >= 0) & (length >= 1) & (length <= max_answer_length)
+
+
 def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, context_start: int, n_context: int,
                n_best: int, max_answer_length: int) -> list[tuple[float, int, int]]:
-    """Valid spans of one window, best first, as ``(score, start, end)`` window positions (inclusive): the
-    ``n_best`` highest starts × ends (``top_positions``) among positions ``context_start .. context_start +
-    n_context - 1`` (the paragraph), kept when ``start <= end`` and ``end - start + 1 <= max_answer_length``."""
-    lo, hi = context_start, context_start + n_context
-    k = min(n_best, n_context)
-    starts = lo + top_positions(start_logits[None, lo:hi], np.array([n_context]), k)[0]
-    ends = lo + top_positions(end_logits[None, lo:hi], np.array([n_context]), k)[0]
-    scores = start_logits[starts][:, None] + end_logits[ends][None, :]
-    length = ends[None, :] - starts[:, None] + 1
-    valid = (length >= 1) & (length <= max_answer_length)
-    rows, cols = np.nonzero(valid)
-    score, start, end = scores[rows, cols], starts[rows], ends[cols]
+    """Valid spans (``top_pairs``) of the paragraph part of one window, positions ``context_start ..
+    context_start + n_context - 1``, best first, as ``(score, start, end)`` window positions (inclusive)."""
+    part = slice(context_start, context_start + n_context)
+    score, start, end, valid = top_pairs(start_logits[None, part], end_logits[None, part], np.array([n_context]),
+                                         n_best, max_answer_length)
+    score, start, end = score[valid], context_start + start[valid], context_start + end[valid]
     order = np.lexsort((-end, -start, -score))   # best score first; ties: later start, then later end
     return list(zip(score[order].tolist(), start[order].tolist(), end[order].tolist()))
 
@@ -107,25 +115,20 @@ def window_best_spans(windows: Windows, logits: list[tuple[np.ndarray, np.ndarra
     for lo in range(0, n, CHUNK_WINDOWS):
         rows = range(lo, min(lo + CHUNK_WINDOWS, n))
         start_logits, end_logits = context_logits(windows, logits, rows)
-        k = min(spec.n_best, start_logits.shape[1])
-        if k == 0:       # no window of the chunk has a paragraph token
+        if start_logits.shape[1] == 0:       # no window of the chunk has a paragraph token
             continue
         n_context = windows.token_end[rows] - windows.token_start[rows]
-        starts, ends = top_positions(start_logits, n_context, k), top_positions(end_logits, n_context, k)
-        pair_score = (np.take_along_axis(start_logits, np.maximum(starts, 0), 1)[:, :, None]
-                      + np.take_along_axis(end_logits, np.maximum(ends, 0), 1)[:, None, :]).reshape(len(rows), k * k)
-        length = (ends[:, None, :] - starts[:, :, None] + 1).reshape(len(rows), k * k)
-        valid = ((starts >= 0)[:, :, None] & (ends >= 0)[:, None, :]).reshape(len(rows), k * k)
-        valid &= (length >= 1) & (length <= spec.max_answer_length)
+        pair_score, starts, ends, valid = top_pairs(start_logits, end_logits, n_context, spec.n_best,
+                                                    spec.max_answer_length)
         top = np.where(valid, pair_score, -np.inf).max(axis=1, keepdims=True)
         hits = valid & (pair_score == top)
         # pairs run through starts, then ends, in ascending positions: the last hit is the best
         # pair with the later start, then the later end, as ``best_spans`` breaks ties
-        pick = k * k - 1 - np.argmax(hits[:, ::-1], axis=1)
-        context_start = windows.context_start[rows]
+        pick = hits.shape[1] - 1 - np.argmax(hits[:, ::-1], axis=1)
+        context_start, row = windows.context_start[rows], np.arange(len(rows))
         score[rows] = top[:, 0]
-        start[rows] = context_start + starts[np.arange(len(rows)), pick // k]
-        end[rows] = context_start + ends[np.arange(len(rows)), pick % k]
+        start[rows] = context_start + starts[row, pick]
+        end[rows] = context_start + ends[row, pick]
         found[rows] = hits.any(axis=1)
     return score, start, end, found
 

@@ -139,10 +139,9 @@ def best_window_per_question(question_index: np.ndarray, score: np.ndarray, foun
     ties), among the windows with ``found``; -1 for a question with none."""
     rows = np.flatnonzero(found)
     rows = rows[np.lexsort((rows, -score[rows], question_index[rows]))]   # by question, best score first
-    question = question_index[rows]
-    first = np.r_[True, question[1:] != question[:-1]] if len(rows) else np.zeros(0, bool)
+    questions, first = np.unique(question_index[rows], return_index=True)   # each question's first row
     best = np.full(n_questions, -1, dtype=np.int64)
-    best[question[first]] = rows[first]
+    best[questions] = rows[first]
     return best
 
 
@@ -294,18 +293,11 @@ def softmax(scores: dict) -> dict:
     return dict(zip(scores, (weights / weights.sum()).tolist()))
 
 
-def span_probabilities(enc: Encoded, windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]],
-                       spec: DecodeSpec = DecodeSpec()) -> list[dict[tuple[int, int], float]]:
-    """Per question, ``{(char_start, char_end): probability}`` over its candidate spans: the
-    softmax of their ``span_scores`` over the question's candidates."""
-    return [softmax(found) for found in span_scores(enc, windows, logits, spec)]
-
-
 def combine_at_characters(enc: Encoded, groups: list[list[dict[tuple[int, int], float]]], weights: list[float],
                           fallback: list[Prediction], quotes: bool = True) -> list[Prediction]:
-    """Per question the character span with the highest weighted mean probability over ``groups``
-    (each a ``span_probabilities`` result); ``fallback[q]`` where no group proposed any span.
-    ``Prediction.score`` is that probability and ``window`` is -1 (no single window)."""
+    """Per question the character span with the highest weighted mean probability over ``groups`` (each,
+    per question, ``{(char_start, char_end): probability}``); ``fallback[q]`` where no group proposed any
+    span. ``Prediction.score`` is that probability and ``window`` is -1 (no single window)."""
     total = sum(weights)
     predictions = []
     for qi, question in enumerate(enc.data.questions):
@@ -326,12 +318,9 @@ def combine_at_characters(enc: Encoded, groups: list[list[dict[tuple[int, int], 
 
 def ensemble_predictions(members: list[tuple[Encoded, Windows, list]], spec: DecodeSpec = DecodeSpec(),
                          method: str = "auto") -> tuple[list[Prediction], str]:
-    """Answers of the ensemble of ``members`` (each ``(enc, windows, logits)`` for the same questions)
-    and a one-line description of how they were combined.
-
-    ``method="auto"`` averages logits within groups of same-window members and combines groups at
-    the character level; ``method="chars"`` treats every member as its own group.
-    """
+    """Answers of the ensemble of ``members`` (each ``(enc, windows, logits)`` for the same questions) and a
+    line saying how they were combined: ``method="auto"`` averages logits within groups of same-window
+    members and combines groups at the character level; ``"chars"`` makes every member its own group."""
     if method not in ("auto", "chars"):
         raise ValueError(f"method={method!r}; choose auto or chars")
     n_questions = {len(enc.data.questions) for enc, _, _ in members}
@@ -349,7 +338,8 @@ def ensemble_predictions(members: list[tuple[Encoded, Windows, list]], spec: Dec
     first = decode_predictions(*averaged[0], spec)
     if len(groups) == 1:
         return first, f"logits averaged window by window: {how}"
-    probabilities = [span_probabilities(enc, windows, logits, spec) for enc, windows, logits in averaged]
+    # per group and question, the softmax of its candidate spans' scores
+    probabilities = [[softmax(found) for found in span_scores(*member, spec)] for member in averaged]
     combined = combine_at_characters(averaged[0][0], probabilities, [len(g) for g in groups], first,
                                      spec.balance_quotes)
     return combined, f"character-level vote of {len(groups)} groups, logits averaged within each: {how}"

@@ -1,17 +1,17 @@
 """Window logits → answer strings: span decoding, and the vote over several sets of windows.
 
-One set of windows (``decode_predictions``), as Hugging Face's ``utils_qa.py``: per window the top
-``n_best`` starts × top ``n_best`` ends *inside the paragraph part*, kept when ``start <= end`` and
-the span has at most ``max_answer_length`` tokens, scored ``start_logit + end_logit``; the best span
-over all windows of a question wins. Ties: the earlier window, then within a window the later start
-and end; among equal logits the top-k takes the leftmost. The answer is the paragraph sliced by the
-tokens' character offsets, never ``tokenizer.decode``, so [UNK] characters, case and spaces come
-back as written. A span with no content in result.csv (``has_content``) is passed over.
+One set of windows (``decode_predictions``), as Hugging Face's ``utils_qa.py``: per window the top ``n_best``
+starts × top ``n_best`` ends *inside the paragraph part*, kept when ``start <= end`` and the span has at most
+``max_answer_length`` tokens, scored ``start_logit + end_logit``; the best span over all windows of a question
+wins. Ties: the earlier window, then within a window the later start and end; among equal logits the top-k takes
+the leftmost. The answer is the paragraph sliced by the tokens' character offsets, never ``tokenizer.decode``, so
+[UNK] characters, case and spaces come back as written. A span with no content in result.csv (``has_content``)
+is passed over.
 
-Several sets (``tta_strides``, ensembles; ``ensemble_predictions``): sets with the same windows are
-averaged position by position and decoded as one; sets whose windows differ (other strides, other
-tokenizers) are decoded into candidate *character* spans, whose softmax probabilities are averaged
-per span, each group weighted by its number of members; the most probable span wins.
+Several sets (``tta_strides``, ensembles; ``ensemble_predictions``): sets with the same windows are averaged
+position by position and decoded as one; sets whose windows differ (other strides, other tokenizers) are decoded
+into candidate *character* spans, whose softmax probabilities are averaged per span, each group weighted by its
+number of members; the most probable span wins.
 """
 from __future__ import annotations
 
@@ -28,8 +28,7 @@ CHUNK_WINDOWS = 4096   # windows decoded at once: the n_best × n_best pair arra
 
 
 def has_content(answer: str) -> bool:
-    """Whether ``answer`` still says something in result.csv: not empty once commas and whitespace
-    are gone (an answer of only "," would be empty there)."""
+    """Whether ``answer`` still says something in result.csv: not empty once commas and whitespace are gone."""
     return bool(csv_answer(answer).strip())
 
 
@@ -43,12 +42,9 @@ class Prediction:
 
 
 def top_positions(logits: np.ndarray, n_valid: np.ndarray, k: int) -> np.ndarray:
-    """Per row of ``logits``, the positions of its ``k`` highest values among the first
-    ``n_valid[row]``, in ascending order of position; -1 fills a row with fewer than ``k``.
-
-    Values tied with the k-th highest are taken from the left, so the choice never depends on the
-    sorting algorithm; NaN counts as -inf. ``k`` must not exceed the row length.
-    """
+    """Per row of ``logits``, the positions of its ``k`` highest values among the first ``n_valid[row]``, in
+    ascending order; -1 fills a row with fewer than ``k``. Values tied with the k-th highest are taken from
+    the left, so the choice never depends on the sorting algorithm; NaN counts as -inf. ``k`` <= row length."""
     logits = np.where(np.isnan(logits), -np.inf, logits)
     width = logits.shape[1]
     kth = np.partition(logits, width - k, axis=1)[:, width - k:width - k + 1]   # each row's k-th highest value
@@ -107,9 +103,8 @@ def context_logits(windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]]
 
 def window_best_spans(windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]], spec: DecodeSpec
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The first span ``best_spans`` gives for each window, for all windows at once:
-    ``(score, start, end, found)``, positions in the window, ``found`` False where no top-k pair
-    of the window is valid (its other entries are then meaningless)."""
+    """The first span ``best_spans`` gives for each window, for all windows at once: ``(score, start, end, found)``,
+    positions in the window; ``found`` is False where no top-k pair is valid (the rest is then meaningless)."""
     n = len(windows)
     score, start, end, found = np.zeros(n, np.float64), np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, bool)
     for lo in range(0, n, CHUNK_WINDOWS):
@@ -158,13 +153,10 @@ def exhaustive_best_span(start_logits: np.ndarray, end_logits: np.ndarray, conte
 
 
 def balance_quotes(paragraph: str, start: int, end: int) -> tuple[int, int]:
-    """Repair an unpaired quote or bracket at the edges of ``paragraph[start:end]``.
-
-    For each pair in ``QUOTE_PAIRS``: an opening mark without its closing one extends the span by
-    one character if the paragraph continues with the closing mark, otherwise a leading opening
-    mark is dropped; a closing mark without its opening one works the same way to the left.
-    The span never becomes empty.
-    """
+    """Repair an unpaired quote or bracket at the edges of ``paragraph[start:end]``: for each of ``QUOTE_PAIRS``,
+    an opening mark without its closing one extends the span by one character if the paragraph continues
+    with the closing mark, else a leading opening mark is dropped; a closing mark without its opening one
+    works the same way to the left. The span never becomes empty."""
     for opening, closing in QUOTE_PAIRS:
         text = paragraph[start:end]
         surplus = text.count(opening) - text.count(closing)
@@ -243,8 +235,8 @@ def decode_predictions(enc: Encoded, windows: Windows, logits: list[tuple[np.nda
 
 
 def oracle_logits(enc: Encoded, windows: Windows) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Logits of a perfect model: 10 on the gold start and end token of every window holding the
-    whole answer, 0 elsewhere. Decoding these measures what the windows and decoding alone lose."""
+    """Logits of a perfect model: 10 on the gold start and end token of every window holding the whole answer,
+    0 elsewhere. Decoding these measures what the windows and decoding alone lose."""
     logits = [(np.zeros(n, np.float32), np.zeros(n, np.float32)) for n in windows.length.tolist()]
     holds, start, end = answer_positions(enc, windows)
     for i in np.flatnonzero(holds).tolist():
@@ -268,12 +260,9 @@ def average_logits(members: list[list[tuple[np.ndarray, np.ndarray]]]) -> list[t
 
 def span_scores(enc: Encoded, windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]],
                 spec: DecodeSpec = DecodeSpec()) -> list[dict[tuple[int, int], float]]:
-    """Per question, ``{(char_start, char_end): score}`` over its candidate spans.
-
-    Candidates are ``best_spans`` of every window of the question (spans of only whitespace and
-    commas left out: ``has_content``), as paragraph character spans, in window order;
-    a span seen in several windows keeps its highest score (start logit + end logit).
-    """
+    """Per question, ``{(char_start, char_end): score}`` over its candidate spans: the ``best_spans`` with
+    content (``has_content``) of each of its windows, in window order; a span seen in several windows keeps
+    its highest score (start logit + end logit)."""
     scores: list[dict[tuple[int, int], float]] = [{} for _ in enc.data.questions]
     for wi, qi in enumerate(windows.question_index.tolist()):
         paragraph, found = enc.data.paragraph(enc.data.questions[qi]), scores[qi]

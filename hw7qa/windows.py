@@ -7,6 +7,7 @@ from the tokenizer (``PairTemplate``), so BERT and sentencepiece vocabularies bo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import random
 import re
@@ -43,10 +44,8 @@ def learn_template(tokenizer) -> PairTemplate:
     p_pos = [i for i, s in enumerate(seq) if s == 1]
     prefix, middle, suffix = ids[:q_pos[0]], ids[q_pos[-1] + 1:p_pos[0]], ids[p_pos[-1] + 1:]
     types = enc.get("token_type_ids")
-    type_ids = None
-    if types is not None and "token_type_ids" in tokenizer.model_input_names:
-        type_ids = (types[:q_pos[0]], types[q_pos[0]], types[q_pos[-1] + 1:p_pos[0]],
-                    types[p_pos[0]], types[p_pos[-1] + 1:])
+    type_ids = None if types is None or "token_type_ids" not in tokenizer.model_input_names else (
+        types[:q_pos[0]], types[q_pos[0]], types[q_pos[-1] + 1:p_pos[0]], types[p_pos[0]], types[p_pos[-1] + 1:])
     cls_id = tokenizer.cls_token_id
     cls_index = ids.index(cls_id) if cls_id in ids else 0
     return PairTemplate(prefix, middle, suffix, type_ids, cls_index)
@@ -68,20 +67,14 @@ class Encoded:
 LEAN = dict(add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, verbose=False)
 
 
-def tokenize_paragraphs(texts: list[str], tokenizer) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
-    """Token ids of each text (no special tokens) and their character offsets (``trimmed_offsets``)."""
-    if not texts:
-        return [], []
-    para = tokenizer(texts, return_offsets_mapping=True, **LEAN)
-    return para["input_ids"], [trimmed_offsets(text, offs) for text, offs in zip(texts, para["offset_mapping"])]
-
-
-def encode(data: QAData, tokenizer, spec: WindowSpec, paragraphs: tuple[list, list] | None = None) -> Encoded:
-    """``data`` tokenized once, answers as token spans, for ``spec``; ``paragraphs``: its ``tokenize_paragraphs``."""
+def encode(data: QAData, tokenizer, spec: WindowSpec) -> Encoded:
+    """``data`` tokenized once (paragraph offsets by ``trimmed_offsets``), answers as token spans, for ``spec``."""
     template = learn_template(tokenizer)
     if spec.max_length - spec.max_question_tokens - template.n_special < 8:
         raise ValueError(f"max_length {spec.max_length} leaves fewer than 8 paragraph tokens")
-    paragraph_ids, offsets = paragraphs or tokenize_paragraphs(data.paragraphs, tokenizer)
+    para = tokenizer(data.paragraphs, return_offsets_mapping=True, **LEAN)
+    paragraph_ids = para["input_ids"]
+    offsets = [trimmed_offsets(text, offs) for text, offs in zip(data.paragraphs, para["offset_mapping"])]
     empty = next((i for i, ids in enumerate(paragraph_ids) if not ids), None)
     if empty is not None:           # no window could hold an answer: its questions would get an empty one
         raise DataError(f"{data.path}: paragraph {empty} ({data.paragraphs[empty][:20]!r}) holds nothing the "
@@ -116,18 +109,12 @@ def trimmed_offsets(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int
 
 def answer_tokens(data: QAData, offsets: list[list[tuple[int, int]]]) -> list[tuple[int, int] | None]:
     """``char_span_to_tokens`` of every question's answer; None where no answer is given."""
-    as_array: dict[int, np.ndarray] = {}
-    spans = []
-    for q in data.questions:
-        if q.answer_start is None:
-            spans.append(None)
-            continue
-        if q.paragraph_id not in as_array:
-            pairs = offsets[q.paragraph_id]
-            as_array[q.paragraph_id] = np.fromiter(itertools.chain.from_iterable(pairs), dtype=np.int64,
-                                                   count=2 * len(pairs)).reshape(-1, 2)
-        spans.append(char_span_to_tokens(as_array[q.paragraph_id], q.answer_start, q.answer_end))
-    return spans
+    @functools.cache
+    def as_array(paragraph_id: int) -> np.ndarray:      # each paragraph's offsets converted once
+        pairs = offsets[paragraph_id]
+        return np.fromiter(itertools.chain.from_iterable(pairs), dtype=np.int64, count=2 * len(pairs)).reshape(-1, 2)
+    return [None if q.answer_start is None else char_span_to_tokens(as_array(q.paragraph_id), q.answer_start,
+                                                                    q.answer_end) for q in data.questions]
 
 
 def char_span_to_tokens(offsets, start_char: int, end_char: int) -> tuple[int, int] | None:
@@ -299,15 +286,11 @@ def train_windows(enc: Encoded, policy: str, rng: random.Random) -> Windows:
     none can); ``all`` every ``eval_windows`` window."""
     if policy == "all":
         return labelled(enc, eval_windows(enc))
-    question_index, token_start = [], []
-    for qi, (n_tokens, budget) in enumerate(zip(paragraph_lengths(enc), question_budgets(enc).tolist())):
-        if enc.answer_tokens[qi] is None:
-            continue
-        start = train_window_start(policy, n_tokens, budget, enc.answer_tokens[qi], rng)
-        if start is not None:
-            question_index.append(qi)
-            token_start.append(start)
-    return labelled(enc, cut_windows(enc, question_index, token_start))
+    drawn = [(qi, train_window_start(policy, n_tokens, budget, answer, rng)) for qi, (n_tokens, budget, answer)
+             in enumerate(zip(paragraph_lengths(enc), question_budgets(enc).tolist(), enc.answer_tokens))
+             if answer is not None]
+    kept = [(qi, start) for qi, start in drawn if start is not None]
+    return labelled(enc, cut_windows(enc, [qi for qi, _ in kept], [start for _, start in kept]))
 
 
 def padding_of(tokenizer) -> dict:

@@ -143,9 +143,8 @@ def best_window_per_question(question_index: np.ndarray, score: np.ndarray, foun
 def exhaustive_best_span(start_logits: np.ndarray, end_logits: np.ndarray, context_start: int,
                          n_context: int, max_answer_length: int) -> tuple[float, int, int]:
     """The best valid span over *all* starts and ends of the paragraph part (the top-k fallback)."""
-    s = start_logits[context_start:context_start + n_context].astype(np.float64)
-    e = end_logits[context_start:context_start + n_context].astype(np.float64)
-    scores = s[:, None] + e[None, :]
+    part = slice(context_start, context_start + n_context)
+    scores = start_logits[part].astype(np.float64)[:, None] + end_logits[part].astype(np.float64)[None, :]
     length = np.arange(n_context)[None, :] - np.arange(n_context)[:, None] + 1
     scores[(length < 1) | (length > max_answer_length)] = -np.inf
     r, c = np.unravel_index(np.argmax(scores), scores.shape)
@@ -222,8 +221,7 @@ def decode_predictions(enc: Encoded, windows: Windows, logits: list[tuple[np.nda
             best = (float(score[wi]), wi, *windows.char_span(enc, wi, int(start[wi]), int(end[wi])))
             if not has_content(paragraph[best[2]:best[3]]):
                 best = walk_spans(enc, windows, logits, qi, spec, "top-k")
-        if best is None:
-            best = walk_spans(enc, windows, logits, qi, spec, "exhaustive")
+        best = best or walk_spans(enc, windows, logits, qi, spec, "exhaustive")
         if best is None:
             predictions.append(Prediction("", float("-inf"), -1, 0, 0))
             continue

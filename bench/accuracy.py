@@ -253,15 +253,16 @@ def sample_decode(enc, windows, logits, tokenizer) -> list[str]:
     end over the *whole* window, independently; the window with the highest sum wins; the answer is
     ``tokenizer.decode`` of the tokens between them with spaces removed (empty if end < start)."""
     best = {}
-    for w, (start, end) in zip(windows, logits):
+    for wi, (qi, (start, end)) in enumerate(zip(windows.question_index.tolist(), logits)):
         s, e = int(np.argmax(start)), int(np.argmax(end))
         prob = float(start[s] + end[e])
-        if w.question_index not in best or prob > best[w.question_index][0]:
-            best[w.question_index] = (prob, w, s, e)
+        if qi not in best or prob > best[qi][0]:
+            best[qi] = (prob, wi, s, e)
     answers = []
     for qi in range(len(enc.data.questions)):
-        _, w, s, e = best[qi]
-        answers.append(tokenizer.decode(w.input_ids[s:e + 1]).replace(" ", ""))
+        _, wi, s, e = best[qi]
+        input_ids = windows.ids[windows.first[wi]:windows.first[wi] + windows.length[wi]].tolist()
+        answers.append(tokenizer.decode(input_ids[s:e + 1]).replace(" ", ""))
     return answers
 
 

@@ -53,7 +53,7 @@ from hw7qa.batches import length_grouped_batches  # noqa: E402
 from hw7qa.decode import decode_predictions  # noqa: E402
 from hw7qa.inference import Reader, answers, batch_rows, window_logits  # noqa: E402
 from hw7qa.models import inference_autocast, load_tokenizer  # noqa: E402
-from hw7qa.windows import encode, eval_windows, features, padding_of, train_windows  # noqa: E402
+from hw7qa.windows import encode, eval_windows, padding_of, train_windows  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 SHAPES = {"bert-base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
@@ -73,11 +73,24 @@ def half_autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
 
+def features(windows, with_labels: bool = False) -> list[dict]:
+    """Each window of a ``Windows`` table as lists, the unpadded dicts ``DataCollatorWithPadding`` pads."""
+    out = []
+    for i, (first, n) in enumerate(zip(windows.first.tolist(), windows.length.tolist())):
+        f = {"input_ids": windows.ids[first:first + n].tolist(), "attention_mask": [1] * n}
+        if windows.type_ids is not None:
+            f["token_type_ids"] = windows.type_ids[first:first + n].tolist()
+        if with_labels:
+            f["start_positions"], f["end_positions"] = int(windows.start_position[i]), int(windows.end_position[i])
+        out.append(f)
+    return out
+
+
 def sample_loop(model, enc, windows, seq_len, device) -> float:
     """The sample's evaluation: per question one batch of all its windows padded to ``seq_len``."""
     by_question: dict[int, list] = {}
-    for w in windows:
-        by_question.setdefault(w.question_index, []).append(w)
+    for qi, w in zip(windows.question_index.tolist(), features(windows)):
+        by_question.setdefault(qi, []).append(w)
     sync(device)
     started = time.perf_counter()
     with torch.inference_mode(), half_autocast(device):
@@ -86,9 +99,9 @@ def sample_loop(model, enc, windows, seq_len, device) -> float:
             types = torch.zeros_like(ids)
             mask = torch.zeros_like(ids)
             for row, w in enumerate(group):
-                n = len(w.input_ids)
-                ids[row, :n] = torch.tensor(w.input_ids)
-                types[row, :n] = torch.tensor(w.token_type_ids)
+                n = len(w["input_ids"])
+                ids[row, :n] = torch.tensor(w["input_ids"])
+                types[row, :n] = torch.tensor(w["token_type_ids"])
                 mask[row, :n] = 1
             out = model(input_ids=ids.to(device), token_type_ids=types.to(device), attention_mask=mask.to(device))
             for k in range(len(group)):   # what the sample's evaluate() does per window
@@ -173,11 +186,11 @@ def training_host_cost(tokenizer, dev, batch_size, max_length) -> dict:
 def train_rate(model, tokenizer, windows, batch_size, steps, padding, device) -> float:
     """Training windows per second over ``steps`` steps with ``padding``: max_length | dynamic | grouped."""
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8) if padding != "max_length" else \
-        DataCollatorWithPadding(tokenizer, padding="max_length", max_length=max(len(w.input_ids) for w in windows))
+        DataCollatorWithPadding(tokenizer, padding="max_length", max_length=int(windows.length.max()))
     feats = features(windows, with_labels=True)
     rng = random.Random(0)
     if padding == "grouped":
-        batches = length_grouped_batches([len(w.input_ids) for w in windows], batch_size, rng)
+        batches = length_grouped_batches(windows.length.tolist(), batch_size, rng)
     else:
         order = list(range(len(windows)))
         rng.shuffle(order)
@@ -278,7 +291,7 @@ def training_row(model, tokenizer, dev: QAData, batch_size: int, steps: int, max
     """Row (c): training windows/s padded to max_length, dynamic, and length-grouped."""
     cfg = Config(max_length=max_length)
     windows = train_windows(encode(dev, tokenizer, cfg.windows), "random", random.Random(0))
-    lengths = np.array([len(w.input_ids) for w in windows])
+    lengths = windows.length
     rates = {p: train_rate(model, tokenizer, windows, batch_size, steps, p, device)
              for p in ("max_length", "dynamic", "grouped")}
     row = {"row": f"(c) training windows/s at max_length {cfg.max_length}, batch {batch_size}",

@@ -85,11 +85,8 @@ class EpochBatches:
 
     def start_epoch(self, epoch: int, skip: int = 0) -> None:
         rng = epoch_rng(self.seed, epoch, "batches")
-        if self.group_by_length:
-            lengths = self.dataset.windows.length.tolist()
-            self.batches = length_grouped_batches(lengths, self.batch_size, rng)
-        else:
-            self.batches = shuffled_batches(len(self.dataset), self.batch_size, rng)
+        self.batches = (length_grouped_batches(self.dataset.windows.length.tolist(), self.batch_size, rng)
+                        if self.group_by_length else shuffled_batches(len(self.dataset), self.batch_size, rng))
         if self.num_processes > 1 and len(self.batches[-1]) < self.batch_size:
             filler = self.batches[0] * self.batch_size
             self.batches[-1] = (self.batches[-1] + filler)[:self.batch_size]

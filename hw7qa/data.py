@@ -11,8 +11,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import atomic_write
-
 
 class DataError(ValueError):
     """A data file that cannot be used; the message lists every problem found."""
@@ -33,10 +31,6 @@ class QAData:
     path: str
     questions: list[Question]
     paragraphs: list[str]
-
-    @property
-    def has_answers(self) -> bool:
-        return all(q.answer_text is not None for q in self.questions)
 
     def paragraph(self, question: Question) -> str:
         return self.paragraphs[question.paragraph_id]
@@ -104,8 +98,7 @@ def _from_hw7(path: str, raw: dict) -> QAData:
         if bad:
             errors.append(f"{where}: {'; '.join(bad)}")
             continue
-        questions.append(Question(q["id"], q["question_text"], q["paragraph_id"],
-                                  q["answer_text"], q["answer_start"], q["answer_end"]))
+        questions.append(Question(**{k: q[k] for k in fields}))     # the fields are named as Question's
     bad_paragraphs = [i for i, p in enumerate(raw["paragraphs"]) if not isinstance(p, str)]
     if bad_paragraphs:
         errors.append(f"paragraphs {bad_paragraphs[:10]} are not strings")
@@ -142,10 +135,8 @@ def validate(data: QAData, need_answers: bool = False) -> None:
     if need_answers and data.questions and not any(q.answer_text is not None for q in data.questions):
         raise DataError(f"{data.path}: no answer in any of its {len(data.questions)} questions (a test file?); "
                         f"training and evaluation need a file with answers (a train or dev file)")
-    errors, seen = [], {}
-    for p_id, paragraph in enumerate(data.paragraphs):
-        if not paragraph.strip():
-            errors.append(f"paragraph {p_id} is empty")
+    errors = [f"paragraph {p_id} is empty" for p_id, paragraph in enumerate(data.paragraphs) if not paragraph.strip()]
+    seen = {}
     for q in data.questions:
         where = f"question id {q.id!r}"
         key = str(q.id)     # as result.csv writes it: 4 and "4" would be one ID there
@@ -194,12 +185,3 @@ def concat_data(first: QAData, second: QAData) -> QAData:
     moved = [dataclasses.replace(q, id=f"{name}:{q.id}", paragraph_id=q.paragraph_id + shift)
              for q in second.questions]
     return QAData(f"{first.path}+{second.path}", first.questions + moved, first.paragraphs + second.paragraphs)
-
-
-def save_hw7(data: QAData, path: str | Path) -> None:
-    """Write ``data`` as HW7 JSON (e.g. DRCD converted), whole or not at all."""
-    questions = [{"id": q.id, "paragraph_id": q.paragraph_id, "question_text": q.question_text,
-                  "answer_text": q.answer_text, "answer_start": q.answer_start, "answer_end": q.answer_end}
-                 for q in data.questions]
-    with atomic_write(path, encoding="utf-8") as f:
-        json.dump({"questions": questions, "paragraphs": data.paragraphs}, f, ensure_ascii=False)

@@ -1,17 +1,17 @@
 """Window logits → answer strings: span decoding, and the vote over several sets of windows.
 
-One set of windows (``decode_predictions``), as Hugging Face's ``utils_qa.py``: per window the top
-``n_best`` starts × top ``n_best`` ends *inside the paragraph part*, kept when ``start <= end`` and
-the span has at most ``max_answer_length`` tokens, scored ``start_logit + end_logit``; the best span
-over all windows of a question wins. Ties: the earlier window, then within a window the later start
-and end; among equal logits the top-k takes the leftmost. The answer is the paragraph sliced by the
-tokens' character offsets, never ``tokenizer.decode``, so [UNK] characters, case and spaces come
-back as written. A span with no content in result.csv (``has_content``) is passed over.
+One set of windows (``decode_predictions``), as Hugging Face's ``utils_qa.py``: per window the top ``n_best``
+starts × top ``n_best`` ends *inside the paragraph part*, kept when ``start <= end`` and the span has at most
+``max_answer_length`` tokens, scored ``start_logit + end_logit``; the best span over all windows of a question
+wins. Ties: the earlier window, then within a window the later start and end; among equal logits the top-k takes
+the leftmost. The answer is the paragraph sliced by the tokens' character offsets, never ``tokenizer.decode``, so
+[UNK] characters, case and spaces come back as written. A span with no content in result.csv (``has_content``)
+is passed over.
 
-Several sets (``tta_strides``, ensembles; ``ensemble_predictions``): sets with the same windows are
-averaged position by position and decoded as one; sets whose windows differ (other strides, other
-tokenizers) are decoded into candidate *character* spans, whose softmax probabilities are averaged
-per span, each group weighted by its number of members; the most probable span wins.
+Several sets (``tta_strides``, ensembles; ``ensemble_predictions``): sets with the same windows are averaged
+position by position and decoded as one; sets whose windows differ (other strides, other tokenizers) are decoded
+into candidate *character* spans, whose softmax probabilities are averaged per span, each group weighted by its
+number of members; the most probable span wins.
 """
 from __future__ import annotations
 
@@ -21,15 +21,14 @@ import numpy as np
 
 from .config import DecodeSpec
 from .submission import csv_answer
-from .windows import Encoded, Window, Windows
+from .windows import Encoded, Windows, answer_positions
 
 QUOTE_PAIRS = ("「」", "『』", "《》", "“”", "()", "（）")
 CHUNK_WINDOWS = 4096   # windows decoded at once: the n_best × n_best pair arrays of a chunk stay a few MB
 
 
 def has_content(answer: str) -> bool:
-    """Whether ``answer`` still says something in result.csv: not empty once commas and whitespace
-    are gone (an answer of only "," would be empty there)."""
+    """Whether ``answer`` still says something in result.csv: not empty once commas and whitespace are gone."""
     return bool(csv_answer(answer).strip())
 
 
@@ -43,12 +42,9 @@ class Prediction:
 
 
 def top_positions(logits: np.ndarray, n_valid: np.ndarray, k: int) -> np.ndarray:
-    """Per row of ``logits``, the positions of its ``k`` highest values among the first
-    ``n_valid[row]``, in ascending order of position; -1 fills a row with fewer than ``k``.
-
-    Values tied with the k-th highest are taken from the left, so the choice never depends on the
-    sorting algorithm; NaN counts as -inf. ``k`` must not exceed the row length.
-    """
+    """Per row of ``logits``, the positions of its ``k`` highest values among the first ``n_valid[row]``, in
+    ascending order; -1 fills a row with fewer than ``k``. Values tied with the k-th highest are taken from
+    the left, so the choice never depends on the sorting algorithm; NaN counts as -inf. ``k`` <= row length."""
     logits = np.where(np.isnan(logits), -np.inf, logits)
     width = logits.shape[1]
     kth = np.partition(logits, width - k, axis=1)[:, width - k:width - k + 1]   # each row's k-th highest value
@@ -62,31 +58,28 @@ def top_positions(logits: np.ndarray, n_valid: np.ndarray, k: int) -> np.ndarray
     return np.where(columns < n_valid[:, None], columns, -1)   # ... and mark the filling invalid
 
 
-def highest(logits: np.ndarray, k: int) -> np.ndarray:
-    """``top_positions`` of one row with no invalid positions, the simple way: a stable sort keeps
-    tied values in position order, so the leftmost of them come first."""
-    ranked = np.argsort(-np.where(np.isnan(logits), -np.inf, logits), kind="stable")
-    return np.sort(ranked[:k])
+def top_pairs(start_logits: np.ndarray, end_logits: np.ndarray, n_context: np.ndarray, n_best: int,
+              max_answer_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of paragraph-part logits (the first ``n_context[row]`` columns valid), each pair of its ``n_best``
+    highest starts × ends (``top_positions``), by start then end: ``(score, start, end, valid)``, rows × k·k;
+    ``valid``: both exist, ``start <= end`` and the span has at most ``max_answer_length`` tokens."""
+    k = min(n_best, start_logits.shape[1])
+    starts = np.repeat(top_positions(start_logits, n_context, k), k, axis=1)
+    ends = np.tile(top_positions(end_logits, n_context, k), k)
+    score = (np.take_along_axis(start_logits, np.maximum(starts, 0), 1)
+             + np.take_along_axis(end_logits, np.maximum(ends, 0), 1))
+    length = ends - starts + 1
+    return score, starts, ends, (starts >= 0) & (ends >= 0) & (length >= 1) & (length <= max_answer_length)
 
 
 def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, context_start: int, n_context: int,
                n_best: int, max_answer_length: int) -> list[tuple[float, int, int]]:
-    """Valid spans of one window, best first, as ``(score, start, end)`` window positions (inclusive).
-
-    Only positions ``context_start .. context_start + n_context - 1`` (the paragraph) are considered;
-    of those the ``n_best`` highest starts and ends are paired, keeping ``start <= end`` and
-    ``end - start + 1 <= max_answer_length``. Returns [] if no pair is valid. Which ``n_best``
-    logits are highest is decided as in ``top_positions`` (ties from the left, NaN as -inf).
-    """
-    lo, hi = context_start, context_start + n_context
-    k = min(n_best, n_context)
-    starts = lo + highest(start_logits[lo:hi], k)
-    ends = lo + highest(end_logits[lo:hi], k)
-    scores = start_logits[starts][:, None] + end_logits[ends][None, :]
-    length = ends[None, :] - starts[:, None] + 1
-    valid = (length >= 1) & (length <= max_answer_length)
-    rows, cols = np.nonzero(valid)
-    score, start, end = scores[rows, cols], starts[rows], ends[cols]
+    """Valid spans (``top_pairs``) of the paragraph part of one window, positions ``context_start ..
+    context_start + n_context - 1``, best first, as ``(score, start, end)`` window positions (inclusive)."""
+    part = slice(context_start, context_start + n_context)
+    score, start, end, valid = top_pairs(start_logits[None, part], end_logits[None, part], np.array([n_context]),
+                                         n_best, max_answer_length)
+    score, start, end = score[valid], context_start + start[valid], context_start + end[valid]
     order = np.lexsort((-end, -start, -score))   # best score first; ties: later start, then later end
     return list(zip(score[order].tolist(), start[order].tolist(), end[order].tolist()))
 
@@ -110,33 +103,27 @@ def context_logits(windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]]
 
 def window_best_spans(windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]], spec: DecodeSpec
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The first span ``best_spans`` gives for each window, for all windows at once:
-    ``(score, start, end, found)``, positions in the window, ``found`` False where no top-k pair
-    of the window is valid (its other entries are then meaningless)."""
+    """The first span ``best_spans`` gives for each window, for all windows at once: ``(score, start, end, found)``,
+    positions in the window; ``found`` is False where no top-k pair is valid (the rest is then meaningless)."""
     n = len(windows)
     score, start, end, found = np.zeros(n, np.float64), np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, bool)
     for lo in range(0, n, CHUNK_WINDOWS):
         rows = range(lo, min(lo + CHUNK_WINDOWS, n))
         start_logits, end_logits = context_logits(windows, logits, rows)
-        k = min(spec.n_best, start_logits.shape[1])
-        if k == 0:       # no window of the chunk has a paragraph token
+        if start_logits.shape[1] == 0:       # no window of the chunk has a paragraph token
             continue
         n_context = windows.token_end[rows] - windows.token_start[rows]
-        starts, ends = top_positions(start_logits, n_context, k), top_positions(end_logits, n_context, k)
-        pair_score = (np.take_along_axis(start_logits, np.maximum(starts, 0), 1)[:, :, None]
-                      + np.take_along_axis(end_logits, np.maximum(ends, 0), 1)[:, None, :]).reshape(len(rows), k * k)
-        length = (ends[:, None, :] - starts[:, :, None] + 1).reshape(len(rows), k * k)
-        valid = ((starts >= 0)[:, :, None] & (ends >= 0)[:, None, :]).reshape(len(rows), k * k)
-        valid &= (length >= 1) & (length <= spec.max_answer_length)
+        pair_score, starts, ends, valid = top_pairs(start_logits, end_logits, n_context, spec.n_best,
+                                                    spec.max_answer_length)
         top = np.where(valid, pair_score, -np.inf).max(axis=1, keepdims=True)
         hits = valid & (pair_score == top)
         # pairs run through starts, then ends, in ascending positions: the last hit is the best
         # pair with the later start, then the later end, as ``best_spans`` breaks ties
-        pick = k * k - 1 - np.argmax(hits[:, ::-1], axis=1)
-        context_start = windows.context_start[rows]
+        pick = hits.shape[1] - 1 - np.argmax(hits[:, ::-1], axis=1)
+        context_start, row = windows.context_start[rows], np.arange(len(rows))
         score[rows] = top[:, 0]
-        start[rows] = context_start + starts[np.arange(len(rows)), pick // k]
-        end[rows] = context_start + ends[np.arange(len(rows)), pick % k]
+        start[rows] = context_start + starts[row, pick]
+        end[rows] = context_start + ends[row, pick]
         found[rows] = hits.any(axis=1)
     return score, start, end, found
 
@@ -147,19 +134,17 @@ def best_window_per_question(question_index: np.ndarray, score: np.ndarray, foun
     ties), among the windows with ``found``; -1 for a question with none."""
     rows = np.flatnonzero(found)
     rows = rows[np.lexsort((rows, -score[rows], question_index[rows]))]   # by question, best score first
-    question = question_index[rows]
-    first = np.r_[True, question[1:] != question[:-1]] if len(rows) else np.zeros(0, bool)
+    questions, first = np.unique(question_index[rows], return_index=True)   # each question's first row
     best = np.full(n_questions, -1, dtype=np.int64)
-    best[question[first]] = rows[first]
+    best[questions] = rows[first]
     return best
 
 
 def exhaustive_best_span(start_logits: np.ndarray, end_logits: np.ndarray, context_start: int,
                          n_context: int, max_answer_length: int) -> tuple[float, int, int]:
     """The best valid span over *all* starts and ends of the paragraph part (the top-k fallback)."""
-    s = start_logits[context_start:context_start + n_context].astype(np.float64)
-    e = end_logits[context_start:context_start + n_context].astype(np.float64)
-    scores = s[:, None] + e[None, :]
+    part = slice(context_start, context_start + n_context)
+    scores = start_logits[part].astype(np.float64)[:, None] + end_logits[part].astype(np.float64)[None, :]
     length = np.arange(n_context)[None, :] - np.arange(n_context)[:, None] + 1
     scores[(length < 1) | (length > max_answer_length)] = -np.inf
     r, c = np.unravel_index(np.argmax(scores), scores.shape)
@@ -167,13 +152,10 @@ def exhaustive_best_span(start_logits: np.ndarray, end_logits: np.ndarray, conte
 
 
 def balance_quotes(paragraph: str, start: int, end: int) -> tuple[int, int]:
-    """Repair an unpaired quote or bracket at the edges of ``paragraph[start:end]``.
-
-    For each pair in ``QUOTE_PAIRS``: an opening mark without its closing one extends the span by
-    one character if the paragraph continues with the closing mark, otherwise a leading opening
-    mark is dropped; a closing mark without its opening one works the same way to the left.
-    The span never becomes empty.
-    """
+    """Repair an unpaired quote or bracket at the edges of ``paragraph[start:end]``: for each of ``QUOTE_PAIRS``,
+    an opening mark without its closing one extends the span by one character if the paragraph continues
+    with the closing mark, else a leading opening mark is dropped; a closing mark without its opening one
+    works the same way to the left. The span never becomes empty."""
     for opening, closing in QUOTE_PAIRS:
         text = paragraph[start:end]
         surplus = text.count(opening) - text.count(closing)
@@ -205,14 +187,10 @@ def window_spans(windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]], 
 
 def walk_spans(enc: Encoded, windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]], qi: int,
                spec: DecodeSpec, search: str) -> tuple[float, int, int, int] | None:
-    """The best span of question ``qi`` found one span at a time: ``(score, window, char_start,
-    char_end)``, or None if no span has content.
-
-    Each window's spans (``window_spans``) are walked best first, spans without content (only
-    whitespace and commas: ``has_content``) skipped; the
-    first other span of a window replaces the best so far only if it scores higher, so ties go to
-    the earlier window.
-    """
+    """The best span of question ``qi`` found one span at a time: ``(score, window, char_start, char_end)``,
+    or None if no span has content. Each window's spans (``window_spans``) are walked best first, those
+    without content (``has_content``) skipped; a window's first span with content replaces the best so far
+    only if it scores higher, so ties go to the earlier window."""
     paragraph = enc.data.paragraph(enc.data.questions[qi])
     best = None
     for wi in np.flatnonzero(windows.question_index == qi).tolist():
@@ -228,19 +206,11 @@ def walk_spans(enc: Encoded, windows: Windows, logits: list[tuple[np.ndarray, np
 
 def decode_predictions(enc: Encoded, windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]],
                        spec: DecodeSpec = DecodeSpec()) -> list[Prediction]:
-    """One ``Prediction`` per question of ``enc.data``: the best span over all its windows, with
-    ``spec``'s ``n_best`` and ``max_answer_length`` (``best_spans``) and, if ``balance_quotes``, its
-    quotes repaired (``balance_quotes``).
-
-    A span whose text is only whitespace and commas is skipped (it would be an empty answer in
-    result.csv, ``has_content``). If no window of a question has a valid
-    top-k pair, every start/end of every window is searched, so the answer is empty only if the
-    question's paragraph has no tokens at all. Ties: the module's rule.
-
-    The best span of every window is found for all windows at once, and the question's answer is
-    the best of its windows' (``best_window_per_question``): what ``walk_spans`` would find,
-    unless that span has no content. Only then is the question walked span by span.
-    """
+    """One ``Prediction`` per question of ``enc.data``: the best span over all its windows (``best_spans``,
+    ties as the module says), quotes repaired if ``spec.balance_quotes``. A span without content
+    (``has_content``) is skipped; where no window has a valid top-k pair every start and end is searched,
+    so an answer is empty only if its paragraph has no tokens. Every window's best span is found at once
+    (``window_best_spans``); a question is walked span by span (``walk_spans``) only if its best is empty."""
     score, start, end, found = window_best_spans(windows, logits, spec)
     best_window = best_window_per_question(windows.question_index, score, found, len(enc.data.questions))
     predictions = []
@@ -251,8 +221,7 @@ def decode_predictions(enc: Encoded, windows: Windows, logits: list[tuple[np.nda
             best = (float(score[wi]), wi, *windows.char_span(enc, wi, int(start[wi]), int(end[wi])))
             if not has_content(paragraph[best[2]:best[3]]):
                 best = walk_spans(enc, windows, logits, qi, spec, "top-k")
-        if best is None:
-            best = walk_spans(enc, windows, logits, qi, spec, "exhaustive")
+        best = best or walk_spans(enc, windows, logits, qi, spec, "exhaustive")
         if best is None:
             predictions.append(Prediction("", float("-inf"), -1, 0, 0))
             continue
@@ -264,25 +233,21 @@ def decode_predictions(enc: Encoded, windows: Windows, logits: list[tuple[np.nda
 
 
 def oracle_logits(enc: Encoded, windows: Windows) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Logits of a perfect model: 10 on the gold start and end token of every window holding the
-    whole answer, 0 elsewhere. Decoding these measures what the windows and decoding alone lose."""
-    logits = []
-    for w in windows:
-        start, end = np.zeros(len(w.input_ids), np.float32), np.zeros(len(w.input_ids), np.float32)
-        answer = enc.answer_tokens[w.question_index]
-        if answer and w.token_start <= answer[0] and answer[1] < w.token_end:
-            start[w.context_start + answer[0] - w.token_start] = 10
-            end[w.context_start + answer[1] - w.token_start] = 10
-        logits.append((start, end))
+    """Logits of a perfect model: 10 on the gold start and end token of every window holding the whole answer,
+    0 elsewhere. Decoding these measures what the windows and decoding alone lose."""
+    logits = [(np.zeros(n, np.float32), np.zeros(n, np.float32)) for n in windows.length.tolist()]
+    holds, start, end = answer_positions(enc, windows)
+    for i in np.flatnonzero(holds).tolist():
+        logits[i][0][start[i]] = logits[i][1][end[i]] = 10
     return logits
 
 
 # ---------------------------------------------------------------- several sets of logits: strides, models
 
-def same_windows(a: list[Window], b: list[Window]) -> bool:
-    """True if both window lists hold the same tokens for the same questions, window by window."""
-    return len(a) == len(b) and all(x.question_index == y.question_index and x.input_ids == y.input_ids
-                                    for x, y in zip(a, b))
+def same_windows(a: Windows, b: Windows) -> bool:
+    """True if both tables hold the same tokens for the same questions, window by window."""
+    return all(np.array_equal(x, y) for x, y in zip((a.question_index, a.length, a.ids),
+                                                   (b.question_index, b.length, b.ids)))
 
 
 def average_logits(members: list[list[tuple[np.ndarray, np.ndarray]]]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -291,24 +256,16 @@ def average_logits(members: list[list[tuple[np.ndarray, np.ndarray]]]) -> list[t
             for w in range(len(members[0]))]
 
 
-def span_scores(enc: Encoded, windows: list[Window], logits: list[tuple[np.ndarray, np.ndarray]],
+def span_scores(enc: Encoded, windows: Windows, logits: list[tuple[np.ndarray, np.ndarray]],
                 spec: DecodeSpec = DecodeSpec()) -> list[dict[tuple[int, int], float]]:
-    """Per question, ``{(char_start, char_end): score}`` over its candidate spans.
-
-    Candidates are ``best_spans`` of every window of the question (spans of only whitespace and
-    commas left out: ``has_content``), as paragraph character spans, in window order;
-    a span seen in several windows keeps its highest score (start logit + end logit).
-    """
+    """Per question, ``{(char_start, char_end): score}`` over its candidate spans: the ``best_spans`` with
+    content (``has_content``) of each of its windows, in window order; a span seen in several windows keeps
+    its highest score (start logit + end logit)."""
     scores: list[dict[tuple[int, int], float]] = [{} for _ in enc.data.questions]
-    for w, (start_logits, end_logits) in zip(windows, logits):
-        n_context = w.token_end - w.token_start
-        if n_context == 0:
-            continue
-        paragraph = enc.data.paragraph(enc.data.questions[w.question_index])
-        found = scores[w.question_index]
-        for score, s, e in best_spans(start_logits, end_logits, w.context_start, n_context, spec.n_best,
-                                      spec.max_answer_length):
-            span = w.char_span(enc, s, e)
+    for wi, qi in enumerate(windows.question_index.tolist()):
+        paragraph, found = enc.data.paragraph(enc.data.questions[qi]), scores[qi]
+        for score, s, e in window_spans(windows, logits, wi, spec, "top-k"):
+            span = windows.char_span(enc, wi, s, e)
             if has_content(paragraph[span[0]:span[1]]) and score > found.get(span, -np.inf):
                 found[span] = float(score)
     return scores
@@ -323,18 +280,11 @@ def softmax(scores: dict) -> dict:
     return dict(zip(scores, (weights / weights.sum()).tolist()))
 
 
-def span_probabilities(enc: Encoded, windows: list[Window], logits: list[tuple[np.ndarray, np.ndarray]],
-                       spec: DecodeSpec = DecodeSpec()) -> list[dict[tuple[int, int], float]]:
-    """Per question, ``{(char_start, char_end): probability}`` over its candidate spans: the
-    softmax of their ``span_scores`` over the question's candidates."""
-    return [softmax(found) for found in span_scores(enc, windows, logits, spec)]
-
-
 def combine_at_characters(enc: Encoded, groups: list[list[dict[tuple[int, int], float]]], weights: list[float],
                           fallback: list[Prediction], quotes: bool = True) -> list[Prediction]:
-    """Per question the character span with the highest weighted mean probability over ``groups``
-    (each a ``span_probabilities`` result); ``fallback[q]`` where no group proposed any span.
-    ``Prediction.score`` is that probability and ``window`` is -1 (no single window)."""
+    """Per question the character span with the highest weighted mean probability over ``groups`` (each,
+    per question, ``{(char_start, char_end): probability}``); ``fallback[q]`` where no group proposed any
+    span. ``Prediction.score`` is that probability and ``window`` is -1 (no single window)."""
     total = sum(weights)
     predictions = []
     for qi, question in enumerate(enc.data.questions):
@@ -353,14 +303,11 @@ def combine_at_characters(enc: Encoded, groups: list[list[dict[tuple[int, int], 
     return predictions
 
 
-def ensemble_predictions(members: list[tuple[Encoded, list[Window], list]], spec: DecodeSpec = DecodeSpec(),
+def ensemble_predictions(members: list[tuple[Encoded, Windows, list]], spec: DecodeSpec = DecodeSpec(),
                          method: str = "auto") -> tuple[list[Prediction], str]:
-    """Answers of the ensemble of ``members`` (each ``(enc, windows, logits)`` for the same questions)
-    and a one-line description of how they were combined.
-
-    ``method="auto"`` averages logits within groups of same-window members and combines groups at
-    the character level; ``method="chars"`` treats every member as its own group.
-    """
+    """Answers of the ensemble of ``members`` (each ``(enc, windows, logits)`` for the same questions) and a
+    line saying how they were combined: ``method="auto"`` averages logits within groups of same-window
+    members and combines groups at the character level; ``"chars"`` makes every member its own group."""
     if method not in ("auto", "chars"):
         raise ValueError(f"method={method!r}; choose auto or chars")
     n_questions = {len(enc.data.questions) for enc, _, _ in members}
@@ -378,13 +325,14 @@ def ensemble_predictions(members: list[tuple[Encoded, list[Window], list]], spec
     first = decode_predictions(*averaged[0], spec)
     if len(groups) == 1:
         return first, f"logits averaged window by window: {how}"
-    probabilities = [span_probabilities(enc, windows, logits, spec) for enc, windows, logits in averaged]
+    # per group and question, the softmax of its candidate spans' scores
+    probabilities = [[softmax(found) for found in span_scores(*member, spec)] for member in averaged]
     combined = combine_at_characters(averaged[0][0], probabilities, [len(g) for g in groups], first,
                                      spec.balance_quotes)
     return combined, f"character-level vote of {len(groups)} groups, logits averaged within each: {how}"
 
 
-def vote_predictions(members: list[tuple[Encoded, list[Window], list]], spec: DecodeSpec = DecodeSpec()
+def vote_predictions(members: list[tuple[Encoded, Windows, list]], spec: DecodeSpec = DecodeSpec()
                      ) -> list[Prediction]:
     """Answers from the logits of one model over several sets of windows (``tta_strides``: one set
     per ``doc_stride``), combined at the character level; with one set, that set decoded alone."""

@@ -7,11 +7,10 @@ from the tokenizer (``PairTemplate``), so BERT and sentencepiece vocabularies bo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
-import operator
 import random
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -45,10 +44,8 @@ def learn_template(tokenizer) -> PairTemplate:
     p_pos = [i for i, s in enumerate(seq) if s == 1]
     prefix, middle, suffix = ids[:q_pos[0]], ids[q_pos[-1] + 1:p_pos[0]], ids[p_pos[-1] + 1:]
     types = enc.get("token_type_ids")
-    type_ids = None
-    if types is not None and "token_type_ids" in tokenizer.model_input_names:
-        type_ids = (types[:q_pos[0]], types[q_pos[0]], types[q_pos[-1] + 1:p_pos[0]],
-                    types[p_pos[0]], types[p_pos[-1] + 1:])
+    type_ids = None if types is None or "token_type_ids" not in tokenizer.model_input_names else (
+        types[:q_pos[0]], types[q_pos[0]], types[q_pos[-1] + 1:p_pos[0]], types[p_pos[0]], types[p_pos[-1] + 1:])
     cls_id = tokenizer.cls_token_id
     cls_index = ids.index(cls_id) if cls_id in ids else 0
     return PairTemplate(prefix, middle, suffix, type_ids, cls_index)
@@ -70,20 +67,14 @@ class Encoded:
 LEAN = dict(add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, verbose=False)
 
 
-def tokenize_paragraphs(texts: list[str], tokenizer) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
-    """Token ids of each text (no special tokens) and their character offsets (``trimmed_offsets``)."""
-    if not texts:
-        return [], []
-    para = tokenizer(texts, return_offsets_mapping=True, **LEAN)
-    return para["input_ids"], [trimmed_offsets(text, offs) for text, offs in zip(texts, para["offset_mapping"])]
-
-
-def encode(data: QAData, tokenizer, spec: WindowSpec, paragraphs: tuple[list, list] | None = None) -> Encoded:
-    """``data`` tokenized once, answers as token spans, for ``spec``; ``paragraphs``: its ``tokenize_paragraphs``."""
+def encode(data: QAData, tokenizer, spec: WindowSpec) -> Encoded:
+    """``data`` tokenized once (paragraph offsets by ``trimmed_offsets``), answers as token spans, for ``spec``."""
     template = learn_template(tokenizer)
     if spec.max_length - spec.max_question_tokens - template.n_special < 8:
         raise ValueError(f"max_length {spec.max_length} leaves fewer than 8 paragraph tokens")
-    paragraph_ids, offsets = paragraphs or tokenize_paragraphs(data.paragraphs, tokenizer)
+    para = tokenizer(data.paragraphs, return_offsets_mapping=True, **LEAN)
+    paragraph_ids = para["input_ids"]
+    offsets = [trimmed_offsets(text, offs) for text, offs in zip(data.paragraphs, para["offset_mapping"])]
     empty = next((i for i, ids in enumerate(paragraph_ids) if not ids), None)
     if empty is not None:           # no window could hold an answer: its questions would get an empty one
         raise DataError(f"{data.path}: paragraph {empty} ({data.paragraphs[empty][:20]!r}) holds nothing the "
@@ -118,18 +109,12 @@ def trimmed_offsets(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int
 
 def answer_tokens(data: QAData, offsets: list[list[tuple[int, int]]]) -> list[tuple[int, int] | None]:
     """``char_span_to_tokens`` of every question's answer; None where no answer is given."""
-    as_array: dict[int, np.ndarray] = {}
-    spans = []
-    for q in data.questions:
-        if q.answer_start is None:
-            spans.append(None)
-            continue
-        if q.paragraph_id not in as_array:
-            pairs = offsets[q.paragraph_id]
-            as_array[q.paragraph_id] = np.fromiter(itertools.chain.from_iterable(pairs), dtype=np.int64,
-                                                   count=2 * len(pairs)).reshape(-1, 2)
-        spans.append(char_span_to_tokens(as_array[q.paragraph_id], q.answer_start, q.answer_end))
-    return spans
+    @functools.cache
+    def as_array(paragraph_id: int) -> np.ndarray:      # each paragraph's offsets converted once
+        pairs = offsets[paragraph_id]
+        return np.fromiter(itertools.chain.from_iterable(pairs), dtype=np.int64, count=2 * len(pairs)).reshape(-1, 2)
+    return [None if q.answer_start is None else char_span_to_tokens(as_array(q.paragraph_id), q.answer_start,
+                                                                    q.answer_end) for q in data.questions]
 
 
 def char_span_to_tokens(offsets, start_char: int, end_char: int) -> tuple[int, int] | None:
@@ -156,11 +141,6 @@ def question_budgets(enc: Encoded) -> np.ndarray:
     return np.minimum(room, cap) if cap else room
 
 
-def window_starts(n_tokens: int, budget: int, doc_stride: int) -> list[int]:
-    """First paragraph token of every window: 0, stride, 2*stride, ... until the end is reached."""
-    return window_grid([n_tokens], [budget], doc_stride)[1].tolist()
-
-
 def window_grid(n_tokens, budget, doc_stride: int) -> tuple[np.ndarray, np.ndarray]:
     """``(row, start)`` of every window of paragraphs of ``n_tokens[i]`` tokens, ``budget[i]`` per window."""
     n_tokens, budget = np.asarray(n_tokens, dtype=np.int64), np.asarray(budget, dtype=np.int64)
@@ -185,35 +165,17 @@ def train_window_start(policy: str, n_tokens: int, budget: int, answer: tuple[in
     return min(max(middle - budget // 2, lo), hi)
 
 
-@dataclass(frozen=True)
-class Window:
-    question_index: int         # index into enc.data.questions
-    token_start: int            # first paragraph token in the window
-    token_end: int              # one past the last paragraph token
-    context_start: int          # position of paragraph token ``token_start`` in input_ids
-    input_ids: list[int]
-    token_type_ids: list[int] | None
-    start_position: int | None = None   # training label (position in input_ids)
-    end_position: int | None = None
-
-    def char_span(self, enc: Encoded, position_start: int, position_end: int) -> tuple[int, int]:
-        """Characters ``[start, end)`` of the paragraph covered by window positions start..end (inclusive)."""
-        offsets = enc.paragraph_offsets[enc.data.questions[self.question_index].paragraph_id]
-        return (offsets[self.token_start + position_start - self.context_start][0],
-                offsets[self.token_start + position_end - self.context_start][1])
-
-
 @dataclass(frozen=True, eq=False)
-class Windows(Sequence):
-    """Windows as parallel numpy arrays, one row per window; ``windows[i]`` is row ``i`` as a ``Window``."""
-    question_index: np.ndarray          # these four per window, as in ``Window``
-    token_start: np.ndarray
-    token_end: np.ndarray
-    context_start: np.ndarray
-    length: np.ndarray                  # len(input_ids) of each window
+class Windows:
+    """Windows as parallel numpy arrays, one row per window."""
+    question_index: np.ndarray          # index into enc.data.questions
+    token_start: np.ndarray             # first paragraph token in the window
+    token_end: np.ndarray               # one past the last paragraph token
+    context_start: np.ndarray           # position of paragraph token ``token_start`` in the window
+    length: np.ndarray                  # how many tokens each window has
     ids: np.ndarray                     # the input ids of every window, one window after the other
     type_ids: np.ndarray | None         # the token type ids, laid out as ``ids``; None if the model takes none
-    start_position: np.ndarray | None = None   # training labels, as in ``Window``
+    start_position: np.ndarray | None = None   # training labels (positions in the window)
     end_position: np.ndarray | None = None
 
     @cached_property
@@ -224,19 +186,8 @@ class Windows(Sequence):
     def __len__(self) -> int:
         return len(self.length)
 
-    def __getitem__(self, i: int) -> Window:
-        # negative indices count from the end; an IndexError past it ends a for loop
-        i = range(len(self))[operator.index(i)]
-        tokens = slice(self.first[i], self.first[i] + self.length[i])
-        has_labels = self.start_position is not None
-        return Window(int(self.question_index[i]), int(self.token_start[i]), int(self.token_end[i]),
-                      int(self.context_start[i]), self.ids[tokens].tolist(),
-                      None if self.type_ids is None else self.type_ids[tokens].tolist(),
-                      int(self.start_position[i]) if has_labels else None,
-                      int(self.end_position[i]) if has_labels else None)
-
     def char_span(self, enc: Encoded, i: int, position_start: int, position_end: int) -> tuple[int, int]:
-        """``Window.char_span`` of window ``i``, read from the arrays."""
+        """Characters ``[start, end)`` of the paragraph covered by positions start..end (inclusive) of window ``i``."""
         offsets = enc.paragraph_offsets[enc.data.questions[self.question_index[i]].paragraph_id]
         first_token = self.token_start[i] - self.context_start[i]
         return offsets[first_token + position_start][0], offsets[first_token + position_end][1]
@@ -303,15 +254,21 @@ def cut_windows(enc: Encoded, question_index, token_start) -> Windows:
                    pool[index], type_ids)
 
 
-def labelled(enc: Encoded, windows: Windows) -> Windows:
-    """``windows`` labelled with the answer's first and last position where it is whole inside, else ``cls_index``."""
+def answer_positions(enc: Encoded, windows: Windows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per window: whether it holds its question's whole answer, and the answer's first and last position in it."""
     answers = np.array([(-1, -1) if a is None else a for a in enc.answer_tokens], dtype=np.int64).reshape(-1, 2)
     first, last = answers[windows.question_index].T
     holds = (first >= 0) & (windows.token_start <= first) & (last < windows.token_end)
     shift = windows.context_start - windows.token_start
+    return holds, first + shift, last + shift
+
+
+def labelled(enc: Encoded, windows: Windows) -> Windows:
+    """``windows`` labelled with the answer's first and last position where it is whole inside, else ``cls_index``."""
+    holds, start, end = answer_positions(enc, windows)
     no_answer = enc.template.cls_index
-    return dataclasses.replace(windows, start_position=np.where(holds, first + shift, no_answer),
-                               end_position=np.where(holds, last + shift, no_answer))
+    return dataclasses.replace(windows, start_position=np.where(holds, start, no_answer),
+                               end_position=np.where(holds, end, no_answer))
 
 
 def paragraph_lengths(enc: Encoded) -> list[int]:
@@ -329,15 +286,11 @@ def train_windows(enc: Encoded, policy: str, rng: random.Random) -> Windows:
     none can); ``all`` every ``eval_windows`` window."""
     if policy == "all":
         return labelled(enc, eval_windows(enc))
-    question_index, token_start = [], []
-    for qi, (n_tokens, budget) in enumerate(zip(paragraph_lengths(enc), question_budgets(enc).tolist())):
-        if enc.answer_tokens[qi] is None:
-            continue
-        start = train_window_start(policy, n_tokens, budget, enc.answer_tokens[qi], rng)
-        if start is not None:
-            question_index.append(qi)
-            token_start.append(start)
-    return labelled(enc, cut_windows(enc, question_index, token_start))
+    drawn = [(qi, train_window_start(policy, n_tokens, budget, answer, rng)) for qi, (n_tokens, budget, answer)
+             in enumerate(zip(paragraph_lengths(enc), question_budgets(enc).tolist(), enc.answer_tokens))
+             if answer is not None]
+    kept = [(qi, start) for qi, start in drawn if start is not None]
+    return labelled(enc, cut_windows(enc, [qi for qi, _ in kept], [start for _, start in kept]))
 
 
 def padding_of(tokenizer) -> dict:
@@ -346,21 +299,9 @@ def padding_of(tokenizer) -> dict:
                 pad_left=tokenizer.padding_side == "left")
 
 
-def features(windows: list[Window], with_labels: bool = False) -> list[dict]:
-    """Model inputs of each window as dicts for ``DataCollatorWithPadding`` (unpadded)."""
-    out = []
-    for w in windows:
-        f = {"input_ids": w.input_ids, "attention_mask": [1] * len(w.input_ids)}
-        if w.token_type_ids is not None:
-            f["token_type_ids"] = w.token_type_ids
-        if with_labels:
-            f["start_positions"], f["end_positions"] = w.start_position, w.end_position
-        out.append(f)
-    return out
-
-
 def question_windows(enc: Encoded, qi: int) -> list[tuple[int, int]]:
     """Paragraph tokens ``(start, end)``, end exclusive, of each window ``eval_windows`` cuts for question ``qi``."""
     n_tokens = len(enc.paragraph_ids[enc.data.questions[qi].paragraph_id])
     budget = int(question_budgets(enc)[qi])
-    return [(start, min(start + budget, n_tokens)) for start in window_starts(n_tokens, budget, enc.spec.doc_stride)]
+    starts = window_grid([n_tokens], [budget], enc.spec.doc_stride)[1].tolist()
+    return [(start, min(start + budget, n_tokens)) for start in starts]

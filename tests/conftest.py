@@ -53,6 +53,60 @@ def run_logits(run_dir, cfg, data):
     return stride_logits(open_run(run_dir, cfg), data, [cfg.doc_stride])[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """One row of a ``windows.Windows`` table as an object, for tests that read windows one by one."""
+    question_index: int         # index into enc.data.questions
+    token_start: int            # first paragraph token in the window
+    token_end: int              # one past the last paragraph token
+    context_start: int          # position of paragraph token ``token_start`` in input_ids
+    input_ids: list[int]
+    token_type_ids: list[int] | None
+    start_position: int | None = None   # training label (position in input_ids)
+    end_position: int | None = None
+
+    def char_span(self, enc, position_start: int, position_end: int) -> tuple[int, int]:
+        """Characters ``[start, end)`` of the paragraph covered by window positions start..end (inclusive)."""
+        offsets = enc.paragraph_offsets[enc.data.questions[self.question_index].paragraph_id]
+        return (offsets[self.token_start + position_start - self.context_start][0],
+                offsets[self.token_start + position_end - self.context_start][1])
+
+
+def window_rows(windows) -> list[Window]:
+    """Every row of ``windows`` (a ``Windows`` table) as a ``Window``."""
+    rows = []
+    for i, (first, n) in enumerate(zip(windows.first.tolist(), windows.length.tolist())):
+        labels = (None, None) if windows.start_position is None else (
+            int(windows.start_position[i]), int(windows.end_position[i]))
+        rows.append(Window(int(windows.question_index[i]), int(windows.token_start[i]), int(windows.token_end[i]),
+                           int(windows.context_start[i]), windows.ids[first:first + n].tolist(),
+                           None if windows.type_ids is None else windows.type_ids[first:first + n].tolist(), *labels))
+    return rows
+
+
+def features(windows: list[Window], with_labels: bool = False) -> list[dict]:
+    """Model inputs of each window as dicts for ``DataCollatorWithPadding`` (unpadded)."""
+    out = []
+    for w in windows:
+        f = {"input_ids": w.input_ids, "attention_mask": [1] * len(w.input_ids)}
+        if w.token_type_ids is not None:
+            f["token_type_ids"] = w.token_type_ids
+        if with_labels:
+            f["start_positions"], f["end_positions"] = w.start_position, w.end_position
+        out.append(f)
+    return out
+
+
+def save_hw7(data, path) -> None:
+    """Write ``data`` (a ``QAData``) as HW7 JSON (e.g. DRCD converted), whole or not at all."""
+    from hw7qa.files import atomic_write
+    questions = [{"id": q.id, "paragraph_id": q.paragraph_id, "question_text": q.question_text,
+                  "answer_text": q.answer_text, "answer_start": q.answer_start, "answer_end": q.answer_end}
+                 for q in data.questions]
+    with atomic_write(path, encoding="utf-8") as f:
+        json.dump({"questions": questions, "paragraphs": data.paragraphs}, f, ensure_ascii=False)
+
+
 def shared_path(relative: str) -> Path:
     """A file of ../shared, or a skip that says why the test cannot run here."""
     path = SHARED / relative

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shared_path
+from conftest import features, shared_path, window_rows
 from hw7qa.data import QAData, Question, load_qa_file
 from hw7qa.decode import balance_quotes, best_spans, decode_predictions, oracle_logits
 from hw7qa.inference import window_logits
@@ -52,7 +52,7 @@ def window_with(paragraph, question="問?", tokenizer=None):
 
 def test_decoding_stays_in_the_paragraph_and_start_before_end(bert_tokenizer):
     enc, windows = window_with("蔡鍔在雲南宣布獨立", tokenizer=bert_tokenizer)
-    w = windows[0]
+    w = window_rows(windows)[0]
     start, end = np.full(len(w.input_ids), -100, np.float32), np.full(len(w.input_ids), -100, np.float32)
     start[0] = end[0] = 100            # [CLS]: outside the paragraph
     start[1] = end[1] = 90             # the question
@@ -73,7 +73,7 @@ def test_max_answer_length_is_respected():
 
 def test_answer_never_empty_even_when_top_k_has_no_valid_pair(bert_tokenizer):
     enc, windows = window_with("甲乙丙丁戊己庚辛壬癸", tokenizer=bert_tokenizer)
-    w = windows[0]
+    w = window_rows(windows)[0]
     n = len(w.input_ids)
     start = np.full(n, -5, np.float32)
     end = np.full(n, -5, np.float32)
@@ -114,15 +114,15 @@ def test_balance_quotes_never_empties_a_span():
 def test_model_inputs_match_the_transformers_collator(any_tokenizer, side, monkeypatch):
     from transformers import DataCollatorWithPadding
 
-    from hw7qa.windows import features
     monkeypatch.setattr(any_tokenizer, "padding_side", side)
     data = QAData("x", [Question(0, "甚麼是甲?", 0), Question(1, "乙", 1)], ["甲乙丙丁" * 30, "短的 paragraph 1990年"])
     windows = eval_windows(encode(data, any_tokenizer, WindowSpec(64, 16, doc_stride=20)))
     rows = np.array([len(windows) - 1, 0, 1])               # any rows, in any order
     ours = windows.model_inputs(rows, any_tokenizer.pad_token_id, any_tokenizer.pad_token_type_id, side == "left")
-    theirs = DataCollatorWithPadding(any_tokenizer, pad_to_multiple_of=8)(features([windows[i] for i in rows]))
+    every = window_rows(windows)
+    theirs = DataCollatorWithPadding(any_tokenizer, pad_to_multiple_of=8)(features([every[i] for i in rows]))
     assert ours.keys() == theirs.keys() and len(windows) >= 3
-    assert len({len(windows[i].input_ids) for i in rows}) > 1  # some padding to do
+    assert len({len(every[i].input_ids) for i in rows}) > 1  # some padding to do
     for key in ours:
         assert ours[key].dtype == np.int64 and np.array_equal(ours[key], theirs[key].numpy()), key
 
@@ -147,6 +147,6 @@ def test_window_logits_are_each_windows_own_in_window_order(bert_tokenizer, samp
     windows = eval_windows(encode(sample_dev, bert_tokenizer, WindowSpec(64, 16, doc_stride=12)))
     logits = window_logits(EchoQA(), bert_tokenizer, windows, batch_size)
     assert len(logits) == len(windows) > 64 and len(set(windows.length.tolist())) > 1
-    for w, (start, end) in zip(windows, logits):
+    for w, (start, end) in zip(window_rows(windows), logits):
         assert start.dtype == np.float32 and start.tolist() == w.input_ids
         assert end.tolist() == list(range(len(w.input_ids)))

@@ -12,15 +12,22 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import shared_path
+from conftest import shared_path, window_rows
 from hw7qa.config import Config, DecodeSpec, WindowSpec
 from hw7qa.data import QAData, Question, load_qa_file
-from hw7qa.decode import (Prediction, balance_quotes, decode_predictions, exhaustive_best_span, highest,
-                          top_positions, walk_spans)
+from hw7qa.decode import (Prediction, balance_quotes, decode_predictions, exhaustive_best_span, top_positions,
+                          walk_spans)
 from hw7qa.decode import has_content
 from hw7qa.submission import check_result_csv, write_result_csv
 from hw7qa.models import load_tokenizer
 from hw7qa.windows import encode, eval_windows
+
+
+def highest(logits, k):
+    """``top_positions`` of one row with no invalid positions, the simple way: a stable sort keeps
+    tied values in position order, so the leftmost of them come first."""
+    ranked = np.argsort(-np.where(np.isnan(logits), -np.inf, logits), kind="stable")
+    return np.sort(ranked[:k])
 
 
 def reference_best_spans(start_logits, end_logits, context_start, n_context, n_best, max_answer_length):
@@ -38,7 +45,7 @@ def reference_best_spans(start_logits, end_logits, context_start, n_context, n_b
 
 def reference_decode(enc, windows, logits, spec):
     """``decode_predictions`` before it was vectorised, with ``Window`` objects."""
-    windows = list(windows)
+    windows = window_rows(windows)
     by_question = [[] for _ in enc.data.questions]
     for wi, w in enumerate(windows):
         by_question[w.question_index].append(wi)
@@ -77,7 +84,7 @@ def reference_decode(enc, windows, logits, spec):
 def random_logits(windows, seed):
     rng = np.random.default_rng(seed)
     return [(rng.standard_normal(len(w.input_ids)).astype(np.float32),
-             rng.standard_normal(len(w.input_ids)).astype(np.float32)) for w in windows]
+             rng.standard_normal(len(w.input_ids)).astype(np.float32)) for w in window_rows(windows)]
 
 
 SPECS = [DecodeSpec(), DecodeSpec(n_best=3, max_answer_length=5), DecodeSpec(n_best=1, max_answer_length=2),
@@ -118,8 +125,9 @@ def test_a_whitespace_best_span_gives_way_to_the_next(bert_tokenizer):
     offsets[0][2] = (2, 2)
     enc = dataclasses.replace(enc, paragraph_offsets=offsets, paragraph_ids=[enc.paragraph_ids[0], []])
     windows = eval_windows(enc)
-    logits = [(np.zeros(len(w.input_ids), np.float32), np.zeros(len(w.input_ids), np.float32)) for w in windows]
-    first = windows[0].context_start
+    logits = [(np.zeros(len(w.input_ids), np.float32), np.zeros(len(w.input_ids), np.float32))
+              for w in window_rows(windows)]
+    first = window_rows(windows)[0].context_start
     logits[0][0][first + 2] = logits[0][1][first + 2] = 9      # the best span: 丙 alone, now empty (18)
     logits[0][0][first + 4] = logits[0][1][first + 5] = 5      # the next best: 丙 to 己 (14), then 戊己 (10)
     predictions = decode_predictions(enc, windows, logits, DecodeSpec())
@@ -134,8 +142,9 @@ def test_a_comma_best_span_gives_way_to_the_next_and_the_csv_stays_valid(bert_to
     data = QAData("mem", [Question(0, "問?", 0)], [paragraph])
     enc = encode(data, bert_tokenizer, WindowSpec(64, 16, doc_stride=32))
     windows = eval_windows(enc)
-    logits = [(np.zeros(len(w.input_ids), np.float32), np.zeros(len(w.input_ids), np.float32)) for w in windows]
-    first = windows[0].context_start
+    logits = [(np.zeros(len(w.input_ids), np.float32), np.zeros(len(w.input_ids), np.float32))
+              for w in window_rows(windows)]
+    first = window_rows(windows)[0].context_start
     assert paragraph[slice(*windows.char_span(enc, 0, first + 2, first + 2))] == ","
     logits[0][0][first + 2] = logits[0][1][first + 2] = 9      # the best span: "," alone (18)
     logits[0][1][first + 3] = 5                                # the next best: ",丙" (14)
@@ -168,7 +177,7 @@ def test_vectorised_decoding_is_walking_the_spans_also_with_ties(bert_tokenizer,
     windows = eval_windows(enc)
     rng = np.random.default_rng(0)
     logits = [(rng.integers(0, 3, len(w.input_ids)).astype(np.float32),
-               rng.integers(0, 3, len(w.input_ids)).astype(np.float32)) for w in windows]
+               rng.integers(0, 3, len(w.input_ids)).astype(np.float32)) for w in window_rows(windows)]
     spec = dataclasses.replace(spec, balance_quotes=False)
     for qi, prediction in enumerate(decode_predictions(enc, windows, logits, spec)):
         walked = walk_spans(enc, windows, logits, qi, spec, "top-k") or walk_spans(enc, windows, logits, qi, spec,

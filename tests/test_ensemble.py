@@ -11,11 +11,16 @@ from conftest import SAMPLE
 from hw7qa.__main__ import main
 from hw7qa.data import QAData, Question, load_qa_file
 from hw7qa.decode import balance_quotes, decode_predictions
-from hw7qa.decode import combine_at_characters, ensemble_predictions, span_probabilities
+from hw7qa.decode import combine_at_characters, ensemble_predictions, softmax, span_scores
 from hw7qa.config import demo_config
 from hw7qa.runfolder import run_config
 from conftest import run_logits
 from hw7qa.train import train
+
+
+def span_probabilities(enc, windows, logits):
+    """Per question, ``{(char_start, char_end): probability}``: the softmax of its ``span_scores``."""
+    return [softmax(found) for found in span_scores(enc, windows, logits)]
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import window_rows
 import hw7qa.train as train_module
 from hw7qa.__main__ import main
 from hw7qa.config import DecodeSpec, WindowSpec
@@ -248,14 +249,15 @@ def test_equal_span_scores_follow_the_stated_tie_rule(bert_tokenizer):
     enc = encode(data, bert_tokenizer, WindowSpec(32, 8, doc_stride=16))
     windows = eval_windows(enc)
     assert len(windows) >= 2
-    logits = [(np.zeros(len(w.input_ids), np.float32), np.zeros(len(w.input_ids), np.float32)) for w in windows]
+    rows = window_rows(windows)
+    logits = [(np.zeros(len(w.input_ids), np.float32), np.zeros(len(w.input_ids), np.float32)) for w in rows]
     spec = DecodeSpec(n_best=5, max_answer_length=30)
-    for wi, w in enumerate([windows[0], windows[1]]):
+    for wi, w in enumerate([rows[0], rows[1]]):
         start, end = logits[wi]
         start[w.context_start + 1] = start[w.context_start + 3] = 5      # two starts tie ...
         end[w.context_start + 4] = end[w.context_start + 6] = 3          # ... and two ends
     [prediction] = decode_predictions(enc, windows, logits, spec)
-    w = windows[0]
+    w = rows[0]
     assert (prediction.window, prediction.score) == (0, 8.0)
     assert (prediction.char_start, prediction.char_end) == windows.char_span(enc, 0, w.context_start + 3,
                                                                              w.context_start + 6)

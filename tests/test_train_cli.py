@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, SAMPLE
+from conftest import ROOT, SAMPLE, save_hw7
 from hw7qa.__main__ import main
 from hw7qa.config import load_config
-from hw7qa.data import QAData, save_hw7
+from hw7qa.data import QAData
 from hw7qa.report import read_metrics
 from hw7qa.batches import length_grouped_batches
 from hw7qa.runfolder import list_checkpoints

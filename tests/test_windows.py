@@ -7,16 +7,22 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from conftest import features, window_rows
 from hw7qa.data import QAData, Question
 from hw7qa.config import WindowSpec
 from hw7qa.windows import (char_span_to_tokens, encode, eval_windows, learn_template, run_index, train_window_start,
-                           train_windows, trim_offsets, trimmed_offsets, window_grid, window_starts)
+                           train_windows, trim_offsets, trimmed_offsets, window_grid)
+
+
+def window_starts(n_tokens: int, budget: int, doc_stride: int) -> list[int]:
+    """First paragraph token of every window: 0, stride, 2*stride, ... until the end is reached."""
+    return window_grid([n_tokens], [budget], doc_stride)[1].tolist()
 
 
 def covered_characters(enc, windows, qi):
     offsets = enc.paragraph_offsets[enc.data.questions[qi].paragraph_id]
     chars = set()
-    for w in windows:
+    for w in window_rows(windows):
         if w.question_index == qi:
             for s, e in offsets[w.token_start:w.token_end]:
                 chars.update(range(s, e))
@@ -41,7 +47,7 @@ def test_every_paragraph_character_is_in_a_window(any_tokenizer, sample_dev, doc
         tokens_cover = {c for s, e in enc.paragraph_offsets[q.paragraph_id] for c in range(s, e)}
         assert covered_characters(enc, windows, qi) == tokens_cover
         assert {c for c, ch in enumerate(paragraph) if not ch.isspace()} <= tokens_cover
-        mine = [w for w in windows if w.question_index == qi]
+        mine = [w for w in window_rows(windows) if w.question_index == qi]
         assert all(len(w.input_ids) <= 64 for w in mine)
         if len(paragraph) > 300:
             assert len(mine) > 1
@@ -49,7 +55,7 @@ def test_every_paragraph_character_is_in_a_window(any_tokenizer, sample_dev, doc
 
 def test_window_input_is_question_then_paragraph_slice(bert_tokenizer, sample_dev):
     enc = encode(sample_dev, bert_tokenizer, WindowSpec(max_length=64, max_question_tokens=8, doc_stride=20))
-    for w in eval_windows(enc):
+    for w in window_rows(eval_windows(enc)):
         q = sample_dev.questions[w.question_index]
         assert w.input_ids[1:1 + len(enc.question_ids[w.question_index])] == enc.question_ids[w.question_index]
         assert len(enc.question_ids[w.question_index]) <= 8
@@ -110,7 +116,7 @@ def test_labels_point_at_the_answer(any_tokenizer, sample_train, policy):
     enc = encode(sample_train, any_tokenizer, WindowSpec(max_length=64, max_question_tokens=16, doc_stride=24))
     windows = train_windows(enc, policy, random.Random(0))
     with_answer = 0
-    for w in windows:
+    for w in window_rows(windows):
         q = sample_train.questions[w.question_index]
         if w.start_position == enc.template.cls_index == w.end_position:
             assert policy == "all"
@@ -127,8 +133,8 @@ def test_labels_point_at_the_answer(any_tokenizer, sample_train, policy):
 def test_random_policy_draws_new_windows_each_epoch(bert_tokenizer, sample_train):
     enc = encode(sample_train, bert_tokenizer, WindowSpec(max_length=48, max_question_tokens=16, doc_stride=16))
     rng = random.Random(0)
-    first = [w.token_start for w in train_windows(enc, "random", rng)]
-    second = [w.token_start for w in train_windows(enc, "random", rng)]
+    first = [w.token_start for w in window_rows(train_windows(enc, "random", rng))]
+    second = [w.token_start for w in window_rows(train_windows(enc, "random", rng))]
     assert first != second
 
 
@@ -195,10 +201,10 @@ def test_the_window_table_holds_the_windows_built_one_by_one(any_tokenizer, samp
     n_tokens = [len(enc.paragraph_ids[q.paragraph_id]) for q in enc.data.questions]
     expected = [reference_window(enc, qi, s)[0] for qi, n in enumerate(n_tokens)
                 for s in window_starts(n, reference_budget(enc, qi), spec.doc_stride)]
-    assert [dataclasses.astuple(w) for w in windows] == [fields + (None, None) for fields in expected]
-    assert windows.length.tolist() == [len(e[4]) for e in expected] and windows[-1] == windows[len(windows) - 1]
+    assert [dataclasses.astuple(w) for w in window_rows(windows)] == [fields + (None, None) for fields in expected]
+    assert windows.length.tolist() == [len(e[4]) for e in expected]
     for policy in ("random", "center", "all"):
-        for w in train_windows(enc, policy, random.Random(0)):
+        for w in window_rows(train_windows(enc, policy, random.Random(0))):
             fields, label = reference_window(enc, w.question_index, w.token_start)
             assert dataclasses.astuple(w) == fields + label
 
@@ -246,14 +252,15 @@ def test_training_batches_are_what_the_transformers_collator_makes(any_tokenizer
     from transformers import DataCollatorWithPadding
 
     from hw7qa.batches import EpochWindows
-    from hw7qa.windows import features, padding_of
+    from hw7qa.windows import padding_of
     dataset = EpochWindows(encode(sample_train, any_tokenizer, WindowSpec(384, 24, doc_stride=32)), policy, 0,
                            padding_of(any_tokenizer))
     dataset.start_epoch(1)
     rows = [len(dataset) - 1, 3, 0, 7, 3]                          # any rows, in any order
     ours = dataset.collate([dataset[i] for i in rows])
+    every = window_rows(dataset.windows)
     theirs = DataCollatorWithPadding(any_tokenizer, pad_to_multiple_of=8)(
-        features([dataset.windows[i] for i in rows], with_labels=True))
-    assert ours.keys() == theirs.keys() and len({len(dataset.windows[i].input_ids) for i in rows}) > 1
+        features([every[i] for i in rows], with_labels=True))
+    assert ours.keys() == theirs.keys() and len({len(every[i].input_ids) for i in rows}) > 1
     for key in ours:
         assert ours[key].dtype == torch.int64 and torch.equal(ours[key], theirs[key]), key

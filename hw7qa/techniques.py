@@ -39,14 +39,16 @@ def layer_depth(name: str, n_layers: int) -> int:
 
 def layer_parameter_groups(model: torch.nn.Module, lr: float, weight_decay: float, layer_lr_decay: float
                            ) -> list[dict]:
-    """AdamW parameter groups with ``lr × layer_lr_decay ** (n_layers + 1 − depth)``: the full ``lr``
-    at the top, one factor less per layer down, the embeddings lowest (``layer_depth``). Weight decay
-    on matrices only. The first group is the top one, so the lr that is logged is ``lr``."""
-    n_layers = model.config.num_hidden_layers
+    """AdamW parameter groups, weight decay on matrices only, with ``lr × layer_lr_decay ** (n_layers + 1 − depth)``
+    (``layer_depth``): the full ``lr`` at the top (the first group, so the logged lr is ``lr``), the embeddings
+    lowest. With ``layer_lr_decay=1`` (off) two groups: the matrices and the rest."""
+    decayed = layer_lr_decay < 1
+    n_layers = model.config.num_hidden_layers if decayed else 0
     groups: dict[tuple[int, bool], list] = {}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            groups.setdefault((layer_depth(name, n_layers), parameter.ndim >= 2), []).append(parameter)
+            depth = layer_depth(name, n_layers) if decayed else n_layers + 1
+            groups.setdefault((depth, parameter.ndim >= 2), []).append(parameter)
     return [{"params": params, "weight_decay": weight_decay if is_matrix else 0.0,
              "lr": lr * layer_lr_decay ** (n_layers + 1 - depth)}
             for (depth, is_matrix), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))]

@@ -8,17 +8,9 @@ from .config import Config
 from .techniques import layer_parameter_groups
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: biases and LayerNorm weights (1-D parameters) get none."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
     # fused: one kernel updates all parameters, and can skip a step on the device (step_unless)
-    groups = (layer_parameter_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_lr_decay)
-              if cfg.layer_lr_decay < 1 else parameter_groups(model, cfg.weight_decay))
+    groups = layer_parameter_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_lr_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
 
 

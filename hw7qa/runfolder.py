@@ -21,13 +21,6 @@ from .files import DamagedFile, append_whole, atomic_write, check_file, check_fo
 from .models import quiet_transformers, run_model_dir
 
 
-def new_run_dir(cfg: Config) -> Path:
-    if cfg.output_dir:
-        return Path(cfg.output_dir)
-    name = Path(cfg.model_name.rstrip("/")).name.replace("/", "_")
-    return Path("outputs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """A run's ``step-N`` checkpoint folders, oldest first (not ``.partial`` or ``.old`` ones); a damaged one is
     listed, so that a resume names it (``check_resumable``)."""
@@ -86,14 +79,16 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> tuple[Path, P
     from the start): see ``claim_for_new_run`` and ``resume_point``. Refusals touch nothing. Main process only."""
     if resume and not cfg.output_dir:
         raise ValueError("resume needs the run folder (output_dir)")
-    run_dir = new_run_dir(cfg)
+    new_name = f"{Path(cfg.model_name.rstrip('/')).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.output_dir) if cfg.output_dir else Path("outputs") / new_name
+    checkpoint = None
     if resume:
         put_back(run_dir / "model")        # a kill during a model save left the old one set aside
-    checkpoint = resume_point(cfg, run_dir) if resume else None
-    if not resume:
+        checkpoint = resume_point(cfg, run_dir)
+        if checkpoint is None:
+            clear_folder(run_dir)          # an attempt stopped before it recorded a step: its files go
+    else:
         claim_for_new_run(run_dir, overwrite)
-    elif checkpoint is None:
-        clear_folder(run_dir)                  # an attempt stopped before it recorded a step: its files go
     for unfinished in [*run_dir.glob("checkpoints/*.partial"), run_dir / "model.partial"]:  # saves cut off by a kill
         shutil.rmtree(unfinished, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -132,8 +127,7 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
     kept = past_the_start(run_dir)
     if not kept:
         return None
-    why = ("keep_checkpoints=0 saves none" if saved.keep_checkpoints == 0 else
-           "it stopped before its first checkpoint")
+    why = "keep_checkpoints=0 saves none" if saved.keep_checkpoints == 0 else "it stopped before its first checkpoint"
     raise ValueError(f"cannot resume {run_dir}: it has no checkpoint to continue from ({why}), and starting it "
                      f"again would delete its {', '.join(kept)} (nothing was changed); to train it again from step 0, "
                      f"deleting them: python -m hw7qa train --config {shlex.quote(str(run_dir / 'config.json'))} --set "
@@ -143,28 +137,20 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
 
 def past_the_start(run_dir: Path) -> list[str]:
     """What in ``run_dir`` a run writes only once it has trained: all but ``config.json``, ``tensorboard/``,
-    ``.partial`` checkpoints and a ``metrics.jsonl`` without records past step 0."""
+    ``.partial`` checkpoints and a ``metrics.jsonl`` without records past step 0 (lines that are not, passed over)."""
     found = []
     for item in sorted(run_dir.iterdir()):
         if item.name == "metrics.jsonl":
-            step = last_logged_step(run_dir)
-            found += [f"records up to step {step} (metrics.jsonl)"] if step else []
+            steps = [0]
+            for line in item.read_text(encoding="utf-8", errors="replace").splitlines():
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    steps.append(int(json.loads(line).get("step", 0)))
+            found += [f"records up to step {max(steps)} (metrics.jsonl)"] if max(steps) else []
         elif item.name == "checkpoints" and item.is_dir():
             found += ["checkpoints/"] if any(not d.name.endswith(".partial") for d in item.iterdir()) else []
         elif item.name not in ("config.json", "tensorboard"):
             found.append(item.name + ("/" if item.is_dir() else ""))
     return found
-
-
-def last_logged_step(run_dir: Path) -> int:
-    """The highest step of the records in ``metrics.jsonl`` (0 if none), passing over lines that are not."""
-    steps = [0]
-    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            steps.append(int(json.loads(line).get("step", 0)))
-        except (ValueError, TypeError, AttributeError):
-            continue
-    return max(steps)
 
 
 def done_on_main(accelerator, work):
@@ -175,15 +161,12 @@ def done_on_main(accelerator, work):
         try:
             result = work()
         except (ValueError, OSError) as e:
-            if accelerator.num_processes == 1:
-                raise
             error = e
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
-        shared = broadcast_object_list([result, error])
-        if shared[1] is not None:
-            raise shared[1]
-        result = shared[0]
+        result, error = broadcast_object_list([result, error])
+    if error is not None:
+        raise error
     return result
 
 
@@ -224,7 +207,7 @@ def removed_on_failure(partial: Path):
 def replace_folder(partial: Path, directory: Path) -> None:
     """Rename ``partial`` to ``directory``; an old one is set aside as ``.old`` and deleted once the new one is in
     place (a failure leaves it where it was; a kill in between leaves ``.old``, for ``put_back``)."""
-    old = set_aside_name(directory)
+    old = directory.with_name(directory.name + ".old")
     with removed_on_failure(partial), refused_as(directory, partial):
         put_back(directory)
         shutil.rmtree(old, ignore_errors=True)
@@ -238,13 +221,9 @@ def replace_folder(partial: Path, directory: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def set_aside_name(directory: Path) -> Path:
-    return directory.with_name(directory.name + ".old")
-
-
 def put_back(directory: Path) -> None:
     """Rename ``directory.old`` back where a kill between ``replace_folder``'s renames left no ``directory``."""
-    old = set_aside_name(directory)
+    old = directory.with_name(directory.name + ".old")
     if old.is_dir() and not directory.exists():
         with refused_as(directory, old):
             old.rename(directory)
@@ -306,13 +285,9 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, keep: int) 
             accelerator.save_state(str(partial))    # model, optimizer, scheduler, GradScaler, every RNG
     except OSError as e:
         error = e
-    try:
+    with removed_on_failure(partial) if accelerator.is_main_process else contextlib.nullcontext():
         raise_on_every_process(accelerator, error)
         done_on_main(accelerator, lambda: complete_checkpoint(run_dir, partial, final, state, keep))
-    except BaseException:
-        if accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
     return final
 
 

@@ -1,41 +1,15 @@
-"""Fine-tune a model for extractive QA: the Accelerator training loop.
+"""Fine-tune a model for extractive QA: the Accelerator loop of accelerate's ``complete_nlp_example.py``, read top
+to bottom: the policies (when to log, evaluate, save), then ``train`` → ``fit`` → ``run_epoch`` → ``train_step`` and
+``after_step``. What it uses lives beside it: ``models.py``, ``optim.py``, ``batches.py``, ``runfolder.py`` (the run
+folder, its checkpoints and their state) and the opt-in ``techniques.py``.
 
-Read it top to bottom: the policies (when to log, evaluate, save), and the loop (``train`` → ``fit``
-→ ``run_epoch`` → ``train_step`` and ``after_step``). What the loop uses lives beside it, one concern
-per file: ``models.py`` loads the model and tokenizer, ``optim.py`` makes the optimizer and its
-schedule, ``batches.py`` makes the batches of an epoch and fits the micro-batch to memory, ``runfolder.py``
-keeps the run folder, its checkpoints and the state they hold. It follows accelerate's
-``complete_nlp_example.py``: ``Accelerator(mixed_precision, gradient_accumulation_steps)``,
-``accelerator.accumulate``, ``accelerator.backward``, ``save_state``/``load_state``.
-
-Promises kept here, each tested:
-
-- ``train()`` can be called any number of times in one process with any settings: each call gets a
-  fresh ``Accelerator`` (``models.accelerator_for``) and leaves no state behind.
-- ``batch_size`` is the number of windows per forward pass *in total*: with several processes
-  (``accelerate launch``) each gets ``batch_size / num_processes`` of every batch (``split_batches``).
-- The host waits for the GPU only at logging, evaluation and checkpoints: a micro-batch's loss is
-  accumulated on the device, and a non-finite loss or gradient skips the optimizer step on the device
-  (every process sees the same all-reduced gradients, so all skip it together; none waits for another).
-  fp16 adds one wait per optimizer step: a step its loss scaler skipped is not trained (``state.step``
-  counts it, the lr schedule and the moving average do not; ``TrainingRun.trained_steps``).
-- The run folder is decided on the main process and shared; a new run never reuses an old run's folder.
-- Checkpoints (model, optimizer, scheduler, GradScaler, RNG states and ``trainer_state.json``) go to
-  ``<run>/checkpoints/step-NNNNNNN`` every ``save_every`` steps and at each epoch end
-  (``runfolder.save_checkpoint``). ``train(cfg, resume=True)`` continues from the newest one, mid-epoch
-  included, and ends with the same weights and metrics as an uninterrupted run.
-- Every write (metrics, tracker, model, checkpoint) that the system refuses, on any process, stops
-  every process with the same ``OSError`` naming the file: the main process's writes go through
-  ``runfolder.done_on_main``, a checkpoint's through ``runfolder.raise_on_every_process``.
-- ``compile=true`` compiles the model in place (``models.compile_model``) after the moving average's copy is
-  made: checkpoints and the saved model hold the plain model's keys, and a resumed compiled run
-  ends as an uninterrupted compiled one does. ``tf32=true`` holds for the call only.
-
-The opt-in techniques of ``techniques.py`` hook in at four places, each off by default: the
-optimizer's parameter groups (``layer_lr_decay``), a second backward pass in ``train_step``
-(``fgm_epsilon``), the moving average after each step, evaluated and saved instead of the trained
-weights (``ema_decay``, ``TrainingRun.kept_model``), and ``max_answer_length`` set in ``load_inputs``
-(``answer_length_quantile``).
+Promises kept here, each tested (README: "Interrupted runs", "More than one GPU"): a fresh ``Accelerator`` per
+``train()`` call, no state left behind; ``batch_size`` counts a forward pass's windows over all processes; the host
+waits for the device only at logging, evaluation and checkpoints (fp16: also once per step, to learn whether the
+loss scaler skipped it), a non-finite step being skipped on the device by every process alike; the run folder is
+decided on the main process, never an old run's; a resume ends with an uninterrupted run's weights and metrics; a
+write refused on any process stops them all with one ``OSError`` naming the file; ``compile=true`` compiles in place
+after the moving average's copy is made (checkpoints keep the plain model's keys); ``tf32=true`` holds for the call.
 """
 from __future__ import annotations
 
@@ -80,9 +54,8 @@ def evaluate_due(step: int, steps_per_epoch: int, total_steps: int, cfg: Config)
 
 def checkpoint_due(step: int, steps_per_epoch: int, cfg: Config) -> bool:
     """Every ``save_every`` steps and at every epoch end, unless ``keep_checkpoints=0``."""
-    if cfg.keep_checkpoints == 0:
-        return False
-    return bool(cfg.save_every and step % cfg.save_every == 0) or step % steps_per_epoch == 0
+    return cfg.keep_checkpoints != 0 and (bool(cfg.save_every and step % cfg.save_every == 0)
+                                          or step % steps_per_epoch == 0)
 
 
 def is_better(scores: dict, state: TrainerState) -> bool:
@@ -119,8 +92,7 @@ class TrainingRun:
     steps_per_epoch: int
     state: TrainerState
     ema: WeightAverage | None       # ema_decay's moving average of the weights: evaluated and saved instead
-    loss_sum: torch.Tensor = None   # float64 on the device: finite micro-batch losses since the last record
-    loss_n: torch.Tensor = None     # and how many they were
+    losses: torch.Tensor = None     # float64 on the device: sum and count of the finite losses since the last record
     streak: torch.Tensor = None     # optimizer steps skipped in a row (the same on every process)
     nonfinite: torch.Tensor = None  # micro-batches of the current optimizer step with a non-finite loss
 
@@ -130,25 +102,19 @@ class TrainingRun:
 
     @property
     def trained_steps(self) -> int:
-        """Optimizer steps applied, as the schedule counts them: ``state.step`` less the fp16 loss
-        scaler's skips."""
+        """Optimizer steps applied, as the schedule counts them: ``state.step`` less the fp16 loss scaler's skips."""
         return self.scheduler.scheduler.last_epoch
 
     def kept_model(self) -> torch.nn.Module:
-        """The weights that are evaluated and saved: the moving average with ``ema_decay``, else the
-        trained ones."""
+        """The weights evaluated and saved: the moving average with ``ema_decay``, else the trained ones."""
         return self.ema.model if self.ema is not None else self.accelerator.unwrap_model(self.model)
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
-    """Train with ``cfg``; returns the run folder, holding config.json, metrics.jsonl and model/.
-
-    ``resume=True`` continues the run in ``cfg.output_dir`` from its newest checkpoint, starts it
-    again where it stopped before recording a step, or refuses (``runfolder.resume_point``); ``cfg`` may
-    differ from the run's config only in ``FREE_ON_RESUME``.
-    ``overwrite=True`` lets a new run replace the run in ``cfg.output_dir``; without it a new run
-    refuses an existing one.
-    """
+    """Train with ``cfg``; returns the run folder, holding config.json, metrics.jsonl and model/. ``resume=True``
+    continues the run in ``cfg.output_dir`` from its newest checkpoint, starts it again where it stopped before
+    recording a step, or refuses (``runfolder.resume_point``); ``cfg`` may differ from the run's config only in
+    ``FREE_ON_RESUME``. ``overwrite=True`` lets a new run replace the run there, which a new run otherwise refuses."""
     started = processes()             # the processes of accelerate launch (or this one): no Accelerator yet
     check_divisible(cfg, started.num_processes)
     check_tracker(cfg.log_with)
@@ -164,9 +130,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
         fit(run)
         accelerator.wait_for_everyone()
         if run.state.step > run.trained_steps:
-            accelerator.print(f"fp16: the loss scaler skipped {run.state.step - run.trained_steps} of the {run.state.step} "
-                              f"optimizer steps (float16 gradients overflowed while it calibrated its scale); the "
-                              f"other {run.trained_steps} were applied, and the lr schedule followed them")
+            accelerator.print(f"fp16: the loss scaler skipped {run.state.step - run.trained_steps} of the "
+                              f"{run.state.step} optimizer steps (float16 gradients overflowed while it calibrated its "
+                              f"scale); the other {run.trained_steps} were applied, and the lr schedule followed them")
         accelerator.print(f"best model: {run.run_dir / 'model'}" + (
             f" (dev EM {run.state.best_em:.4f}, F1 {run.state.best_f1:.4f})" if run.dev_data else
             " (no dev file: the last epoch's model)"))
@@ -186,10 +152,9 @@ class Inputs:
 
 
 def load_inputs(cfg: Config) -> Inputs:
-    """The data, model and tokenizer of ``cfg``, the training and dev data tokenized (the test file
-    too, to refuse one that cannot be answered), and ``cfg`` itself with ``max_answer_length`` set
-    from the training answers when ``answer_length_quantile`` asks for it (that value is what
-    config.json records, and what evaluate and predict use)."""
+    """The data, model and tokenizer of ``cfg``, the training and dev data tokenized (the test file too, to refuse
+    one that cannot be answered), and ``cfg`` with ``max_answer_length`` from the training answers when
+    ``answer_length_quantile`` asks for it (the value config.json records, and evaluate and predict use)."""
     train_data = load_qa_file(cfg.train_file, need_answers=True, setting="train_file")
     dev_data = load_qa_file(cfg.dev_file, need_answers=True, setting="dev_file") if cfg.dev_file else None
     if cfg.final_fit:
@@ -210,8 +175,8 @@ def load_inputs(cfg: Config) -> Inputs:
 
 
 def start_run(cfg: Config, accelerator, inputs: Inputs, run_dir: Path, checkpoint: Path | None) -> TrainingRun:
-    """The prepared model, optimizer, schedule and loader, and the state (from ``checkpoint`` if
-    resuming); the tracker of ``log_with`` started."""
+    """The prepared model, optimizer, schedule and loader, and the state (from ``checkpoint`` if resuming); the
+    tracker of ``log_with`` started."""
     accelerator.print(f"run folder: {run_dir}  device: {accelerator.device}  processes: "
                       f"{accelerator.num_processes}  precision: {accelerator.mixed_precision}")
     model, tokenizer = inputs.model, inputs.tokenizer
@@ -219,8 +184,7 @@ def start_run(cfg: Config, accelerator, inputs: Inputs, run_dir: Path, checkpoin
     dataset.start_epoch(0)
     report_training_data(cfg, accelerator, run_dir, inputs.train_data, len(dataset), checkpoint)
     if cfg.gradient_checkpointing:   # renamed in transformers 5; the old name goes in 6
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     saved = read_trainer_state(checkpoint) if checkpoint else None
     micro_batch, grad_accum = choose_batches(cfg, model, dataset, accelerator, saved)
     accelerator.gradient_accumulation_steps = grad_accum
@@ -265,22 +229,18 @@ def report_training_data(cfg: Config, accelerator, run_dir: Path, train_data: QA
 
 
 def restore(run: TrainingRun, checkpoint: Path | None) -> None:
-    """The device counters, from ``run.state`` (read from ``checkpoint``); the weights, optimizer,
-    scheduler and RNG states of ``checkpoint`` if there is one."""
-    device, rank = run.accelerator.device, run.accelerator.process_index
-    run.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    run.loss_n = torch.zeros((), dtype=torch.float64, device=device)
-    run.streak = torch.zeros((), dtype=torch.int64, device=device)
-    run.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+    """The device counters, from ``run.state`` (read from ``checkpoint``); the weights, optimizer, scheduler and RNG
+    states of ``checkpoint`` if there is one."""
+    device, rank, state = run.accelerator.device, run.accelerator.process_index, run.state
+    if len(state.running_n) == run.accelerator.num_processes:   # else none yet, or a new process count: all on 0
+        losses = [state.running_loss[rank], state.running_n[rank]]
+    else:
+        losses = [sum(state.running_loss), sum(state.running_n)] if rank == 0 else [0.0, 0.0]
+    run.losses = torch.tensor(losses, dtype=torch.float64, device=device)
+    run.streak, run.nonfinite = (torch.zeros((), dtype=torch.int64, device=device) for _ in range(2))
     if checkpoint is None:
         return
     run.accelerator.load_state(str(checkpoint))
-    if len(run.state.running_n) == run.accelerator.num_processes:   # else a new process count: all on process 0
-        run.loss_sum += run.state.running_loss[rank]
-        run.loss_n += run.state.running_n[rank]
-    elif rank == 0:
-        run.loss_sum += sum(run.state.running_loss)
-        run.loss_n += sum(run.state.running_n)
     run.accelerator.print(f"resumed from {checkpoint} (step {run.state.step} of {run.total_steps}, epoch "
                           f"{run.state.epoch + 1}, {run.state.batches_done} batches into it)")
     if run.state.epoch >= run.cfg.epochs:
@@ -289,21 +249,19 @@ def restore(run: TrainingRun, checkpoint: Path | None) -> None:
 
 def fit(run: TrainingRun) -> None:
     """The epochs, with a clear message instead of a traceback where the user can do something."""
-    cfg, accelerator = run.cfg, run.accelerator
-    progress = tqdm(total=run.total_steps, initial=run.state.step, desc="train", unit="step",
-                    disable=not accelerator.is_local_main_process)
+    cfg = run.cfg
     run.model.train()
-    try:
-        for epoch in range(run.state.epoch, cfg.epochs):
-            run_epoch(run, epoch, progress)
-    except torch.cuda.OutOfMemoryError as e:
-        raise TrainingError(
-            f"GPU out of memory ({str(e).splitlines()[0]}). Set auto_batch=true, or lower batch_size (now "
-            f"{run.state.micro_batch}) and raise grad_accum (now {run.state.grad_accum}) by the same factor, lower "
-            f"max_length (now {cfg.max_length}), or set gradient_checkpointing=true."
-            f"{what_is_kept(run.run_dir)}") from None
-    finally:
-        progress.close()
+    with tqdm(total=run.total_steps, initial=run.state.step, desc="train", unit="step",
+              disable=not run.accelerator.is_local_main_process) as progress:
+        try:
+            for epoch in range(run.state.epoch, cfg.epochs):
+                run_epoch(run, epoch, progress)
+        except torch.cuda.OutOfMemoryError as e:
+            raise TrainingError(
+                f"GPU out of memory ({str(e).splitlines()[0]}). Set auto_batch=true, or lower batch_size (now "
+                f"{run.state.micro_batch}) and raise grad_accum (now {run.state.grad_accum}) by the same factor, "
+                f"lower max_length (now {cfg.max_length}), or set gradient_checkpointing=true."
+                f"{what_is_kept(run.run_dir)}") from None
 
 
 def continue_hint(run_dir: Path, run: TrainingRun | None) -> str:
@@ -338,39 +296,35 @@ def run_epoch(run: TrainingRun, epoch: int, progress) -> None:
 
 
 def train_step(run: TrainingRun, batch: dict) -> bool:
-    """Forward and backward one micro-batch (twice with ``fgm_epsilon``: the second time with the
-    embeddings perturbed); at the last of ``grad_accum``, clip, step and update the moving average
-    of ``ema_decay``. Returns whether an optimizer step (taken or skipped) ended here. Nothing here
-    waits for the device.
-
-    Every process always runs backward: DDP all-reduces the gradients, so a NaN loss on one process
-    makes every process's gradients non-finite, and all of them skip that step together.
-    """
+    """Forward and backward one micro-batch (twice with ``fgm_epsilon``: the second time with the embeddings
+    perturbed); at the last of ``grad_accum``, clip, step and update the moving average of ``ema_decay``. Returns
+    whether an optimizer step (taken or skipped) ended here. Nothing here waits for the device."""
     accelerator, cfg = run.accelerator, run.cfg
     with accelerator.accumulate(run.model):
         loss = run.model(**batch).loss
+        # every process always runs backward: DDP all-reduces the gradients, so a NaN loss on one process makes
+        # every process's gradients non-finite, and all of them skip that step together
         accelerator.backward(loss)
         if cfg.fgm_epsilon:
             embeddings = accelerator.unwrap_model(run.model).get_input_embeddings().weight
             adversarial_backward(run.model, embeddings, batch, cfg.fgm_epsilon, accelerator.backward)
         finite = torch.isfinite(loss.detach())
-        run.loss_sum += torch.where(finite, loss.detach().double(), 0.0)
-        run.loss_n += finite
+        run.losses += torch.stack([torch.where(finite, loss.detach().double(), 0.0), finite.double()])
         run.nonfinite += ~finite
         if accelerator.sync_gradients:
             norm = accelerator.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm or math.inf)
             skip = ~torch.isfinite(norm)
             step_unless(run.optimizer, skip)
             scaler = run.optimizer.scaler
-            # fp16: a step the loss scaler skipped is not trained, so the schedule and the moving average
-            # wait for the next applied one (accelerate's scheduler wrapper cannot see a fused AdamW skip
-            # it). Asking is the one wait for the device per step that fp16 adds.
+            # fp16: a step the loss scaler skipped is not trained, so the schedule and the moving average wait for
+            # the next applied one (accelerate's scheduler wrapper cannot see a fused AdamW skip it). Asking is the
+            # one wait for the device per step that fp16 adds.
             if scaler is None or not skip.item():
                 run.scheduler.step()
                 if run.ema is not None:
                     run.ema.update(run.trained_steps)
-            # fp16: a skip with a finite loss is the scaler lowering its scale (as it calibrates at the
-            # start), not divergence; only a non-finite loss counts toward max_skipped_steps
+            # fp16: a skip with a finite loss is the scaler lowering its scale (as it calibrates at the start), not
+            # divergence; only a non-finite loss counts toward max_skipped_steps
             run.streak = torch.where(skip & ((run.nonfinite > 0) if scaler is not None else True), run.streak + 1, 0)
             run.nonfinite.zero_()
         run.optimizer.zero_grad()
@@ -391,8 +345,8 @@ def after_step(run: TrainingRun, epoch_position: float) -> None:
 
 
 def stop_if_diverging(run: TrainingRun) -> int:
-    """The current streak of skipped steps (a host sync); a TrainingError once it reaches
-    ``max_skipped_steps``. Called where the host syncs anyway: at log records and checkpoints."""
+    """The current streak of skipped steps (a host sync); a TrainingError once it reaches ``max_skipped_steps``.
+    Called where the host syncs anyway: at log records and checkpoints."""
     streak = int(run.streak)
     if streak >= run.cfg.max_skipped_steps:
         raise TrainingError(
@@ -405,14 +359,12 @@ def stop_if_diverging(run: TrainingRun) -> int:
 def log(run: TrainingRun, epoch_position: float) -> None:
     """One metrics.jsonl record: the mean loss over all processes' micro-batches since the last one."""
     stop_if_diverging(run)
-    totals = run.accelerator.reduce(torch.stack([run.loss_sum, run.loss_n]), "sum")
-    loss_sum, n = totals.tolist()
+    loss_sum, n = run.accelerator.reduce(run.losses, "sum").tolist()
     lr = run.scheduler.get_last_lr()[0]
     if n:
         done_on_main(run.accelerator, lambda: record(run, {"epoch": round(epoch_position, 4), "loss": loss_sum / n,
                                                            "lr": lr}, {"train/loss": loss_sum / n, "train/lr": lr}))
-    run.loss_sum.zero_()
-    run.loss_n.zero_()
+    run.losses.zero_()
 
 
 def record(run: TrainingRun, values: dict, tracked: dict) -> None:
@@ -425,8 +377,7 @@ def record(run: TrainingRun, values: dict, tracked: dict) -> None:
 
 def evaluate(run: TrainingRun, epoch_position: float) -> None:
     """Dev EM/F1 of the current weights; the model is saved to <run>/model when it is the best yet."""
-    accelerator, state = run.accelerator, run.state
-    model = run.kept_model()
+    accelerator, state, model = run.accelerator, run.state, run.kept_model()
     # doc_stride alone: tta_strides is for the final prediction, not for every dev evaluation
     predictions = answers(Reader(run.cfg, run.tokenizer, model, accelerator=accelerator), run.dev_data,
                           [run.cfg.doc_stride], run.dev_enc, desc="dev")
@@ -445,8 +396,8 @@ def evaluate(run: TrainingRun, epoch_position: float) -> None:
 
 
 def checkpoint(run: TrainingRun) -> None:
-    """Save the training state, but never during a streak of skipped steps or with non-finite
-    weights: the last checkpoint always stays a good one."""
+    """Save the training state, but never during a streak of skipped steps or with non-finite weights: the last
+    checkpoint always stays a good one."""
     accelerator = run.accelerator
     if stop_if_diverging(run):
         return
@@ -454,9 +405,8 @@ def checkpoint(run: TrainingRun) -> None:
     if accelerator.reduce(nonfinite.to(accelerator.device), "sum").item():
         accelerator.print(f"step {run.state.step}: the weights are no longer finite; no checkpoint saved")
         return
-    counters = accelerator.gather(torch.stack([run.loss_sum, run.loss_n]).unsqueeze(0)).tolist()
-    run.state.running_loss = [c[0] for c in counters]
-    run.state.running_n = [c[1] for c in counters]
+    counters = accelerator.gather(run.losses.unsqueeze(0)).tolist()
+    run.state.running_loss, run.state.running_n = ([c[i] for c in counters] for i in (0, 1))
     save_checkpoint(accelerator, run.run_dir, run.state, run.cfg.keep_checkpoints)
 
 

@@ -60,7 +60,7 @@ def main() -> None:
         data = QAData(data.path, data.questions[:args.limit], data.paragraphs)
     gold = [q.answer_text for q in data.questions]
     print(f"| run | EM fp32 | EM fp16 | EM fp16 + float32 head | changed: fp16 | changed: fp16 + float32 head |\n"
-          f"|---|---|---|---|---|---|")
+          "|---|---|---|---|---|---|")
     for run in args.runs:
         answers = variants(run, data)
         right = {name: [exact_match(a, g) for a, g in zip(given, gold)] for name, given in answers.items()}

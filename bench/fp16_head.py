@@ -59,7 +59,7 @@ def main() -> None:
     if args.limit:
         data = QAData(data.path, data.questions[:args.limit], data.paragraphs)
     gold = [q.answer_text for q in data.questions]
-    print(f"| run | EM fp32 | EM fp16 | EM fp16 + float32 head | changed: fp16 | changed: fp16 + float32 head |\n"
+    print("| run | EM fp32 | EM fp16 | EM fp16 + float32 head | changed: fp16 | changed: fp16 + float32 head |\n"
           "|---|---|---|---|---|---|")
     for run in args.runs:
         answers = variants(run, data)

@@ -12,8 +12,8 @@ from .files import atomic_write
 from .submission import SubmissionError, check_result_csv
 
 COMPETITION = "ml2022spring-hw7"
-TOKEN_HELP = ("put your API token in ~/.kaggle/kaggle.json (kaggle.com → Settings → API → Create New Token) or set "
-              "KAGGLE_USERNAME and KAGGLE_KEY, and accept the competition's rules on its page")
+TOKEN_HELP = ("put your API token in ~/.kaggle/kaggle.json (kaggle.com → Settings → API → Create New Token) "
+              "or set KAGGLE_USERNAME and KAGGLE_KEY, and accept the competition's rules on its page")
 
 
 class KaggleError(RuntimeError):

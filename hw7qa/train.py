@@ -1,7 +1,7 @@
-"""Fine-tune a model for extractive QA: the Accelerator loop of accelerate's ``complete_nlp_example.py``, read top
-to bottom: the policies (when to log, evaluate, save), then ``train`` → ``fit`` → ``run_epoch`` → ``train_step`` and
-``after_step``. What it uses lives beside it: ``models.py``, ``optim.py``, ``batches.py``, ``runfolder.py`` (the run
-folder, its checkpoints and their state) and the opt-in ``techniques.py``.
+"""Fine-tune a model for extractive QA: the Accelerator loop of accelerate's ``complete_nlp_example.py``,
+read top to bottom: the policies (when to log, evaluate, save), then ``train`` → ``fit`` → ``run_epoch`` →
+``train_step`` and ``after_step``. What it uses lives beside it: ``models.py``, ``optim.py``, ``batches.py``,
+``runfolder.py`` (the run folder, its checkpoints and their state) and the opt-in ``techniques.py``.
 
 Promises kept here, each tested (README: "Interrupted runs", "More than one GPU"): a fresh ``Accelerator`` per
 ``train()`` call, no state left behind; ``batch_size`` counts a forward pass's windows over all processes; the host

@@ -22,7 +22,7 @@ from hw7qa.decode import decode_predictions  # noqa: E402
 from hw7qa.inference import batch_rows, unpack_logits, window_logits  # noqa: E402
 from hw7qa.metrics import exact_match  # noqa: E402
 from hw7qa.models import load_run_model, run_tokenizer  # noqa: E402
-from hw7qa.runfolder import run_config  # noqa: E402
+from hw7qa.config import run_config  # noqa: E402
 from hw7qa.windows import encode, eval_windows, padding_of  # noqa: E402
 
 

@@ -12,12 +12,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DecodeSpec
+from .config import DecodeSpec, run_config
 from .data import DataError, QAData, Question, load_qa_file
 from .decode import balance_quotes, softmax, span_scores, vote_predictions
 from .inference import Reader, open_run, stride_logits
 from .models import tf32_matmuls
-from .runfolder import run_config
 
 
 @dataclass(frozen=True)

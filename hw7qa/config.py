@@ -1,4 +1,5 @@
-"""Every knob of a run, as one flat frozen dataclass that checks itself; presets and ``key=value`` overrides.
+"""Every knob of a run, as one flat frozen dataclass that checks itself; presets, ``key=value`` overrides and a
+run folder's saved config (``run_config``).
 
     cfg = load_config(preset_path("bert-base"), ["lr=3e-5", "epochs=2"])
 
@@ -12,7 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import atomic_write
+from .files import atomic_write, check_file
 
 class TrainingError(RuntimeError):   # here, not in train.py: the command line catches it without torch
     """Training cannot go on; the message says which knobs to change."""
@@ -235,6 +236,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     return apply_overrides(cfg, overrides or [])
+
+
+def run_config(run_dir: str | Path, overrides: list[str] | dict | None = None) -> Config:
+    """The run's ``config.json`` with ``overrides`` applied, once ``run_dir`` is known to be a run
+    folder and the file whole (``model/hw7qa_config.json`` holds a copy to restore it from)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        what = "a file, not a run folder" if run_dir.exists() else "no such folder"
+        raise FileNotFoundError(f"{run_dir}: {what}; give a run folder made by 'train'")
+    path, copy = run_dir / "config.json", run_dir / "model" / "hw7qa_config.json"
+    if not path.exists() and not copy.exists():
+        raise FileNotFoundError(f"{run_dir} holds no config.json: is this a run folder made by 'train'?")
+    check_file(path, f"copy {copy} over it (the same settings, saved with the model)" if copy.is_file() else
+               "restore it from a copy of the run")
+    return load_config(path, overrides)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config
+from .config import Config, run_config
 from .data import QAData, load_qa_file
 from .decode import Prediction, decode_predictions, ensemble_predictions, vote_predictions
 from .files import atomic_write
@@ -30,7 +30,6 @@ from .metrics import score
 from .models import (accelerator_for, check_divisible, check_max_length, compile_model, inference_autocast,
                      load_run_model, processes, resolve_precision, run_tokenizer, tf32_matmuls)
 from .report import unknown_characters, write_dev_predictions
-from .runfolder import run_config
 from .submission import SubmissionError, check_result_csv, write_result_csv
 from .windows import Windows, encode, eval_windows, padding_of, with_stride
 

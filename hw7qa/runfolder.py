@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, apply_overrides, check_resume, load_config, read_json, save_config
+from .config import Config, apply_overrides, check_resume, load_config, read_json, run_config, save_config
 from .files import DamagedFile, append_whole, atomic_write, check_file, check_folder, refused_as, with_new_file_modes
 from .models import quiet_transformers, run_model_dir
 
@@ -306,19 +306,6 @@ def complete_checkpoint(run_dir: Path, partial: Path, final: Path, state: Traine
 
 # ---------------------------------------------------------------- a saved run's settings
 
-def run_config(run_dir: str | Path, overrides: list[str] | dict | None = None) -> Config:
-    """The run's ``config.json`` with ``overrides`` applied, once ``run_dir`` is known to be a run
-    folder and the file whole (``model/hw7qa_config.json`` holds a copy to restore it from)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        what = "a file, not a run folder" if run_dir.exists() else "no such folder"
-        raise FileNotFoundError(f"{run_dir}: {what}; give a run folder made by 'train'")
-    path, copy = run_dir / "config.json", run_dir / "model" / "hw7qa_config.json"
-    if not path.exists() and not copy.exists():
-        raise FileNotFoundError(f"{run_dir} holds no config.json: is this a run folder made by 'train'?")
-    check_file(path, f"copy {copy} over it (the same settings, saved with the model)" if copy.is_file() else
-               "restore it from a copy of the run")
-    return load_config(path, overrides)
 
 
 def resume_config(run_dir: str | Path, overrides: list[str] | dict | None = None) -> Config:

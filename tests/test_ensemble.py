@@ -13,7 +13,7 @@ from hw7qa.data import QAData, Question, load_qa_file
 from hw7qa.decode import balance_quotes, decode_predictions
 from hw7qa.decode import combine_at_characters, ensemble_predictions, softmax, span_scores
 from hw7qa.config import demo_config
-from hw7qa.runfolder import run_config
+from hw7qa.config import run_config
 from conftest import run_logits
 from hw7qa.train import train
 

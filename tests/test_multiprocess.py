@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, assert_same_predictions
 from hw7qa.__main__ import main
-from hw7qa.runfolder import run_config
+from hw7qa.config import run_config
 from conftest import run_logits
 from hw7qa.data import load_qa_file
 from hw7qa.report import read_metrics

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import hw7qa.train as train_module
 from hw7qa.config import load_config
 from hw7qa.config import demo_config
-from hw7qa.runfolder import run_config
+from hw7qa.config import run_config
 from hw7qa.report import read_metrics
 from hw7qa.techniques import (WeightAverage, adversarial_backward, answer_length_from, layer_depth,
                               layer_parameter_groups)

@@ -21,7 +21,7 @@ from hw7qa.data import load_qa_file
 from hw7qa.inference import window_logits
 from hw7qa.models import load_model, run_tokenizer
 from hw7qa.config import demo_config
-from hw7qa.runfolder import run_config
+from hw7qa.config import run_config
 from conftest import run_logits
 from hw7qa.tiny import build_tiny_model, build_tiny_tokenizer
 from hw7qa.report import read_metrics

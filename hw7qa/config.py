@@ -61,9 +61,11 @@ class WindowSpec:
 
 @dataclass(frozen=True)
 class DecodeSpec:
-    """How window logits become an answer (``decode.py``)."""
+    """How window logits become an answer (``decode.py``); ``Config``'s defaults too."""
     n_best: int = 20
-    max_answer_length: int = 30
+    # 20: on 3 trained runs, 20 gained dev EM over 30 and makes 0.8 % of training answers unreachable
+    # (docs/benchmarks.md, "Decoding defaults"); a tighter limit gains more on a weak model but cuts off more
+    max_answer_length: int = 20
     balance_quotes: bool = True
 
 
@@ -111,9 +113,9 @@ class Config:
     seed: int = 0
     # --- inference and decoding (see decode.py; cfg.decoding) ---
     eval_batch_size: int = 64        # windows per forward pass at inference, over all processes
-    n_best: int = 20                 # top-k starts x top-k ends considered per window
-    max_answer_length: int = 30      # tokens
-    balance_quotes: bool = True      # repair unpaired 「」《》“”() at the answer's edges
+    n_best: int = DecodeSpec.n_best                        # top-k starts x top-k ends considered per window
+    max_answer_length: int = DecodeSpec.max_answer_length  # tokens of the longest answer
+    balance_quotes: bool = DecodeSpec.balance_quotes       # repair unpaired 「」《》“”() at the answer's edges
     tta_strides: str = ""            # more doc_strides at inference ("64,96"): all strides vote per character span
     # --- speed levers: each off until measured on a GPU; answers change by float rounding only ---
     compile: bool = False            # torch.compile the model for training and inference (models.compile_model)

@@ -49,11 +49,13 @@ pass per window setting, the first time). It may change only ``DECODING`` (and `
 inference windows, where ``train_windows`` is not ``all``); ``answer_length_quantile`` takes
 ``max_answer_length`` from the run's training answers, as ``train`` does. A variant with more
 windows (``tta_strides``, a smaller ``doc_stride``) reports the inference time they add, at the
-time per window the run's own evaluation took.
+time per window the run's own evaluation took in this invocation (near 0 where it read its logits
+from the run's cache: a price only when they were computed).
 
 An existing run folder is never replaced silently: ``--reuse`` evaluates a finished run's model/
 again (and continues an unfinished one from its last checkpoint) when the folder's settings are the
-benchmark's; ``--overwrite`` retrains it; with neither the benchmark stops before training anything.
+benchmark's, or differ only in decoding settings, which the benchmark's then replace; ``--overwrite``
+retrains it; with neither the benchmark stops before training anything.
 """
 from __future__ import annotations
 
@@ -406,16 +408,22 @@ def run_finished(run_dir: Path, cfg: Config) -> bool:
 
 def plan_run(cfg: Config, reuse: bool, overwrite: bool) -> str:
     """What to do with ``cfg.output_dir``: ``train``, ``overwrite``, ``reuse`` or ``resume``; a
-    ValueError saying why neither is allowed."""
+    ValueError saying why neither is allowed. A finished run is reused also where only decoding settings
+    (``DECODING``) differ."""
     run_dir = Path(cfg.output_dir)
     if not (run_dir / "config.json").is_file():
         if run_dir.is_dir() and any(run_dir.iterdir()):
             raise ValueError(f"{run_dir} is not empty and holds no run: empty it or choose another --runs")
         return "train"
     if reuse:
-        changed = differing_settings(load_config(run_dir / "config.json"), cfg)
-        if not changed:
-            return "reuse" if run_finished(run_dir, cfg) else "resume"
+        changed, finished = differing_settings(load_config(run_dir / "config.json"), cfg), run_finished(run_dir, cfg)
+        # a finished run's model is trained: the benchmark's decoding settings decode its logits as well as its own
+        decoding_only = finished and all(setting.split("=", 1)[0] in DECODING for setting in changed)
+        if changed and decoding_only:
+            print(f"{run_dir}: reused, decoded with the benchmark's {'; '.join(changed)}; its model/ is the one "
+                  f"its own decoding scored best", flush=True)
+        if not changed or decoding_only:
+            return "reuse" if finished else "resume"
         if not overwrite:
             raise ValueError(f"{run_dir} holds a run with other settings ({'; '.join(changed)}): --overwrite "
                              f"retrains it, or choose another --runs")
@@ -585,7 +593,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="the one seed when --seeds is not given")
     parser.add_argument("--runs", default=str(ROOT / "outputs" / "bench-accuracy"), help="run folders")
     parser.add_argument("--out", default=str(ROOT / "bench" / "accuracy.json"), help="JSON; the tables go beside it (.md)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every recipe")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="overrides for every recipe")
     parser.add_argument("--variants", nargs="+", default=[], metavar="KEY=VALUE[+KEY=VALUE]",
                         help="decode every run (but sample's) again with each of these settings, a row each, paired "
                         f"with the run's own decoding; no training (settings: {', '.join(DECODING)}, doc_stride)")

@@ -308,6 +308,21 @@ def test_a_decoding_variant_decodes_the_cached_logits_and_trains_nothing(tmp_pat
     assert "beyond_length_limit" in result["summary"]["rows"]["demo@max_answer_length=3"]
 
 
+def test_reuse_decodes_a_finished_run_with_the_benchmarks_decoding_but_refuses_other_settings(tmp_path, monkeypatch,
+                                                                                              capsys):
+    import hw7qa.train
+    bench.run_benchmark(demo_benchmark(tmp_path))
+    monkeypatch.setattr(hw7qa.train, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    bench.run_benchmark(demo_benchmark(tmp_path, "--reuse", "--set", "max_answer_length=3", "--set", "n_best=5"))
+    [run] = json.loads((tmp_path / "result.json").read_text(encoding="utf-8"))["runs"]
+    assert (run["config"]["max_answer_length"], run["config"]["n_best"]) == (3, 5)
+    said = capsys.readouterr().out
+    assert "decoded with the benchmark's n_best=20 (benchmark: 5); max_answer_length=20 (benchmark: 3)" in said
+    with pytest.raises(SystemExit) as refused:       # a training setting: the model would not be the benchmark's
+        bench.run_benchmark(demo_benchmark(tmp_path, "--reuse", "--set", "max_answer_length=3", "lr=0.01"))
+    assert "holds a run with other settings" in str(refused.value) and "(benchmark: 0.01)" in str(refused.value)
+
+
 @pytest.mark.parametrize("variant, named", [("n_best=5+lr=1e-3", "lr would change training"),
                                             ("max_length=64", "max_length would change training"),
                                             ("eval_batch_size=8", "eval_batch_size changes no answer")])

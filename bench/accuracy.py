@@ -49,8 +49,8 @@ pass per window setting, the first time). It may change only ``DECODING`` (and `
 inference windows, where ``train_windows`` is not ``all``); ``answer_length_quantile`` takes
 ``max_answer_length`` from the run's training answers, as ``train`` does. A variant with more
 windows (``tta_strides``, a smaller ``doc_stride``) reports the inference time they add, at the
-time per window the run's own evaluation took in this invocation (near 0 where it read its logits
-from the run's cache: a price only when they were computed).
+seconds per window of the run's last evaluation that ran its model on that device (saved in the run
+folder, ``RATE``, so that one whose logits are all cached still prices them; "—" where none did).
 
 An existing run folder is never replaced silently: ``--reuse`` evaluates a finished run's model/
 again (and continues an unfinished one from its last checkpoint) when the folder's settings are the
@@ -88,6 +88,7 @@ SHARED = ROOT.parent / "shared"
 STAND_IN = Path.home() / ".cache/stand-in/multilingual-e5-small"
 PRESETS = {"sample": "sample-recipe", "project": "small-model"}
 FINISHED = "bench_train_minutes.json"     # written into a run folder once train() has returned
+RATE = "bench_inference_rate.json"         # seconds per window of the run's last uncached evaluation, per device
 # What a decoding variant may change: how logits become answers, and the extra inference windows. The
 # benchmark's runs evaluate no dev file while training, so none of these took part in training.
 DECODING = (*(f.name for f in dataclasses.fields(DecodeSpec)), "tta_strides", "answer_length_quantile")
@@ -235,6 +236,7 @@ def markdown_tables(summary: dict, runs: list[dict]) -> str:
         vs, base = e.get("vs_baseline", {}), row == summary["baseline"]
         against = "" if vs.get("row", summary["baseline"]) == summary["baseline"] else vs["row"]
         added = f"{e['added_inference_minutes']['mean']:+.2f}" if "added_inference_minutes" in e else ""
+        added = "—" if added == "+nan" else added      # no evaluation of the run has timed its windows
         beyond = f"{e['beyond_length_limit']['mean']:.2%}" if "beyond_length_limit" in e else ""
         lines.append(f"| {row} | {len(e['seeds'])} | {_mean_sd(e['em'])} | {_range(e['em'])} | {_mean_sd(e['f1'])} "
                      f"| {_range(e['f1'])} | {_diff(vs.get('em'), base, against)} | {_diff(vs.get('f1'), base)} "
@@ -344,8 +346,8 @@ def variant_config(cfg: Config, variant: str) -> Config:
 def variant_results(task: dict, own: dict, dev, tokenizer, train_enc) -> list[dict]:
     """One result per ``task["variants"]`` (``(row, config)``), decoded from the run's window logits
     as ``hw7qa.inference.stride_logits`` caches them (the run's own windows first: computed once, then read
-    back); paired with ``own``, the result of the run's own decoding, whose evaluation time per
-    window prices the windows a variant adds."""
+    back); paired with ``own``, the result of the run's own decoding, whose ``seconds_per_window``
+    prices the windows a variant adds."""
     from hw7qa.inference import Reader, stride_logits
     from hw7qa.windows import encode
     run_dir, enc = Path(own["run_dir"]), encode(dev, tokenizer, task["cfg"].windows)   # variants keep all but doc_stride
@@ -359,7 +361,7 @@ def variant_results(task: dict, own: dict, dev, tokenizer, train_enc) -> list[di
         result = decoded(dev, logits(cfg), cfg.decoding)
         added = result["eval_windows"] - own_windows
         results.append({**own, **result, "recipe": name, "paired_with": own["recipe"], "added_windows": added,
-                        "added_inference_minutes": added * own["eval_minutes"] / own["eval_windows"],
+                        "added_inference_minutes": added * own["seconds_per_window"] / 60,
                         "beyond_length_limit": beyond_length_limit(train_enc, cfg.max_answer_length),
                         "eval_minutes": (time.time() - started) / 60, "config": dataclasses.asdict(cfg)})
         print(f"{name} seed {own['seed']}: EM {result['em']:.4f} F1 {result['f1']:.4f} "
@@ -368,6 +370,23 @@ def variant_results(task: dict, own: dict, dev, tokenizer, train_enc) -> list[di
 
 
 # ---------------------------------------------------------------- runs
+
+def logits_cached(run_dir: Path, dev, cfg: Config) -> bool:
+    """Whether the run's logits cache holds ``dev``'s logits at every inference stride of ``cfg``."""
+    from hw7qa.inference import logits_path
+    return all(logits_path(run_dir, dev, cfg, stride).exists() for stride in cfg.inference_strides)
+
+
+def inference_rate(run_dir: Path, device: str, measured: float | None) -> float:
+    """Seconds per window of the run's inference on ``device``: ``measured`` (an evaluation that ran the
+    model), saved into the run folder, else the one saved there by an earlier one; NaN if none was."""
+    path = run_dir / RATE
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if measured is not None:
+        path.write_text(json.dumps({**saved, device: measured}))
+        return measured
+    return saved.get(device, math.nan)
+
 
 def with_answer_length(cfg: Config, train_enc) -> Config:
     """``cfg`` with ``max_answer_length`` taken from the training answers (``train_enc``, the training
@@ -470,9 +489,12 @@ def run_task(task: dict) -> list[dict]:
     results = []
     for name, eval_cfg, sample_decoding in task["decodings"]:
         started, eval_cfg = time.time(), with_answer_length(eval_cfg, train_enc)
+        cached = logits_cached(run_dir, dev, eval_cfg)
         result = evaluate(eval_cfg, run_dir / "model", dev, sample_decoding, model=model, device=task["device"])
+        rate = inference_rate(run_dir, str(eval_device(task["device"])),
+                              None if cached else (time.time() - started) / result["eval_windows"])
         results.append({"recipe": name, "trained_as": task["recipe"], "seed": cfg.seed, "run_dir": str(run_dir),
-                        "train_windows": n_windows, "train_minutes": minutes,
+                        "train_windows": n_windows, "train_minutes": minutes, "seconds_per_window": rate,
                         "eval_minutes": (time.time() - started) / 60, "eval_device": str(eval_device(task["device"])),
                         "beyond_length_limit": beyond_length_limit(train_enc, eval_cfg.max_answer_length), **result, "dev_questions": len(dev.questions), "config": dataclasses.asdict(eval_cfg)})
         print(f"{name} seed {cfg.seed}: EM {result['em']:.4f} F1 {result['f1']:.4f} oracle EM "

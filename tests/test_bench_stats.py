@@ -297,6 +297,10 @@ def test_a_decoding_variant_decodes_the_cached_logits_and_trains_nothing(tmp_pat
     tta = rows["demo@tta_strides=24"]
     assert tta["added_windows"] == tta["eval_windows"] - own["eval_windows"] > 0
     run_dir = tmp_path / "runs" / "demo-seed0"
+    # every logit came from the cache: the added windows are priced at the first run's timed rate
+    first_rate = json.loads((run_dir / bench.RATE).read_text())["cpu"]
+    assert own["seconds_per_window"] == first_rate > 0
+    assert tta["added_inference_minutes"] == pytest.approx(tta["added_windows"] * first_rate / 60)
     cfg = load_config(run_dir / "config.json")
     train_enc = encode(load_qa_file(cfg.train_file), run_tokenizer(run_dir, cfg), cfg.windows)
     assert rows["demo@answer_length_quantile=0.5"]["config"]["max_answer_length"] == \

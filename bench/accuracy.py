@@ -436,11 +436,11 @@ def plan_run(cfg: Config, reuse: bool, overwrite: bool) -> str:
         return "train"
     if reuse:
         changed, finished = differing_settings(load_config(run_dir / "config.json"), cfg), run_finished(run_dir, cfg)
-        # a finished run's model is trained: the benchmark's decoding settings decode its logits as well as its own
+        # decoding settings took no part in a benchmark run's training (it evaluates no dev file): a finished
+        # run's logits are decoded with the benchmark's as well as with its own
         decoding_only = finished and all(setting.split("=", 1)[0] in DECODING for setting in changed)
         if changed and decoding_only:
-            print(f"{run_dir}: reused, decoded with the benchmark's {'; '.join(changed)}; its model/ is the one "
-                  f"its own decoding scored best", flush=True)
+            print(f"{run_dir}: reused; its logits are decoded with the benchmark's {'; '.join(changed)}", flush=True)
         if not changed or decoding_only:
             return "reuse" if finished else "resume"
         if not overwrite:

@@ -235,8 +235,9 @@ def markdown_tables(summary: dict, runs: list[dict]) -> str:
     for row, e in summary["rows"].items():
         vs, base = e.get("vs_baseline", {}), row == summary["baseline"]
         against = "" if vs.get("row", summary["baseline"]) == summary["baseline"] else vs["row"]
-        added = f"{e['added_inference_minutes']['mean']:+.2f}" if "added_inference_minutes" in e else ""
-        added = "—" if added == "+nan" else added      # no evaluation of the run has timed its windows
+        minutes = e.get("added_inference_minutes", {}).get("mean")
+        # NaN: no evaluation of the run ever ran its model to time its windows
+        added = "" if minutes is None else "—" if math.isnan(minutes) else f"{minutes:+.2f}"
         beyond = f"{e['beyond_length_limit']['mean']:.2%}" if "beyond_length_limit" in e else ""
         lines.append(f"| {row} | {len(e['seeds'])} | {_mean_sd(e['em'])} | {_range(e['em'])} | {_mean_sd(e['f1'])} "
                      f"| {_range(e['f1'])} | {_diff(vs.get('em'), base, against)} | {_diff(vs.get('f1'), base)} "
@@ -405,13 +406,14 @@ def beyond_length_limit(train_enc, max_answer_length: int) -> float:
     return sum(n > max_answer_length for n in lengths) / max(len(lengths), 1)
 
 
-def differing_settings(saved: Config, wanted: Config) -> list[str]:
-    """The settings (other than ``FREE_ON_RESUME``) in which a run folder's config differs from ``wanted``."""
+def differing_settings(saved: Config, wanted: Config, free: tuple = ()) -> list[str]:
+    """The settings (other than ``FREE_ON_RESUME`` and ``free``) in which a run folder's config differs
+    from ``wanted``."""
     if wanted.answer_length_quantile:       # train() saved the max_answer_length it took from the answers
         wanted = dataclasses.replace(wanted, max_answer_length=saved.max_answer_length)
     return [f"{f.name}={getattr(saved, f.name)!r} (benchmark: {getattr(wanted, f.name)!r})"
-            for f in dataclasses.fields(Config)
-            if f.name not in FREE_ON_RESUME and getattr(saved, f.name) != getattr(wanted, f.name)]
+            for f in dataclasses.fields(Config) if f.name not in FREE_ON_RESUME + free
+            and getattr(saved, f.name) != getattr(wanted, f.name)]
 
 
 def run_finished(run_dir: Path, cfg: Config) -> bool:
@@ -435,13 +437,14 @@ def plan_run(cfg: Config, reuse: bool, overwrite: bool) -> str:
             raise ValueError(f"{run_dir} is not empty and holds no run: empty it or choose another --runs")
         return "train"
     if reuse:
-        changed, finished = differing_settings(load_config(run_dir / "config.json"), cfg), run_finished(run_dir, cfg)
+        saved, finished = load_config(run_dir / "config.json"), run_finished(run_dir, cfg)
+        changed = differing_settings(saved, cfg)
         # decoding settings took no part in a benchmark run's training (it evaluates no dev file): a finished
         # run's logits are decoded with the benchmark's as well as with its own
-        decoding_only = finished and all(setting.split("=", 1)[0] in DECODING for setting in changed)
-        if changed and decoding_only:
+        if finished and changed and not differing_settings(saved, cfg, free=DECODING):
             print(f"{run_dir}: reused; its logits are decoded with the benchmark's {'; '.join(changed)}", flush=True)
-        if not changed or decoding_only:
+            return "reuse"
+        if not changed:
             return "reuse" if finished else "resume"
         if not overwrite:
             raise ValueError(f"{run_dir} holds a run with other settings ({'; '.join(changed)}): --overwrite "

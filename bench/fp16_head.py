@@ -34,14 +34,17 @@ from hw7qa.config import run_config  # noqa: E402
 from hw7qa.windows import encode, eval_windows, padding_of  # noqa: E402
 
 
+aten = torch.ops.aten
+# linear and matmul reach a dispatch mode whole under inference_mode, decomposed (addmm, mm, bmm) under no_grad
+MATMULS = {aten.linear.default, aten.matmul.default, aten.addmm.default, aten.mm.default, aten.bmm.default,
+           aten.baddbmm.default}
+
+
 class Float16MatmulsInFloat32(TorchDispatchMode):
     """Inside: a matmul given float16 tensors (autocast's casts already made) computes in float32, one rounding."""
-    aten = torch.ops.aten       # linear and matmul arrive whole under inference_mode, decomposed under no_grad
-    MATMULS = {aten.linear.default, aten.matmul.default, aten.addmm.default, aten.mm.default, aten.bmm.default,
-               aten.baddbmm.default}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func not in self.MATMULS or args[0].dtype != torch.float16:
+        if func not in MATMULS or args[0].dtype != torch.float16:
             return func(*args, **(kwargs or {}))
         return func(*[a.float() if isinstance(a, torch.Tensor) else a for a in args], **(kwargs or {})).half()
 
